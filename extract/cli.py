@@ -1,0 +1,89 @@
+"""``w2s-extract``: dataset -> one HDF5 feature store. ``w2s-extract download``: fetch DomainNet."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+
+from extract.datasets import DATASETS, DatasetError
+from extract.download import DownloadError
+from extract.encoders import DEMO_ENCODER, EncoderError
+from extract.pipeline import ON_CORRUPT, CorruptImagesError, Options
+from extract.weak import WeakModelError
+from w2s_jax.store import StoreError
+
+USER_ERRORS = (DatasetError, EncoderError, WeakModelError, StoreError, CorruptImagesError, DownloadError)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--dataset", type=click.Choice(DATASETS), default="demo", show_default=True)
+@click.option("--domain", default=None, help="DomainNet domain, demo domain (mnist, digits), or a name for an image folder.")
+@click.option("--root", type=click.Path(), default=None, help="Dataset folder (not needed for the demo).")
+@click.option("--strong", default=None,
+              help=f"Strong encoder: MODEL:TAG (open_clip), MODEL:/path/ckpt, or {DEMO_ENCODER}[@SIZE]. "
+                   f"[default: ViT-B-32:openai; {DEMO_ENCODER} for the demo]")
+@click.option("--weak", multiple=True,
+              help="Weak model NAME[:finetune|probe], repeatable (resnet18, resnet26, resnet34, cvt13, "
+                   "convnext-tiny, an HF id or local dir; pixels[@S] for the demo). [default: resnet18; pixels for the demo]")
+@click.option("--out", type=click.Path(), default=None, help="Store path. [default: stores/DATASET-DOMAIN.h5]")
+@click.option("--template", "templates", multiple=True, help="Prompt template with {} for the class; repeatable.")
+@click.option("--device", default=None, help="torch device [default: cuda when present, else cpu]")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--num-workers", default=2, show_default=True, help="Image-decoding worker processes.")
+@click.option("--on-corrupt", type=click.Choice(ON_CORRUPT), default="fail", show_default=True,
+              help="Unreadable images: stop and list them, or skip them (their ids are recorded in the store).")
+@click.option("--weak-epochs", default=3, show_default=True, help="Weak fine-tuning epochs (paper: 3).")
+@click.option("--limit", type=int, default=None, help="Use only the first N samples of each split (quick tries).")
+@click.pass_context
+def main(ctx, dataset, domain, root, strong, weak, out, templates, device, batch_size, num_workers, on_corrupt,
+         weak_epochs, limit):
+    """Extract strong features, text embeddings and weak logits into one feature store.
+
+    Rerun the same command to resume an interrupted extraction. Run it again on an existing
+    store with another --weak to add that weak model without re-extracting the strong features.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from extract import datasets, encoders, pipeline
+
+    is_demo = dataset == "demo"
+    strong = strong or (DEMO_ENCODER if is_demo else "ViT-B-32:openai")
+    weak = list(weak) or (["pixels"] if is_demo else ["resnet18"])
+    opts = Options(device=device or default_device(), batch_size=batch_size, num_workers=num_workers,
+                   on_corrupt=on_corrupt, weak_epochs=weak_epochs, log=click.echo)
+    try:
+        data = datasets.load_dataset(dataset, domain=domain, root=root).limited(limit)
+        out = Path(out or f"stores/{dataset}-{data.domain}{f'-limit{limit}' if limit else ''}.h5")
+        path = pipeline.extract(data, strong, weak, out, opts, templates or encoders.DEFAULT_TEMPLATES)
+    except USER_ERRORS as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--domain", required=True, help="One of clipart, infograph, painting, quickdraw, real, sketch.")
+@click.option("--root", type=click.Path(), required=True, help="Folder to download into.")
+@click.option("--mirror", default=None, help="Base URL of a mirror with the official relative paths.")
+@click.option("--sha256", "sums", multiple=True, help="FILE=DIGEST to verify a file, e.g. real.zip=ab12...")
+def download(domain, root, mirror, sums):
+    """Download one DomainNet domain (archive + official split files), resuming partial files."""
+    from extract.download import download_domainnet
+
+    checksums = {}
+    for item in sums:
+        name, sep, digest = item.partition("=")
+        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise click.BadParameter(f"{item!r}: expected FILE=<64 hex digits>", param_hint="--sha256")
+        checksums[name] = digest
+    try:
+        path = download_domainnet(domain, root, mirror, checksums)
+    except USER_ERRORS as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"DomainNet {domain} is ready in {path}; next: w2s-extract --dataset domainnet --domain {domain} --root {path}")

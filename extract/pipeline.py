@@ -1,0 +1,324 @@
+"""The extraction pipeline: dataset -> strong features + weak logits -> one feature store.
+
+Work is resumable: every batch's outputs go to ``<out>.parts/<pass>/<split>/<batch>.npz``
+(written to a temp name, then renamed), so a killed run redoes at most one batch per pass.
+The store itself is written once at the end through :mod:`w2s_jax.store` (atomic rename),
+and the parts folder is removed only after that.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import io
+import json
+import math
+import os
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from extract import encoders, weak
+from extract.datasets import Dataset
+from w2s_jax import store as st
+
+ON_CORRUPT = ("fail", "skip")
+
+
+class CorruptImagesError(RuntimeError):
+    """Unreadable images were found and ``--on-corrupt fail`` was chosen."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    device: str = "cpu"
+    batch_size: int = 256
+    num_workers: int = 2
+    on_corrupt: str = "fail"  # "fail": stop and list them; "skip": drop those rows and record their ids
+    weak_epochs: int = 3  # fine-tuning epochs (paper: 3)
+    weak_batch_size: int = 512  # fine-tuning batch (paper: 512)
+    weak_lr: float = 1e-3  # fine-tuning peak lr (paper: 1e-3, warmup 0.1)
+    log: Callable = print
+
+
+# ------------------------------------------------------------------ one image pass
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes each image once and applies every transform to it; None marks an unreadable image."""
+
+    def __init__(self, ids, load, transforms):
+        self.ids, self.load, self.transforms = ids, load, transforms
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        try:
+            image = self.load(self.ids[i])
+            return i, tuple(t(image) for t in self.transforms)
+        except (OSError, ValueError, SyntaxError):  # what PIL raises for truncated/corrupt/missing files
+            return i, None
+
+
+def collate(items):
+    """-> (good row indices, one stacked tensor per transform, bad row indices)."""
+    good = [(i, x) for i, x in items if x is not None]
+    bad = [i for i, x in items if x is None]
+    inputs = tuple(torch.stack(xs) for xs in zip(*[x for _, x in good])) if good else ()
+    return torch.tensor([i for i, _ in good], dtype=torch.long), inputs, bad
+
+
+def image_loader(ids, load, transforms, batches, opts: Options):
+    """DataLoader over ``batches`` (lists of row indices); workers decode while the model computes."""
+    return torch.utils.data.DataLoader(
+        ImageDataset(ids, load, transforms), batch_sampler=batches, collate_fn=collate,
+        num_workers=opts.num_workers, pin_memory=opts.device.startswith("cuda"),
+    )
+
+
+def run_pass(ids, load, heads: dict, parts: Path, opts: Options, desc: str) -> tuple[dict, np.ndarray, list]:
+    """Run every head over the images ``ids``; resumable through per-batch part files.
+
+    heads: name -> (transform PIL->tensor, fn tensor_Bx...->tensor_BxF).
+    Returns ({name: outputs_MxF}, kept row indices M, ids of unreadable images).
+    """
+    parts.mkdir(parents=True, exist_ok=True)
+    n, bs = len(ids), opts.batch_size
+    batches = [list(range(b * bs, min(n, (b + 1) * bs))) for b in range(math.ceil(n / bs))]
+    todo = [b for b in range(len(batches)) if not (parts / f"{b:06d}.npz").exists()]
+    names = list(heads)
+    loader = image_loader(ids, load, [heads[h][0] for h in names], [batches[b] for b in todo], opts)
+    use_amp = opts.device.startswith("cuda")
+    bad_now = []
+    done = n - sum(len(batches[b]) for b in todo)
+    with tqdm(total=n, initial=done, desc=desc, unit="img", dynamic_ncols=True, disable=None) as bar:
+        for b, (index, inputs, bad) in zip(todo, loader):
+            outputs = {}
+            if len(index):
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                    for name, x in zip(names, inputs):
+                        outputs[name] = heads[name][1](x.to(opts.device, non_blocking=True)).float().cpu().numpy()
+            bad_now += bad
+            bar.update(len(batches[b]))
+            if bad and opts.on_corrupt == "fail":
+                continue  # not saved: a fixed image is read again on the rerun
+            _save_npz(parts / f"{b:06d}.npz", index=index.numpy(), bad=np.asarray(bad, np.int64), **outputs)
+    if bad_now and opts.on_corrupt == "fail":
+        shown = ", ".join(ids[i] for i in bad_now[:10])
+        raise CorruptImagesError(
+            f"{len(bad_now)} unreadable image(s) in {desc}: {shown}{' ...' if len(bad_now) > 10 else ''}. "
+            f"Fix or remove them, or rerun with --on-corrupt skip to leave them out (their ids are recorded). "
+            f"Work done so far is kept."
+        )
+    return _gather(parts, len(batches), names)
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def _gather(parts: Path, num_batches: int, names) -> tuple[dict, np.ndarray, list]:
+    outs, kept, bad = {h: [] for h in names}, [], []
+    for b in range(num_batches):
+        with np.load(parts / f"{b:06d}.npz") as z:
+            kept.append(z["index"])
+            bad += z["bad"].tolist()
+            for h in names:
+                if len(z["index"]):
+                    outs[h].append(z[h])
+    return {h: np.concatenate(v) for h, v in outs.items()}, np.concatenate(kept), bad
+
+
+# --------------------------------------------------------------------- weak models
+
+
+def weak_logits(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, opts: Options,
+                probe_feats: dict | None = None) -> tuple[dict, dict]:
+    """Train weak model ``spec`` on ``train`` (ground truth) and return its logits per split.
+
+    rows: split -> (ids, labels) of the store's rows; probe_feats: split -> features, if the
+    feature pass already computed them. Returns ({split: logits_NxK}, provenance dict).
+    """
+    k = len(dataset.class_names)
+    transform = weak.weak_transform(spec)
+    info = {"source": spec.source, "mode": spec.mode}
+    if spec.mode == "probe":
+        if probe_feats is None:
+            model = None if spec.is_pixels else weak.load_hf(spec, k, opts.device).eval()
+            fn = torch.nn.Identity() if spec.is_pixels else weak.backbone_features(model)
+            probe_feats = {
+                s: run_pass(ids, dataset.load, {spec.name: (transform, fn)}, parts / f"weakfeat-{spec.name}" / s,
+                            opts, f"{spec.name} features, {s}")[0][spec.name]
+                for s, (ids, _) in rows.items()
+            }
+        predict = weak.train_probe(probe_feats["train"], rows["train"][1], k, device=opts.device)
+        logits = {s: predict(f) for s, f in probe_feats.items()}
+        info.update(probe_epochs=30, probe_lr=1e-2)
+    else:
+        model = weak.load_hf(spec, k, opts.device)
+        ckpt = parts / f"weak-{spec.name}.pt"
+        if ckpt.exists():
+            model.load_state_dict(torch.load(ckpt, map_location=opts.device))
+            opts.log(f"resumed fine-tuned weak model from {ckpt}")
+        else:
+            ids, labels = rows["train"]
+            order = np.random.default_rng(0).permutation(len(ids))
+            batches = [order[i:i + opts.weak_batch_size].tolist() for i in range(0, len(ids), opts.weak_batch_size)]
+            loader = _FineTuneBatches(image_loader(ids, dataset.load, [transform], batches, opts), labels)
+            weak.finetune(model, loader, epochs=opts.weak_epochs, lr=opts.weak_lr, device=opts.device, progress=tqdm)
+            _save_torch(ckpt, model.state_dict())
+        model.eval()
+        logits = {
+            s: run_pass(ids, dataset.load, {spec.name: (transform, weak.hf_logits(model))},
+                        parts / f"weaklogits-{spec.name}" / s, opts, f"{spec.name} logits, {s}")[0][spec.name]
+            for s, (ids, _) in rows.items()
+        }
+        info.update(epochs=opts.weak_epochs, batch_size=opts.weak_batch_size, lr=opts.weak_lr, warmup=0.1)
+    for s, (_, labels) in rows.items():
+        info[f"{s}_accuracy"] = float(np.mean(logits[s].argmax(1) == labels))
+    return logits, info
+
+
+class _FineTuneBatches:
+    """Wraps an image loader to yield (images, labels) for :func:`weak.finetune`, dropping unreadable rows."""
+
+    def __init__(self, loader, labels_N):
+        self.loader, self.labels = loader, torch.as_tensor(labels_N)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for index, inputs, _ in self.loader:
+            if len(index):
+                yield inputs[0], self.labels[index]
+
+
+def _save_torch(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------- the store
+
+
+def package_versions() -> dict:
+    out = {}
+    for pkg in ("w2s", "torch", "torchvision", "open_clip_torch", "transformers", "numpy", "h5py"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def provenance_for(dataset: Dataset, encoder_id: str, preprocessing: str, templates, skipped=()) -> st.Provenance:
+    return st.Provenance(
+        dataset=dataset.name, domain=dataset.domain, class_names=dataset.class_names, templates=tuple(templates),
+        encoder=encoder_id, preprocessing=preprocessing, split_hash=dataset.split_hash,
+        versions=package_versions(), created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        skipped=tuple(skipped),
+    )
+
+
+def extract(dataset: Dataset, strong_spec: str, weak_specs: list[str], out, opts: Options,
+            templates=encoders.DEFAULT_TEMPLATES) -> Path:
+    """Write (or extend with new weak models) the store at ``out``; returns its path."""
+    out = Path(out)
+    specs = [weak.parse_weak(w) for w in weak_specs]
+    if out.exists():
+        return _add_weak_models(dataset, strong_spec, specs, out, opts)
+    parts = out.with_name(out.name + ".parts")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    encoder = encoders.load_strong(strong_spec, opts.device)
+    templates = tuple(templates) if encoder.encode_text else ()
+    _check_or_write_meta(parts, provenance_for(dataset, encoder.id, encoder.preprocessing, templates))
+
+    # one pass over the images: strong features and every weak probe's backbone features
+    heads = {"strong": (encoder.transform, encoder.encode_images)}
+    probe_models = {}
+    for spec in specs:
+        if spec.mode == "probe":
+            model = None if spec.is_pixels else weak.load_hf(spec, len(dataset.class_names), opts.device).eval()
+            fn = torch.nn.Identity() if spec.is_pixels else weak.backbone_features(model)
+            heads[spec.name] = (weak.weak_transform(spec), fn)
+            probe_models[spec.name] = model
+    pass_dir = parts / ("features-" + "+".join(sorted(heads)))
+    results, rows, skipped = {}, {}, []
+    for split, (ids, labels) in dataset.splits.items():
+        outputs, kept, bad = run_pass(ids, dataset.load, heads, pass_dir / split, opts, f"{dataset.domain} {split}")
+        results[split] = outputs
+        rows[split] = (tuple(ids[i] for i in kept), labels[kept])
+        skipped += [ids[i] for i in bad]
+    if skipped:
+        opts.log(f"skipped {len(skipped)} unreadable image(s) (--on-corrupt skip): {', '.join(skipped[:10])}")
+
+    text = None
+    if encoder.encode_text and templates:
+        with torch.no_grad():
+            text = encoders.text_embeddings(encoder, dataset.class_names, templates).float().cpu().numpy()
+    splits = {s: st.Split(results[s]["strong"], rows[s][1], rows[s][0], {}) for s in rows}
+    store = st.Store(provenance_for(dataset, encoder.id, encoder.preprocessing, templates, skipped), splits, text, {})
+    for spec in specs:
+        feats = {s: results[s][spec.name] for s in rows} if spec.name in probe_models else None
+        logits, info = weak_logits(spec, dataset, rows, parts, opts, feats)
+        store = st.with_weak_model(store, spec.name, logits, info)
+        opts.log(f"weak model {spec.name}: test accuracy {info['test_accuracy']:.4f}")
+    st.write_store(out, store)
+    shutil.rmtree(parts)
+    return out
+
+
+def _check_or_write_meta(parts: Path, want: st.Provenance) -> None:
+    """Refuse to resume parts written for another dataset, encoder, class list or split."""
+    meta = parts / "meta.json"
+    if meta.exists():
+        problems = st.compatibility_problems(st.Provenance.from_json(meta.read_text()), want)
+        if problems:
+            raise st.StoreError(
+                parts, "an interrupted extraction with other settings is here: " + "; ".join(problems),
+                f"rerun with the original settings to resume, or delete {parts} to start over",
+            )
+        return
+    parts.mkdir(parents=True, exist_ok=True)
+    meta.write_text(want.to_json())
+
+
+def _add_weak_models(dataset: Dataset, strong_spec, specs, out: Path, opts: Options) -> Path:
+    """Add weak models to an existing store without touching its strong features."""
+    store = st.read_store(out)
+    want = dataclasses.replace(
+        provenance_for(dataset, encoders.encoder_id(strong_spec), "", store.provenance.templates),
+        created=store.provenance.created,
+    )
+    problems = st.compatibility_problems(store.provenance, want)
+    if problems:
+        raise st.StoreError(
+            out, "refusing to add weak models to a store built differently: " + "; ".join(problems),
+            "pass the same --dataset/--domain/--root/--strong as when it was built, or choose another --out",
+        )
+    new = [s for s in specs if s.name not in store.weak_info]
+    for s in specs:
+        if s.name in store.weak_info:
+            opts.log(f"weak model {s.name} already in {out}; kept as is")
+    if not new:
+        return out
+    parts = out.with_name(out.name + ".parts")
+    rows = {s: (sp.ids_N, sp.labels_N) for s, sp in store.splits.items()}
+    for spec in new:
+        logits, info = weak_logits(spec, dataset, rows, parts, opts)
+        store = st.with_weak_model(store, spec.name, logits, info)
+        opts.log(f"weak model {spec.name}: test accuracy {info['test_accuracy']:.4f}")
+    st.write_store(out, store)
+    shutil.rmtree(parts, ignore_errors=True)
+    return out

@@ -1,0 +1,163 @@
+"""Weak models: the paper's five (HF transformers), fine-tuned or probed, and the demo's pixel model.
+
+Spec strings (``--weak``, repeatable): ``NAME[:MODE]``
+- NAME: a registry name (``resnet18`` ... ``convnext-tiny``), an HF repo id, or a local directory
+  written by ``save_pretrained``; or ``pixels`` / ``pixels@S`` (demo: S x S grey pixels, default 4).
+- MODE: ``finetune`` (paper default: all weights, 3 epochs, batch 512, lr 1e-3, warmup 0.1)
+  or ``probe`` (frozen backbone + a trained linear head; fast). ``pixels`` is always a probe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torchvision import transforms as T
+
+HF_WEAK_MODELS = {
+    "resnet18": "microsoft/resnet-18",
+    "resnet26": "microsoft/resnet-26",
+    "resnet34": "microsoft/resnet-34",
+    "cvt13": "microsoft/cvt-13",
+    "convnext-tiny": "facebook/convnext-tiny-224",
+}
+MODES = ("finetune", "probe")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class WeakModelError(ValueError):
+    """A weak model that cannot be built, with the reason and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeakSpec:
+    name: str  # key in the store, e.g. "resnet18-finetune", "pixels@4"
+    source: str  # HF repo id, local directory, or "pixels"
+    mode: str  # "finetune" or "probe"
+    pixels: int = 0  # side of the demo's pixel grid (pixels only)
+
+    @property
+    def is_pixels(self) -> bool:
+        return self.source == "pixels"
+
+
+def parse_weak(spec: str) -> WeakSpec:
+    base, _, mode = spec.partition(":")
+    if Path(base).expanduser().is_dir():  # a local directory may contain ':' only in exotic cases
+        source = str(Path(base).expanduser())
+    elif base.split("@")[0] == "pixels":
+        size = int(base.partition("@")[2] or 4)
+        if mode not in ("", "probe"):
+            raise WeakModelError(f"weak model {spec!r}: pixels is a probe only")
+        return WeakSpec(f"pixels@{size}", "pixels", "probe", size)
+    elif base in HF_WEAK_MODELS:
+        source = HF_WEAK_MODELS[base]
+    elif "/" in base:
+        source = base
+    else:
+        raise WeakModelError(
+            f"unknown weak model {base!r}; choose one of {', '.join([*HF_WEAK_MODELS, 'pixels'])}, "
+            f"an HF repo id, or a local save_pretrained directory"
+        )
+    mode = mode or "finetune"
+    if mode not in MODES:
+        raise WeakModelError(f"weak model {spec!r}: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    return WeakSpec(f"{Path(base).name}-{mode}", source, mode)
+
+
+def weak_transform(spec: WeakSpec, size: int = 224) -> Callable:
+    """PIL image -> tensor for the weak model (the paper's ImageNet preprocessing, or grey pixels)."""
+    if spec.is_pixels:
+        return T.Compose([T.Grayscale(), T.Resize((spec.pixels, spec.pixels)), T.ToTensor(), T.Lambda(torch.flatten)])
+    return T.Compose([
+        T.Resize(int(size / 0.875)), T.CenterCrop(size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def load_hf(spec: WeakSpec, num_classes: int, device: str) -> torch.nn.Module:
+    """The HF image classifier with a fresh ``num_classes`` head."""
+    from transformers import AutoModelForImageClassification
+
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            spec.source, num_labels=num_classes, ignore_mismatched_sizes=True
+        )
+    except (OSError, ValueError) as err:
+        raise WeakModelError(
+            f"could not load weak model {spec.source} ({err}). If this machine is offline, save it elsewhere "
+            f"with save_pretrained and pass the directory: --weak /path/to/dir:{spec.mode}"
+        ) from None
+    return model.to(device)
+
+
+def backbone_features(model: torch.nn.Module) -> Callable:
+    """images -> the features the classifier head sees (a hook on ``model.classifier``)."""
+    captured = {}
+    model.classifier.register_forward_pre_hook(lambda mod, args: captured.__setitem__("x", args[0]))
+
+    def features(images_Bx3xHxW):
+        model(pixel_values=images_Bx3xHxW)
+        return captured["x"].flatten(1)
+
+    return features
+
+
+def hf_logits(model: torch.nn.Module) -> Callable:
+    return lambda images_Bx3xHxW: model(pixel_values=images_Bx3xHxW).logits
+
+
+# -------------------------------------------------------------------- training
+
+
+def warmup_linear(total_steps: int, warmup: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup over ``warmup`` of the steps, then linear decay to 0."""
+    warm = max(1, math.ceil(warmup * total_steps))
+    return lambda step: (step + 1) / warm if step < warm else max(0.0, (total_steps - step) / (total_steps - warm))
+
+
+def train_probe(feats_NxF: np.ndarray, labels_N: np.ndarray, num_classes: int, *, epochs: int = 30,
+                lr: float = 1e-2, batch_size: int = 512, seed: int = 0, device: str = "cpu") -> Callable:
+    """Fit a linear head (on standardised features) with Adam; returns feats -> logits (numpy)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.as_tensor(feats_NxF, dtype=torch.float32)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x = ((x - mean) / std).to(device)
+    y = torch.as_tensor(labels_N, dtype=torch.long, device=device)
+    head = torch.nn.Linear(x.shape[1], num_classes).to(device)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            loss = torch.nn.functional.cross_entropy(head(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    head = head.cpu().eval()
+
+    @torch.no_grad()
+    def predict(feats):
+        return head((torch.as_tensor(feats, dtype=torch.float32) - mean) / std).numpy()
+
+    return predict
+
+
+def finetune(model: torch.nn.Module, loader, *, epochs: int = 3, lr: float = 1e-3, warmup: float = 0.1,
+             device: str = "cpu", progress: Callable = lambda it, **kw: it) -> torch.nn.Module:
+    """Fine-tune all weights with cross-entropy (paper defaults); ``loader`` yields (images, labels)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(epochs * len(loader), warmup))
+    use_amp = device.startswith("cuda")
+    model.train()
+    for epoch in range(epochs):
+        for images, labels in progress(loader, desc=f"fine-tune epoch {epoch + 1}/{epochs}", unit="batch"):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(pixel_values=images.to(device, non_blocking=True)).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
