@@ -1,0 +1,84 @@
+"""``w2s-fit``: fit every method for every seed (and hparam) on a feature store, print the table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from w2s_jax.config import FitConfig, Hparams
+from w2s_jax.methods import METHODS
+
+DEFAULTS = Hparams()
+
+
+def _parse_grid(items) -> tuple:
+    grid = []
+    for item in items:
+        name, sep, values = item.partition("=")
+        try:
+            parsed = tuple(float(v) for v in values.split(","))
+        except ValueError:
+            parsed = None
+        if not sep or not parsed or name not in Hparams._fields:
+            raise click.BadParameter(
+                f"{item!r}: expected FIELD=V1,V2,... with FIELD one of {', '.join(Hparams._fields)}", param_hint="--grid")
+        grid.append((name, parsed))
+    return tuple(grid)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--store", type=click.Path(), help="Feature store written by w2s-extract.")
+@click.option("--weak", default=None, help="Weak model in the store. [default: the store's only/first one]")
+@click.option("--methods", default="all", show_default=True, help="Comma-separated method names, or 'all'.")
+@click.option("--seeds", default=5, show_default=True, help="Number of seeds (0..N-1).")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch-size", default=512, show_default=True)
+@click.option("--lr", default=DEFAULTS.lr, show_default=True)
+@click.option("--temperature", default=DEFAULTS.temperature, show_default=True, help="T of KD / tau of CPL.")
+@click.option("--logit-scale", default=DEFAULTS.logit_scale, show_default=True, help="s of the prototype head.")
+@click.option("--alpha-max", default=DEFAULTS.alpha_max, show_default=True, help="AuxConf alpha_max.")
+@click.option("--tau-a", default=DEFAULTS.tau_a, show_default=True, help="AdaptConf temperature.")
+@click.option("--grid", multiple=True, help="Sweep a hyperparameter: FIELD=V1,V2 (repeatable; cartesian product).")
+@click.option("--vmap/--no-vmap", default=True, show_default=True, help="One compiled call for the grid, or one per model.")
+@click.option("--out", type=click.Path(), default=None, help="Results folder. [default: results/STORE-WEAK]")
+@click.option("--list-methods", is_flag=True, help="List the methods and exit.")
+@click.option("--show", type=click.Path(), default=None, help="Print the table of an existing results folder and exit.")
+def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, alpha_max, tau_a, grid,
+         vmap, out, list_methods, show):
+    """Fit CPL and linear-probe heads with CE, KD, AuxConf, AdaptConf (+ ceilings) for every seed."""
+    from w2s_jax import results
+
+    if list_methods:
+        for name, m in METHODS.items():
+            click.echo(f"{name:16s} head={m.head:9s} loss={m.loss:9s} trained on {m.target}")
+        return
+    if show:
+        try:
+            click.echo(results.markdown_table(results.load_summary(show)))
+        except FileNotFoundError as err:
+            raise click.ClickException(str(err)) from None
+        return
+    if not store:
+        raise click.UsageError("--store is required (a store written by w2s-extract)")
+
+    from w2s_jax.run import GridTooLargeError, run
+    from w2s_jax.store import StoreError, read_store
+
+    try:
+        if weak is None:
+            names = read_store(store).weak_names
+            if not names:
+                raise click.ClickException(f"{store} has no weak model; add one with w2s-extract ... --out {store} --weak NAME")
+            weak = names[0]
+        cfg = FitConfig(
+            store=str(store), weak=weak,
+            methods=tuple(METHODS) if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip()),
+            seeds=seeds, epochs=epochs, batch_size=batch_size, vmap=vmap, grid=_parse_grid(grid),
+            hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale, alpha_max=alpha_max, tau_a=tau_a),
+        )
+        out = out or f"results/{Path(store).stem}-{weak}"
+        summary, path = run(cfg, out)
+    except (StoreError, GridTooLargeError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(results.markdown_table(summary))
+    click.echo(f"\nresults in {path} (reprint with: w2s-fit --show {path})")

@@ -1,0 +1,184 @@
+"""One pure ``fit`` for a single model; seeds and hyperparameters are vmap axes added by the caller.
+
+Axis order everywhere: (seed S, hparam H, ...). ``fit(key, hp, data, split)`` trains one head
+with Adam (linear warmup, then linear decay), epochs and minibatches as nested ``lax.scan``
+over on-device arrays, and keeps the parameters of the epoch with the best ``hold_val`` score
+(agreement with the weak labels, or ground-truth accuracy for a ceiling).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from w2s_jax.config import FitConfig, Hparams
+from w2s_jax.heads import Head, l2_normalize, make_head
+from w2s_jax.losses import get_loss
+from w2s_jax.methods import METHODS, Method
+from w2s_jax.splits import SeedSplits
+
+
+class FitData(NamedTuple):
+    """The store's ``test`` split on device, shared by every seed."""
+
+    feats_NxD: jax.Array  # L2-normalised strong features r̂ (normalised once, outside the loop)
+    weak_NxK: jax.Array  # weak logits
+    labels_N: jax.Array  # ground truth
+
+
+class FitOutput(NamedTuple):
+    params: dict  # best-epoch head parameters
+    history: dict  # per-epoch curves, each (E,): train_loss, val_loss, val_score, test_acc
+    best_epoch: jax.Array  # 1-based epoch whose parameters were kept
+
+
+def make_data(feats_NxD, weak_NxK, labels_N) -> FitData:
+    return FitData(l2_normalize(jnp.asarray(feats_NxD, jnp.float32)), jnp.asarray(weak_NxK, jnp.float32),
+                   jnp.asarray(labels_N, jnp.int32))
+
+
+def teacher_logits(method: Method, data: FitData, num_classes: int):
+    """What the loss is trained against: weak logits, or one-hot ground truth for a ceiling."""
+    if method.target == "truth":
+        return jax.nn.one_hot(data.labels_N, num_classes)
+    return data.weak_NxK
+
+
+def lr_factor(step, total_steps: int, warmup: float):
+    """Linear warmup over ``warmup`` of the steps to 1, then linear decay to 0 at ``total_steps``."""
+    warm = max(1, math.ceil(warmup * total_steps))
+    up = (step + 1) / warm
+    down = (total_steps - step) / max(1, total_steps - warm)
+    return jnp.clip(jnp.where(step < warm, up, down), 0.0, 1.0)
+
+
+def make_fit(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig):
+    """-> ``fit(key, hp, data, split) -> FitOutput`` for one model (one seed, one hparam setting)."""
+    head = make_head(method.head, num_classes, text_TxKxD)
+    loss_fn = get_loss(method.loss)
+    epochs, batch = cfg.epochs, cfg.batch_size
+
+    def fit(key, hp: Hparams, data: FitData, split: SeedSplits) -> FitOutput:
+        targets_NxK = teacher_logits(method, data, num_classes)
+        n_train = split.hold_train.shape[0]
+        steps = math.ceil(n_train / batch)
+        total = epochs * steps
+        init_key, order_key = jax.random.split(key)
+        params = head.init(init_key, data.feats_NxD[split.hold_train],
+                           jnp.argmax(targets_NxK[split.hold_train], axis=1))
+        tx = optax.chain(optax.scale_by_adam(),
+                         optax.scale_by_schedule(lambda count: -hp.lr * lr_factor(count, total, cfg.warmup)))
+
+        def batch_loss(params, rows_B, mask_B, progress):
+            logits_BxK = head.apply(params, data.feats_NxD[rows_B], hp)
+            per_example_B = loss_fn(logits_BxK, targets_NxK[rows_B], progress=progress, hp=hp)
+            return jnp.sum(per_example_B * mask_B) / jnp.sum(mask_B)
+
+        def train_step(carry, xs):
+            params, opt_state = carry
+            step, rows_B, mask_B = xs
+            loss, grads = jax.value_and_grad(batch_loss)(params, rows_B, mask_B, step / total)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss * jnp.sum(mask_B)
+
+        def train_epoch(carry, epoch):
+            params, opt_state, best = carry
+            # --- this epoch's minibatches: a permutation from this seed's key, padded and masked
+            perm = jax.random.permutation(jax.random.fold_in(order_key, epoch), n_train)
+            perm = jnp.concatenate([perm, jnp.zeros(steps * batch - n_train, perm.dtype)])
+            rows_TxB = split.hold_train[perm].reshape(steps, batch)
+            mask_TxB = (jnp.arange(steps * batch) < n_train).reshape(steps, batch).astype(jnp.float32)
+            step_ids = epoch * steps + jnp.arange(steps)
+            (params, opt_state), losses = jax.lax.scan(train_step, (params, opt_state), (step_ids, rows_TxB, mask_TxB))
+            # --- end of epoch: hold_val picks the best epoch; test' accuracy is kept for curves only
+            val_logits = head.apply(params, data.feats_NxD[split.hold_val], hp)
+            val_targets = targets_NxK[split.hold_val]
+            val_score = jnp.mean(jnp.argmax(val_logits, 1) == jnp.argmax(val_targets, 1))
+            val_loss = jnp.mean(loss_fn(val_logits, val_targets, progress=(epoch + 1) / epochs, hp=hp))
+            test_logits = head.apply(params, data.feats_NxD[split.test_prime], hp)
+            test_acc = jnp.mean(jnp.argmax(test_logits, 1) == data.labels_N[split.test_prime])
+            better = val_score > best["score"]
+            candidate = {"params": params, "score": val_score, "epoch": epoch + 1}
+            best = jax.tree.map(lambda new, old: jnp.where(better, new, old), candidate, best)
+            history = {"train_loss": jnp.sum(losses) / n_train, "val_loss": val_loss,
+                       "val_score": val_score, "test_acc": test_acc}
+            return (params, opt_state, best), history
+
+        best = {"params": params, "score": jnp.float32(-1.0), "epoch": jnp.int32(0)}
+        (_, _, best), history = jax.lax.scan(train_epoch, (params, tx.init(params), best), jnp.arange(epochs))
+        return FitOutput(best["params"], history, best["epoch"])
+
+    return fit
+
+
+def over_grid(fn):
+    """vmap ``fn(key, hp, data, split)`` over seeds (key, split) and hparams (hp): outputs ``S x H x ...``."""
+    over_hparams = jax.vmap(fn, in_axes=(None, 0, None, None))
+    return jax.vmap(over_hparams, in_axes=(0, None, None, 0))
+
+
+def seed_keys(root_seed: int, num_seeds: int):
+    """Key of seed s: ``jax.random.split(jax.random.key(root_seed), S)[s]``."""
+    return jax.random.split(jax.random.key(root_seed), num_seeds)
+
+
+def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, num_classes: int):
+    """Fit every method of ``cfg`` for every seed x hparam; returns ({method: FitOutput}, timings).
+
+    With ``cfg.vmap`` all methods, seeds and hparams are one jit-compiled program; without it,
+    the same ``fit`` is compiled per method and called model by model, then stacked ``S x H``.
+    """
+    keys = seed_keys(cfg.root_seed, cfg.seeds)
+    hps = jax.tree.map(jnp.asarray, cfg.grid_hparams())
+    splits = jax.tree.map(jnp.asarray, splits)
+    fits = {m: make_fit(METHODS[m], num_classes, text_TxKxD, cfg) for m in cfg.methods}
+    t0 = time.perf_counter()
+    if cfg.vmap:
+        program = jax.jit(lambda keys, hps, data, splits: {m: over_grid(f)(keys, hps, data, splits)
+                                                            for m, f in fits.items()})
+        compiled = program.lower(keys, hps, data, splits).compile()
+        t1 = time.perf_counter()
+        outputs = jax.block_until_ready(compiled(keys, hps, data, splits))
+    else:
+        compiled = {m: jax.jit(f) for m, f in fits.items()}
+        outputs = {}
+        num_h = hps.lr.shape[0]
+        t1 = time.perf_counter()
+        for m, f in compiled.items():
+            per_seed = []
+            for s in range(cfg.seeds):
+                split_s = jax.tree.map(lambda a: a[s], splits)
+                per_hp = [f(keys[s], jax.tree.map(lambda a: a[h], hps), data, split_s) for h in range(num_h)]
+                per_seed.append(jax.tree.map(lambda *xs: jnp.stack(xs), *per_hp))
+            outputs[m] = jax.block_until_ready(jax.tree.map(lambda *xs: jnp.stack(xs), *per_seed))
+    t2 = time.perf_counter()
+    # without vmap, compilation happens inside the first calls and is counted as run time
+    return outputs, {"compile_s": t1 - t0, "run_s": t2 - t1}
+
+
+def estimate_bytes(cfg: FitConfig, n: int, d: int, k: int) -> int:
+    """Rough device memory of the vmapped fit: shared data + per model (params, Adam, grads, best,
+    one minibatch's activations, and the hold_val/test' logits of the end-of-epoch evaluation)."""
+    num_models = cfg.seeds * int(np.prod([len(v) for _, v in cfg.grid] or [1]))
+    params = k * d + k
+    per_model = 6 * params + 4 * cfg.batch_size * (d + k) + 2 * n * k // 5 + n
+    data = n * (d + k + 1)
+    models = num_models * len(cfg.methods) if cfg.vmap else 1
+    return 4 * (data + models * per_model)
+
+
+def available_bytes() -> int:
+    """Memory the fit may use: the device's limit on an accelerator, else 80% of physical RAM."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # some backends do not report memory
+        stats = {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
