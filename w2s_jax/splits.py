@@ -33,7 +33,7 @@ def seed_splits(n: int, seed: int) -> SeedSplits:
     if min(sizes) < 1:
         raise ValueError(
             f"{n} test rows give empty splits (hold_train, hold_val, test') = {sizes}; "
-            f"need at least 8 rows, and far more for meaningful numbers: extract a larger test split"
+            "need more test rows (hundreds for meaningful numbers): extract a larger test split"
         )
     perm = np.random.default_rng(seed).permutation(n)
     a, b = sizes[0], sizes[0] + sizes[1]

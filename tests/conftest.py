@@ -1,0 +1,115 @@
+"""Shared fixtures: images, dataset trees and stores made by the tests; a tiny random open_clip model."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY_CLIP = "w2s-tiny-test"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+CLASSES = ("cat", "hot_air_balloon", "zebra")
+
+
+def write_image(path: Path, label: int, rng, size=40) -> None:
+    """A JPEG whose colour depends on the label, plus noise."""
+    from PIL import Image
+
+    base = np.zeros((size, size, 3))
+    base[..., label % 3] = 180
+    pixels = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="JPEG")
+
+
+@pytest.fixture
+def domainnet_root(tmp_path) -> Path:
+    """A DomainNet-layout tree for domain 'real': 3 classes, 6 train and 9 test images."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "domainnet"
+    for split, per_class in (("train", 2), ("test", 3)):
+        lines = []
+        for label, name in enumerate(CLASSES):
+            for i in range(per_class):
+                rel = f"real/{name}/real_{split}_{label}_{i:03d}.jpg"
+                write_image(root / rel, label, rng)
+                lines.append(f"{rel} {label}")
+        (root / f"real_{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def imagefolder_root(tmp_path) -> Path:
+    """``train/<class>/*.jpg`` and ``test/<class>/*.jpg``: 3 classes, 4 train and 6 test per class."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "folder"
+    for split, per_class in (("train", 4), ("test", 6)):
+        for label, name in enumerate(CLASSES):
+            for i in range(per_class):
+                write_image(root / split / name / f"{i:03d}.jpg", label, rng)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """Registers a tiny open_clip config and saves random weights; returns the --strong spec."""
+    import open_clip
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    config = folder / f"{TINY_CLIP}.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_CLIP, pretrained=None)
+    ckpt = folder / "tiny.pt"
+    torch.save(model.state_dict(), ckpt)
+    return f"{TINY_CLIP}:{ckpt}"
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet_dir(tmp_path_factory) -> str:
+    """A randomly initialised tiny HF ResNet saved with save_pretrained (loaded like a hub model)."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=2)
+    folder = tmp_path_factory.mktemp("tiny_resnet") / "tiny-resnet"
+    ResNetForImageClassification(config).save_pretrained(folder)
+    return str(folder)
+
+
+def synthetic_store(path, *, n_test=600, n_train=60, d=16, k=5, weak_noise=1.6, text=True, seed=0):
+    """A store with class clusters and noisy weak logits (the weak model is right ~60% of the time)."""
+    from w2s_jax import store as st
+
+    rng = np.random.default_rng(seed)
+    centers_KxD = rng.normal(size=(k, d))
+
+    def split(n):
+        labels = rng.integers(0, k, n)
+        feats = centers_KxD[labels] + 0.7 * rng.normal(size=(n, d))
+        weak = 2.0 * np.eye(k)[labels] + weak_noise * rng.normal(size=(n, k))
+        return st.Split(feats.astype(np.float32), labels, tuple(f"img/{i}" for i in range(n)),
+                        {"noisy": weak.astype(np.float32)})
+
+    prov = st.Provenance(
+        dataset="synthetic", domain="clusters", class_names=tuple(f"class {i}" for i in range(k)),
+        templates=("a photo of a {}.",) if text else (), encoder="synthetic", preprocessing="{}",
+        split_hash="x", versions={}, created="now",
+    )
+    text_TxKxD = (centers_KxD + 0.5 * rng.normal(size=(k, d)))[None].astype(np.float32) if text else None
+    store = st.Store(prov, {"train": split(n_train), "test": split(n_test)}, text_TxKxD,
+                     {"noisy": {"source": "synthetic"}})
+    st.write_store(path, store)
+    return store

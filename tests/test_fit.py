@@ -1,0 +1,143 @@
+"""The vmapped fit: agreement with the sequential run, end to end on a synthetic store, repeatability, errors."""
+import json
+
+import jax
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import synthetic_store
+from w2s_jax import cli
+from w2s_jax import fit as fitlib
+from w2s_jax.config import FitConfig, Hparams
+from w2s_jax.methods import METHODS
+from w2s_jax.run import GridTooLargeError, run
+from w2s_jax.splits import seed_splits, split_sizes, stacked_splits
+from w2s_jax.store import read_store
+
+FAST = dict(epochs=4, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "synthetic.h5"
+    synthetic_store(path)
+    return path
+
+
+def test_splits_are_disjoint_deterministic_and_sized():
+    a, b = seed_splits(100, 3), seed_splits(100, 3)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert tuple(len(x) for x in a) == split_sizes(100) == (64, 16, 20)
+    assert len(np.unique(np.concatenate(a))) == 100
+    assert not np.array_equal(seed_splits(100, 4).test_prime, a.test_prime)
+    with pytest.raises(ValueError, match="empty splits"):
+        seed_splits(3, 0)
+
+
+def test_vmap_equals_sequential(store_path):
+    """For every seed and hparam, the vmapped program gives the sequential run's parameters and metrics."""
+    methods = ("kd+lp", "cpl", "auxconf+proto", "adaptconf+lp", "ceiling+lp")
+    store = read_store(store_path)
+    test = store.splits["test"]
+    data = fitlib.make_data(test.features_NxD, test.weak_logits["noisy"], test.labels_N)
+    splits = stacked_splits(len(test.ids_N), 3)
+    base = FitConfig(store=str(store_path), weak="noisy", methods=methods, seeds=3,
+                     grid=(("lr", (1e-2, 3e-3)),), **FAST)
+    vmapped, _ = fitlib.fit_methods(base, data, splits, store.text_TxKxD, store.num_classes)
+    seq_cfg = FitConfig(**{**base.__dict__, "vmap": False})
+    sequential, _ = fitlib.fit_methods(seq_cfg, data, splits, store.text_TxKxD, store.num_classes)
+    for m in methods:
+        for a, b in zip(jax.tree.leaves(vmapped[m]), jax.tree.leaves(sequential[m])):
+            assert a.shape[:2] == (3, 2)
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
+def test_seed_i_equals_single_run_with_key_i(store_path):
+    store = read_store(store_path)
+    test = store.splits["test"]
+    data = fitlib.make_data(test.features_NxD, test.weak_logits["noisy"], test.labels_N)
+    cfg = FitConfig(store=str(store_path), weak="noisy", methods=("cpl",), seeds=2, **FAST)
+    out, _ = fitlib.fit_methods(cfg, data, stacked_splits(len(test.ids_N), 2), store.text_TxKxD, store.num_classes)
+    fit = jax.jit(fitlib.make_fit(METHODS["cpl"], store.num_classes, store.text_TxKxD, cfg))
+    hp = jax.tree.map(lambda a: a[0], cfg.grid_hparams())
+    single = fit(fitlib.seed_keys(0, 2)[1], hp, data, jax.tree.map(np.asarray, seed_splits(len(test.ids_N), 1)))
+    np.testing.assert_allclose(out["cpl"].params["prototypes_KxD"][1, 0], single.params["prototypes_KxD"], atol=1e-5)
+
+
+def test_end_to_end_cli_beats_weak_and_ceiling_beats_w2s(store_path, tmp_path):
+    out = tmp_path / "res"
+    result = CliRunner().invoke(cli.main, ["--store", str(store_path), "--seeds", "3", "--epochs", "8",
+                                           "--batch-size", "64", "--logit-scale", "10", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| cpl |" in result.output and "zero-shot" in result.output
+    for name in ("config.json", "provenance.json", "splits.npz", "metrics.json", "metrics.csv", "history.npz",
+                 "timings.json", "table.md"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "metrics.json").read_text())
+    weak = np.mean(summary["weak"]["test_acc"])
+    ceiling = np.mean(summary["ceiling"]["test_acc"])
+    for name in ("cpl", "kd+lp", "ce+proto"):
+        w2s = np.mean(summary["methods"][name]["test_acc"])
+        assert weak < w2s < ceiling, (name, weak, w2s, ceiling)
+    assert set(summary["methods"]) == set(METHODS)
+    history = np.load(out / "history.npz")
+    assert history["cpl/test_acc"].shape == (3, 1, 8)
+    # the folder alone rebuilds the table
+    shown = CliRunner().invoke(cli.main, ["--show", str(out)])
+    assert shown.output.strip() == (out / "table.md").read_text().strip()
+
+
+def test_every_run_repeats_exactly(store_path, tmp_path):
+    cfg = FitConfig(store=str(store_path), weak="noisy", methods=("cpl", "auxconf+lp"), seeds=2, **FAST)
+    a, _ = run(cfg, tmp_path / "a")
+    b, _ = run(cfg, tmp_path / "b")
+    assert a["methods"] == b["methods"]
+
+
+def test_grid_is_one_more_axis_and_selection_uses_hold_val(store_path, tmp_path):
+    cfg = FitConfig(store=str(store_path), weak="noisy", methods=("kd+proto",), seeds=2,
+                    grid=(("temperature", (1.0, 4.0)), ("logit_scale", (5.0, 20.0))), **FAST)
+    summary, _ = run(cfg, tmp_path / "grid")
+    m = summary["methods"]["kd+proto"]
+    val = np.asarray(m["grid"]["val_score"])
+    assert val.shape == (2, 4)
+    assert m["grid_index"] == int(np.argmax(val.mean(0)))
+
+
+def test_bad_input_gives_clear_errors(store_path, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(cli.main, ["--store", str(store_path), "--weak", "resnet99"])
+    assert r.exit_code != 0 and "resnet99" in r.output and "w2s-extract" in r.output
+    r = runner.invoke(cli.main, ["--store", str(store_path), "--methods", "cpl,magic"])
+    assert r.exit_code != 0 and "magic" in r.output and "valid:" in r.output
+    tiny = tmp_path / "tiny.h5"
+    synthetic_store(tiny, n_test=3)
+    r = runner.invoke(cli.main, ["--store", str(tiny)])
+    assert r.exit_code != 0 and "empty splits" in r.output
+    r = runner.invoke(cli.main, ["--store", str(store_path), "--grid", "lr=1,2", "--grid", "bogus=1"])
+    assert r.exit_code != 0 and "bogus" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_grid_too_large_is_refused_before_compiling(store_path, monkeypatch):
+    monkeypatch.setattr(fitlib, "available_bytes", lambda: 1000)
+    cfg = FitConfig(store=str(store_path), weak="noisy", methods=("cpl",), seeds=2)
+    with pytest.raises(GridTooLargeError, match="GiB"):
+        run(cfg, "unused")
+
+
+def test_store_without_text_starts_prototypes_from_weak_centroids(tmp_path):
+    path = tmp_path / "notext.h5"
+    synthetic_store(path, text=False)
+    cfg = FitConfig(store=str(path), weak="noisy", methods=("cpl", "ceiling+proto"), seeds=2,
+                    hparams=Hparams(logit_scale=10.0), **FAST)
+    summary, _ = run(cfg, tmp_path / "res")
+    assert summary["zero_shot"] is None
+    assert np.mean(summary["methods"]["cpl"]["test_acc"]) > np.mean(summary["weak"]["test_acc"])
+
+
+def test_list_methods():
+    r = CliRunner().invoke(cli.main, ["--list-methods"])
+    assert r.exit_code == 0 and all(m in r.output for m in METHODS)
