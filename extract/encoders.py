@@ -33,6 +33,7 @@ class StrongEncoder:
     model: torch.nn.Module
     encode_images: Callable  # images_Bx3xHxW -> features_BxD
     encode_text: Callable | None  # list of prompts -> features_PxD; None without a text tower
+    tokenizer: Callable | None = None  # list of prompts -> token ids P x L (open_clip only)
 
 
 def load_strong(spec: str, device: str = "cpu") -> StrongEncoder:
@@ -124,6 +125,7 @@ def _open_clip(model_name: str, source: str, device: str) -> StrongEncoder:
         model=model,
         encode_images=model.encode_image,
         encode_text=encode_text,
+        tokenizer=tokenizer,
     )
 
 

@@ -89,7 +89,8 @@ def tiny_resnet_dir(tmp_path_factory) -> str:
     return str(folder)
 
 
-def synthetic_store(path, *, n_test=600, n_train=60, d=16, k=5, weak_noise=1.6, text=True, seed=0):
+def synthetic_store(path, *, n_test=600, n_train=60, d=16, k=5, weak_noise=1.6, text=True, seed=0,
+                    encoder="synthetic", text_TxKxD=None):
     """A store with class clusters and noisy weak logits (the weak model is right ~60% of the time)."""
     from w2s_jax import store as st
 
@@ -105,10 +106,11 @@ def synthetic_store(path, *, n_test=600, n_train=60, d=16, k=5, weak_noise=1.6, 
 
     prov = st.Provenance(
         dataset="synthetic", domain="clusters", class_names=tuple(f"class {i}" for i in range(k)),
-        templates=("a photo of a {}.",) if text else (), encoder="synthetic", preprocessing="{}",
+        templates=("a photo of a {}.",) if text else (), encoder=encoder, preprocessing="{}",
         split_hash="x", versions={}, created="now",
     )
-    text_TxKxD = (centers_KxD + 0.5 * rng.normal(size=(k, d)))[None].astype(np.float32) if text else None
+    if text_TxKxD is None and text:
+        text_TxKxD = (centers_KxD + 0.5 * rng.normal(size=(k, d)))[None].astype(np.float32)
     store = st.Store(prov, {"train": split(n_train), "test": split(n_test)}, text_TxKxD,
                      {"noisy": {"source": "synthetic"}})
     st.write_store(path, store)

@@ -10,7 +10,7 @@ from conftest import synthetic_store
 from w2s_jax import cli
 from w2s_jax import fit as fitlib
 from w2s_jax.config import FitConfig, Hparams
-from w2s_jax.methods import METHODS
+from w2s_jax.methods import JAX_METHODS, METHODS
 from w2s_jax.run import GridTooLargeError, run
 from w2s_jax.splits import seed_splits, split_sizes, stacked_splits
 from w2s_jax.store import read_store
@@ -81,7 +81,7 @@ def test_end_to_end_cli_beats_weak_and_ceiling_beats_w2s(store_path, tmp_path):
     for name in ("cpl", "kd+lp", "ce+proto"):
         w2s = np.mean(summary["methods"][name]["test_acc"])
         assert weak < w2s < ceiling, (name, weak, w2s, ceiling)
-    assert set(summary["methods"]) == set(METHODS)
+    assert set(summary["methods"]) == set(JAX_METHODS)
     history = np.load(out / "history.npz")
     assert history["cpl/test_acc"].shape == (3, 1, 8)
     # the folder alone rebuilds the table
@@ -112,6 +112,8 @@ def test_bad_input_gives_clear_errors(store_path, tmp_path):
     assert r.exit_code != 0 and "resnet99" in r.output and "w2s-extract" in r.output
     r = runner.invoke(cli.main, ["--store", str(store_path), "--methods", "cpl,magic"])
     assert r.exit_code != 0 and "magic" in r.output and "valid:" in r.output
+    r = runner.invoke(cli.main, ["--store", str(store_path), "--methods", "kd+tp"])
+    assert r.exit_code != 0 and "w2s-tp" in r.output
     tiny = tmp_path / "tiny.h5"
     synthetic_store(tiny, n_test=3)
     r = runner.invoke(cli.main, ["--store", str(tiny)])

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from w2s_jax.config import FitConfig, Hparams
-from w2s_jax.methods import METHODS
+from w2s_jax.methods import JAX_METHODS, METHODS
 
 DEFAULTS = Hparams()
 
@@ -42,7 +42,8 @@ def _parse_grid(items) -> tuple:
 @click.option("--vmap/--no-vmap", default=True, show_default=True, help="One compiled call for the grid, or one per model.")
 @click.option("--out", type=click.Path(), default=None, help="Results folder. [default: results/STORE-WEAK]")
 @click.option("--list-methods", is_flag=True, help="List the methods and exit.")
-@click.option("--show", type=click.Path(), default=None, help="Print the table of an existing results folder and exit.")
+@click.option("--show", type=click.Path(), multiple=True,
+              help="Print the table of existing results folder(s) and exit; several are merged into one table.")
 def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, alpha_max, tau_a, grid,
          vmap, out, list_methods, show):
     """Fit CPL and linear-probe heads with CE, KD, AuxConf, AdaptConf (+ ceilings) for every seed."""
@@ -50,12 +51,13 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
 
     if list_methods:
         for name, m in METHODS.items():
-            click.echo(f"{name:16s} head={m.head:9s} loss={m.loss:9s} trained on {m.target}")
+            where = "" if name in JAX_METHODS else "  (PyTorch: w2s-tp)"
+            click.echo(f"{name:16s} head={m.head:12s} loss={m.loss:9s} trained on {m.target}{where}")
         return
     if show:
         try:
-            click.echo(results.markdown_table(results.load_summary(show)))
-        except FileNotFoundError as err:
+            click.echo(results.markdown_table(results.merge([results.load_summary(d) for d in show])))
+        except (FileNotFoundError, ValueError) as err:
             raise click.ClickException(str(err)) from None
         return
     if not store:
@@ -72,7 +74,7 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
             weak = names[0]
         cfg = FitConfig(
             store=str(store), weak=weak,
-            methods=tuple(METHODS) if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip()),
+            methods=JAX_METHODS if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip()),
             seeds=seeds, epochs=epochs, batch_size=batch_size, vmap=vmap, grid=_parse_grid(grid),
             hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale, alpha_max=alpha_max, tau_a=tau_a),
         )

@@ -4,8 +4,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 
+JAX_HEADS = ("linear", "prototype")  # fitted by w2s-fit; "prompt" and "text-encoder" need torch (w2s-tp)
+
+
 class Method(NamedTuple):
-    head: str  # "linear" (LP) or "prototype" (CPL-style cosine prototypes)
+    head: str  # "linear" (LP), "prototype" (CPL), "prompt" (CoOp TP) or "text-encoder" (Table 4 ablation)
     loss: str  # name in w2s_jax.losses.LOSSES
     target: str  # "weak": weak logits on hold_train, model chosen by agreement on hold_val;
     #              "truth": ground truth on hold_train and hold_val (the strong ceiling)
@@ -27,12 +30,26 @@ METHODS = {
     # strong ceilings: the same heads trained on ground truth
     "ceiling+lp": Method("linear", "ce", "truth"),
     "ceiling+proto": Method("prototype", "ce", "truth"),
+    # textual prompt tuning (CoOp) in PyTorch: w2s-tp
+    "ce+tp": Method("prompt", "ce", "weak"),
+    "kd+tp": Method("prompt", "kd", "weak"),
+    "auxconf+tp": Method("prompt", "auxconf", "weak"),
+    "adaptconf+tp": Method("prompt", "adaptconf", "weak"),
+    "ceiling+tp": Method("prompt", "ce", "truth"),
+    # Table 4 ablation: fine-tune the whole text encoder with the CPL loss, instead of learning C
+    "cpl+textenc": Method("text-encoder", "cpl", "weak"),
 }
+JAX_METHODS = tuple(m for m, spec in METHODS.items() if spec.head in JAX_HEADS)
+TORCH_METHODS = tuple(m for m in METHODS if m not in JAX_METHODS)
 
 
-def check_methods(names) -> tuple[str, ...]:
-    """``names`` as a tuple, or a ValueError listing the valid names."""
+def check_methods(names, valid=JAX_METHODS, command="w2s-fit") -> tuple[str, ...]:
+    """``names`` as a tuple, or a ValueError naming the unknown ones and the valid ones."""
+    wrong_side = [n for n in names if n in METHODS and n not in valid]
+    if wrong_side:
+        other = "w2s-tp (PyTorch)" if wrong_side[0] in TORCH_METHODS else "w2s-fit (JAX)"
+        raise ValueError(f"method(s) {wrong_side} are not run by {command}; use {other}")
     unknown = [n for n in names if n not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)} (see w2s-fit --list-methods)")
+        raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(valid)} (see {command} --list-methods)")
     return tuple(names)

@@ -38,13 +38,19 @@ def summarize(evals: dict, best_epochs: dict, hps, weak_acc, zero_shot) -> dict:
         }
     summary = {"weak": {"test_acc": np.asarray(weak_acc).tolist()},
                "zero_shot": None if zero_shot is None else {k: np.asarray(v).tolist() for k, v in zero_shot.items()},
-               "methods": methods, "ceiling": None, "pgr": {}}
-    # the paper's ceiling: the best ground-truth-trained head (by mean test' accuracy)
+               "methods": methods}
+    return with_ceiling_and_pgr(summary)
+
+
+def with_ceiling_and_pgr(summary: dict) -> dict:
+    """Add the paper's ceiling (the best ground-truth-trained head, by mean test' accuracy) and PGR."""
+    methods = summary["methods"]
+    summary = {**summary, "ceiling": None, "pgr": {}}
     ceilings = [m for m in methods if METHODS[m].target == "truth"]
     if ceilings:
         best = max(ceilings, key=lambda m: np.mean(methods[m]["test_acc"]))
         summary["ceiling"] = {"method": best, "test_acc": methods[best]["test_acc"]}
-        weak, ceil = np.asarray(weak_acc), np.asarray(methods[best]["test_acc"])
+        weak, ceil = np.asarray(summary["weak"]["test_acc"]), np.asarray(methods[best]["test_acc"])
         for name, m in methods.items():
             if METHODS[name].target == "weak":
                 acc = np.asarray(m["test_acc"])
@@ -53,7 +59,19 @@ def summarize(evals: dict, best_epochs: dict, hps, weak_acc, zero_shot) -> dict:
     return summary
 
 
-def write_results(out_dir, *, config, provenance: dict, splits, summary: dict, outputs: dict, timings: dict) -> Path:
+def merge(summaries: list[dict]) -> dict:
+    """One summary from several results folders of the same store, weak model and seeds (e.g. w2s-fit + w2s-tp)."""
+    first = summaries[0]
+    for other in summaries[1:]:
+        if not np.allclose(other["weak"]["test_acc"], first["weak"]["test_acc"]):
+            raise ValueError("these results come from different stores, weak models or seeds; merge only runs of one "
+                             "store with the same --weak and --seeds")
+    methods = {name: m for s in summaries for name, m in s["methods"].items()}
+    zero_shot = next((s["zero_shot"] for s in summaries if s["zero_shot"]), None)
+    return with_ceiling_and_pgr({"weak": first["weak"], "zero_shot": zero_shot, "methods": methods})
+
+
+def write_results(out_dir, *, config, provenance: dict, splits, summary: dict, histories: dict, timings: dict) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", config.to_dict())
@@ -61,7 +79,7 @@ def write_results(out_dir, *, config, provenance: dict, splits, summary: dict, o
     np.savez(out / "splits.npz", **splits._asdict())
     _write_json(out / "metrics.json", summary)
     _write_json(out / "timings.json", timings)
-    np.savez(out / "history.npz", **{f"{m}/{f}": np.asarray(o.history[f]) for m, o in outputs.items()
+    np.savez(out / "history.npz", **{f"{m}/{f}": np.asarray(h[f]) for m, h in histories.items()
                                      for f in HISTORY_FIELDS})
     _write_csv(out / "metrics.csv", summary, config.grid_hparams())
     (out / "table.md").write_text(markdown_table(summary) + "\n")

@@ -38,11 +38,25 @@ def run(cfg: FitConfig, out_dir) -> tuple[dict, Path]:
     hps = jax.tree.map(jax.numpy.asarray, cfg.grid_hparams())
     jsplits = jax.tree.map(jax.numpy.asarray, splits)
     evals = {m: metrics.evaluate_method(m, o, hps, data, jsplits, k, text) for m, o in outputs.items()}
+    best_epochs = {m: o.best_epoch for m, o in outputs.items()}
+    histories = {m: o.history for m, o in outputs.items()}
+    return finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir)
+
+
+def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir) -> tuple[dict, Path]:
+    """Shared by w2s-fit and w2s-tp: weak and zero-shot rows, hparam selection, summary, results folder.
+
+    evals: method -> {test_acc, agreement, val_score} each ``S x H``; best_epochs: method -> ``S x H``;
+    histories: method -> {field: ``S x H x E``}.
+    """
+    test = store.splits["test"]
+    data = fitlib.make_data(test.features_NxD, test.weak_logits[cfg.weak], test.labels_N)
+    jsplits = jax.tree.map(jax.numpy.asarray, splits)
+    text = store.text_TxKxD
     zero_shot = None if text is None else metrics.zero_shot(data, jsplits, text, cfg.hparams.logit_scale)
-    summary = results.summarize(evals, {m: o.best_epoch for m, o in outputs.items()}, cfg.grid_hparams(),
-                                metrics.weak_accuracy(data, jsplits), zero_shot)
+    summary = results.summarize(evals, best_epochs, cfg.grid_hparams(), metrics.weak_accuracy(data, jsplits), zero_shot)
     provenance = {**dataclasses.asdict(store.provenance), "weak_model": store.weak_info[cfg.weak]}
     timings = {**timings, "backend": jax.default_backend(), "devices": [str(x) for x in jax.devices()]}
     out = results.write_results(out_dir, config=cfg, provenance=provenance, splits=splits, summary=summary,
-                                outputs=outputs, timings=timings)
+                                histories=histories, timings=timings)
     return summary, out

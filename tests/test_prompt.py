@@ -1,0 +1,85 @@
+"""Prompt tuning (TP) in torch: loss parity with JAX, the prompt learner, split parity, results that merge."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import synthetic_store
+from extract import encoders, losses_torch, tp_cli
+from extract.prompt import PromptLearner
+from w2s_jax import cli as fit_cli
+from w2s_jax import losses as losses_jax
+from w2s_jax.config import Hparams
+from w2s_jax.splits import stacked_splits
+
+HP = Hparams(temperature=2.0, alpha_max=0.5, aux_warmup=0.2, tau_a=0.7)
+
+
+@pytest.mark.parametrize("name", sorted(losses_jax.LOSSES))
+@pytest.mark.parametrize("progress", [0.1, 0.9])
+def test_torch_loss_equals_jax_loss(name, progress):
+    assert set(losses_torch.LOSSES) == set(losses_jax.LOSSES)
+    rng = np.random.default_rng(3)
+    zs, zw = (rng.normal(size=(9, 6)).astype(np.float32) * 3 for _ in range(2))
+    got = losses_torch.LOSSES[name](torch.tensor(zs), torch.tensor(zw), progress=progress, hp=HP).numpy()
+    want = np.asarray(losses_jax.LOSSES[name](jnp.asarray(zs), jnp.asarray(zw), progress=progress, hp=HP))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_learner_initialised_from_a_phrase_equals_the_text_encoder(tiny_clip):
+    enc = encoders.load_strong(tiny_clip)
+    names = ("cat", "hot_air_balloon")
+    learner = PromptLearner(enc.model, enc.tokenizer, names, ctx_init="a photo of a")
+    with torch.no_grad():
+        np.testing.assert_allclose(learner().numpy(),
+                                   enc.encode_text(["a photo of a cat.", "a photo of a hot air balloon."]).numpy(),
+                                   rtol=1e-4, atol=1e-5)
+    random_ctx = PromptLearner(enc.model, enc.tokenizer, names, n_ctx=16, seed=0)
+    assert random_ctx.ctx_MxW.shape == (16, 32) and abs(float(random_ctx.ctx_MxW.detach().std()) - 0.02) < 0.005
+
+
+@pytest.fixture
+def clip_store(tiny_clip, tmp_path):
+    """A synthetic store whose provenance names the tiny CLIP, with that model's real text embeddings."""
+    enc = encoders.load_strong(tiny_clip)
+    names = tuple(f"class {i}" for i in range(3))
+    with torch.no_grad():
+        text = encoders.text_embeddings(enc, names, ("a photo of a {}.",)).numpy()
+    path = tmp_path / "clip.h5"
+    synthetic_store(path, n_test=150, d=32, k=3, encoder=enc.id, text_TxKxD=text)
+    return path
+
+
+def test_tp_end_to_end_merges_with_w2s_fit(clip_store, tiny_clip, tmp_path):
+    tp_out, fit_out = tmp_path / "tp", tmp_path / "fit"
+    r = CliRunner().invoke(tp_cli.main, ["--store", str(clip_store), "--strong", tiny_clip, "--seeds", "2",
+                                         "--epochs", "2", "--batch-size", "32", "--n-ctx", "4", "--device", "cpu",
+                                         "--methods", "kd+tp,ceiling+tp,cpl+textenc", "--out", str(tp_out)])
+    assert r.exit_code == 0, r.output
+    assert "| kd+tp |" in r.output and "| cpl+textenc |" in r.output
+    # identical split indices to w2s-fit's
+    saved = np.load(tp_out / "splits.npz")
+    for field, want in stacked_splits(150, 2)._asdict().items():
+        np.testing.assert_array_equal(saved[field], want)
+    assert np.load(tp_out / "history.npz")["kd+tp/test_acc"].shape == (2, 1, 2)
+    r = CliRunner().invoke(fit_cli.main, ["--store", str(clip_store), "--seeds", "2", "--epochs", "2",
+                                          "--methods", "cpl,ceiling+lp", "--out", str(fit_out)])
+    assert r.exit_code == 0, r.output
+    merged = CliRunner().invoke(fit_cli.main, ["--show", str(fit_out), "--show", str(tp_out)])
+    assert merged.exit_code == 0
+    for row in ("| weak |", "| zero-shot |", "| kd+tp |", "| cpl |", "| cpl+textenc |", "| ceiling+tp |"):
+        assert row in merged.output
+
+
+def test_tp_on_an_image_only_store_says_why(tmp_path, tiny_clip):
+    path = tmp_path / "demo.h5"
+    synthetic_store(path, text=False, encoder="efficientnet-lite0@96")
+    r = CliRunner().invoke(tp_cli.main, ["--store", str(path), "--strong", tiny_clip, "--seeds", "1"])
+    assert r.exit_code != 0 and "needs an open_clip CLIP model with a text tower" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_tp_refuses_another_encoder(clip_store):
+    r = CliRunner().invoke(tp_cli.main, ["--store", str(clip_store), "--strong", "ViT-B-32:openai", "--seeds", "1"])
+    assert r.exit_code != 0 and "store was built with" in r.output
