@@ -99,7 +99,7 @@ def synthetic_store(path, *, n_test=600, n_train=60, d=16, k=5, weak_noise=1.6, 
 
     def split(n):
         labels = rng.integers(0, k, n)
-        feats = centers_KxD[labels] + 0.7 * rng.normal(size=(n, d))
+        feats = centers_KxD[labels] + 1.3 * rng.normal(size=(n, d))
         weak = 2.0 * np.eye(k)[labels] + weak_noise * rng.normal(size=(n, k))
         return st.Split(feats.astype(np.float32), labels, tuple(f"img/{i}" for i in range(n)),
                         {"noisy": weak.astype(np.float32)})

@@ -1,7 +1,10 @@
 """Heads as pairs of pure functions over L2-normalised features ``r̂`` (DESIGN.md §3).
 
-- prototype (CPL): ``zs_i = s * cos(C_i, r)``, C initialised from text embeddings where the
-  store has them, else from the mean ``r̂`` of the training rows whose target argmax is i.
+- prototype (CPL): ``zs_i = s * cos(C_i, r)``, C initialised to the raw text embeddings (mean over
+  templates) where the store has them, else to the mean ``r̂`` of the training rows whose target
+  argmax is i. The cosine ignores C's norm, but Adam's step is absolute, so the init's norm sets
+  the effective step size: raw CLIP text embeddings (norm ~10) move ~10x more slowly at lr 1e-2
+  than unit-norm ones, which is what the paper's lr was tuned for.
 - linear (LP): ``zs = W r̂ + b``.
 
 ``init(key, feats_NxD, targets_N, text_KxD) -> params``; ``apply(params, feats_BxD, hp) -> logits_BxK``.
@@ -39,7 +42,7 @@ def centroid_prototypes(key, feats_NxD, targets_N, num_classes):
 def prototype_head(num_classes: int, text_TxKxD=None) -> Head:
     def init(key, feats_NxD, targets_N):
         if text_TxKxD is not None:
-            return {"prototypes_KxD": zero_shot_prototypes(text_TxKxD)}
+            return {"prototypes_KxD": jnp.mean(jnp.asarray(text_TxKxD), axis=0)}
         return {"prototypes_KxD": centroid_prototypes(key, feats_NxD, targets_N, num_classes)}
 
     def apply(params, feats_BxD, hp):

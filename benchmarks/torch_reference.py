@@ -1,0 +1,63 @@
+"""An idiomatic PyTorch reference for the fit, written plainly as a researcher would: a Python loop over
+seeds, torch.optim.Adam, the same losses, batch size, schedule, epochs, splits and best-epoch rule.
+Kept in benchmarks/ only, to compare speed and accuracy with w2s-fit."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from extract.losses_torch import LOSSES
+from extract.weak import warmup_linear
+from w2s_jax.methods import METHODS
+
+
+def fit_one(method, feats_NxD, weak_NxK, labels_N, text_KxD, split, *, seed, epochs, batch, warmup, hp):
+    """Returns test' accuracy of the best-epoch model for one seed."""
+    spec = METHODS[method]
+    torch.manual_seed(seed)
+    r = F.normalize(torch.as_tensor(feats_NxD), dim=1)
+    labels = torch.as_tensor(labels_N)
+    weak = torch.as_tensor(weak_NxK)
+    k = weak.shape[1]
+    targets = F.one_hot(labels, k).float() if spec.target == "truth" else weak
+    train, val, test = (torch.as_tensor(a) for a in split)
+    if spec.head == "linear":
+        head = torch.nn.Linear(r.shape[1], k)
+        torch.nn.init.normal_(head.weight, std=0.01)
+        torch.nn.init.zeros_(head.bias)
+        params = list(head.parameters())
+        forward = head
+    else:
+        protos = torch.nn.Parameter(torch.as_tensor(text_KxD).clone())  # raw text embedding, as w2s-fit
+        params = [protos]
+        forward = lambda x: hp.logit_scale * x @ F.normalize(protos, dim=1).T  # noqa: E731
+    steps = math.ceil(len(train) / batch)
+    opt = torch.optim.Adam(params, lr=hp.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(epochs * steps, warmup))
+    gen = torch.Generator().manual_seed(seed)
+    best_score, best_state = -1.0, None
+    loss_fn = LOSSES[spec.loss]
+    for epoch in range(epochs):
+        for b, rows in enumerate(train[torch.randperm(len(train), generator=gen)].split(batch)):
+            loss = loss_fn(forward(r[rows]), targets[rows], progress=(epoch * steps + b) / (epochs * steps), hp=hp)
+            opt.zero_grad()
+            loss.mean().backward()
+            opt.step()
+            sched.step()
+        with torch.no_grad():
+            score = float((forward(r[val]).argmax(1) == targets[val].argmax(1)).float().mean())
+            if score > best_score:
+                best_score, best_state = score, [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, kept in zip(params, best_state):
+            p.copy_(kept)
+        return float((forward(r[test]).argmax(1) == labels[test]).float().mean())
+
+
+def fit_all(methods, feats, weak, labels, text, splits, *, seeds, epochs, batch, warmup, hp):
+    """{method: test' accuracies per seed}."""
+    return {m: np.array([fit_one(m, feats, weak, labels, text, [a[s] for a in splits], seed=s, epochs=epochs,
+                                 batch=batch, warmup=warmup, hp=hp) for s in range(seeds)]) for m in methods}
