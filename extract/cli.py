@@ -41,9 +41,11 @@ def default_device() -> str:
               help="Unreadable images: stop and list them, or skip them (their ids are recorded in the store).")
 @click.option("--weak-epochs", default=3, show_default=True, help="Weak fine-tuning epochs (paper: 3).")
 @click.option("--limit", type=int, default=None, help="Use only the first N samples of each split (quick tries).")
+@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Dtype of the stored strong features (w2s-fit computes in float32 either way).")
 @click.pass_context
 def main(ctx, dataset, domain, root, strong, weak, out, templates, device, batch_size, num_workers, on_corrupt,
-         weak_epochs, limit):
+         weak_epochs, limit, feature_dtype):
     """Extract strong features, text embeddings and weak logits into one feature store.
 
     Rerun the same command to resume an interrupted extraction. Run it again on an existing
@@ -57,7 +59,8 @@ def main(ctx, dataset, domain, root, strong, weak, out, templates, device, batch
     strong = strong or (DEMO_ENCODER if is_demo else "ViT-B-32:openai")
     weak = list(weak) or (["pixels"] if is_demo else ["resnet18"])
     opts = Options(device=device or default_device(), batch_size=batch_size, num_workers=num_workers,
-                   on_corrupt=on_corrupt, weak_epochs=weak_epochs, log=click.echo)
+                   on_corrupt=on_corrupt, weak_epochs=weak_epochs, feature_dtype=feature_dtype,
+                   log=click.echo)
     try:
         data = datasets.load_dataset(dataset, domain=domain, root=root).limited(limit)
         out = Path(out or f"stores/{dataset}-{data.domain}{f'-limit{limit}' if limit else ''}.h5")

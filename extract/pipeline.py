@@ -42,6 +42,7 @@ class Options:
     weak_epochs: int = 3  # fine-tuning epochs (paper: 3)
     weak_batch_size: int = 512  # fine-tuning batch (paper: 512)
     weak_lr: float = 1e-3  # fine-tuning peak lr (paper: 1e-3, warmup 0.1)
+    feature_dtype: str = "float32"  # stored strong features: "float32", or "float16" (half the disk)
     log: Callable = print
 
 
@@ -267,7 +268,7 @@ def extract(dataset: Dataset, strong_spec: str, weak_specs: list[str], out, opts
     if encoder.encode_text and templates:
         with torch.no_grad():
             text = encoders.text_embeddings(encoder, dataset.class_names, templates).float().cpu().numpy()
-    splits = {s: st.Split(results[s]["strong"], rows[s][1], rows[s][0], {}) for s in rows}
+    splits = {s: st.Split(results[s]["strong"].astype(opts.feature_dtype), rows[s][1], rows[s][0], {}) for s in rows}
     store = st.Store(provenance_for(dataset, encoder.id, encoder.preprocessing, templates, skipped), splits, text, {})
     for spec in specs:
         feats = {s: results[s][spec.name] for s in rows} if spec.name in probe_models else None

@@ -1,0 +1,90 @@
+"""Extraction pipeline efficiency: end-to-end w2s-extract images/s on a synthetic JPEG folder against
+encoder-only forward passes on the same preprocessed tensors (same tiny random open_clip model).
+Also: HDF5 write time, and what float16 feature storage saves.
+Usage: python benchmarks/bench_extract.py [--images 1024] [--workers 2] [--batch 64] [--model ViT-B-32]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from _common import machine, register_tiny_clip, timed
+from extract import encoders, pipeline
+from extract.datasets import load_dataset
+from w2s_jax import store as st
+
+
+def make_folder(root: Path, n: int, classes: int = 10, size: int = 256) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        split = "train" if i % 4 == 0 else "test"
+        path = root / split / f"class_{i % classes}" / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path, quality=90)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=1024)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--model", default="", help="open_clip config with random weights (default: a tiny one)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    import open_clip
+
+    tmp = Path(tempfile.mkdtemp())
+    name = args.model or register_tiny_clip(image_size=96, vision_width=192, layers=4)
+    torch.manual_seed(0)
+    ckpt = tmp / "weights.pt"
+    torch.save(open_clip.create_model(name, pretrained=None).state_dict(), ckpt)
+    spec = f"{name}:{ckpt}"
+    make_folder(tmp / "images", args.images)
+    data = load_dataset("imagefolder", domain=None, root=str(tmp / "images"))
+    opts = pipeline.Options(device=args.device, batch_size=args.batch, num_workers=args.workers, log=lambda *a: None)
+
+    # end to end: decode + preprocess + encode + weak probe + text + HDF5 write
+    t = time.perf_counter()
+    out = pipeline.extract(data, spec, ["pixels@4"], tmp / "e2e.h5", opts)
+    e2e = args.images / (time.perf_counter() - t)
+
+    # encoder only, on the same images already decoded and preprocessed
+    enc = encoders.load_strong(spec, args.device)
+    x = torch.stack([enc.transform(data.load(i)) for s in ("train", "test") for i in data.splits[s][0]])
+    x = x.to(args.device)
+    use_amp = args.device.startswith("cuda")
+
+    def encode_all():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+            for batch in x.split(args.batch):
+                enc.encode_images(batch).float().cpu()
+
+    encode_all()
+    encoder_only = args.images / timed(encode_all, repeats=2)
+
+    # HDF5 write time and float16 storage
+    store = st.read_store(out)
+    half = dataclasses.replace(store, splits={s: dataclasses.replace(sp, features_NxD=sp.features_NxD.astype(np.float16))
+                                              for s, sp in store.splits.items()})
+    w32 = timed(lambda: st.write_store(tmp / "f32.h5", store), repeats=3)
+    w16 = timed(lambda: st.write_store(tmp / "f16.h5", half), repeats=3)
+    size32, size16 = (tmp / "f32.h5").stat().st_size, (tmp / "f16.h5").stat().st_size
+    err = np.abs(half.splits["test"].features_NxD.astype(np.float32) - store.splits["test"].features_NxD).max()
+
+    print(f"machine: {machine()}; device {args.device}; model {name} (random weights), {args.images} JPEGs 256px, "
+          f"batch {args.batch}, {args.workers} workers")
+    print(f"end-to-end w2s-extract: {e2e:.1f} img/s; encoder only: {encoder_only:.1f} img/s")
+    print(f"HDF5 write: float32 {w32 * 1e3:.1f} ms ({size32 / 1e6:.2f} MB), float16 {w16 * 1e3:.1f} ms "
+          f"({size16 / 1e6:.2f} MB, {size16 / size32:.2f}x size; max abs feature error {err:.2e})")
+    print(f"pipeline efficiency (end-to-end / encoder-only): {e2e / encoder_only:.2f}")
+
+
+if __name__ == "__main__":
+    main()
