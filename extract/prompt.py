@@ -161,15 +161,16 @@ def fit_prompts(method: str, make_module: Callable, feats_NxD, weak_NxK, labels_
     def logits_for(text_KxD, rows):
         return hp.logit_scale * feats[rows] @ F.normalize(text_KxD.float(), dim=1).T
 
-    history = {"train_loss": [], "val_loss": [], "val_score": [], "test_acc": []}
+    history = {"train_loss": [], "train_acc": [], "val_loss": [], "val_score": [], "test_acc": []}
     best = (-1.0, 0, None)
     for epoch in range(cfg.epochs):
         order = train_idx[torch.randperm(len(train_idx), generator=gen).to(dev)]
-        running = 0.0
+        running, hits = 0.0, 0
         for b, rows in enumerate(order.split(cfg.batch_size)):
             text = module()  # the text tower once per step, over all K prompts
             logits = logits_for(text, rows)
             loss = loss_fn(logits, targets[rows], progress=(epoch * steps + b) / total, hp=hp).mean()
+            hits += int((logits.argmax(1) == targets[rows].argmax(1)).sum())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -181,7 +182,8 @@ def fit_prompts(method: str, make_module: Callable, feats_NxD, weak_NxK, labels_
             val_score = float((val_logits.argmax(1) == targets[val_idx].argmax(1)).float().mean())
             val_loss = float(loss_fn(val_logits, targets[val_idx], progress=(epoch + 1) / cfg.epochs, hp=hp).mean())
             test_acc = float((logits_for(text, test_idx).argmax(1) == labels[test_idx]).float().mean())
-        for key, value in zip(history, (running / len(train_idx), val_loss, val_score, test_acc)):
+        n_train = len(train_idx)
+        for key, value in zip(history, (running / n_train, hits / n_train, val_loss, val_score, test_acc)):
             history[key].append(value)
         if val_score > best[0]:
             best = (val_score, epoch + 1, [p.detach().clone() for p in params])

@@ -34,7 +34,8 @@ class FitData(NamedTuple):
 
 class FitOutput(NamedTuple):
     params: dict  # best-epoch head parameters
-    history: dict  # per-epoch curves, each (E,): train_loss, val_loss, val_score, test_acc
+    history: dict  # per-epoch curves, each (E,): train_loss, train_acc (vs. the training target, during the
+    #                epoch), val_loss, val_score, test_acc
     best_epoch: jax.Array  # 1-based epoch whose parameters were kept
 
 
@@ -77,15 +78,17 @@ def make_fit(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig):
 
         def batch_loss(params, rows_B, mask_B, progress):
             logits_BxK = head.apply(params, data.feats_NxD[rows_B], hp)
-            per_example_B = loss_fn(logits_BxK, targets_NxK[rows_B], progress=progress, hp=hp)
-            return jnp.sum(per_example_B * mask_B) / jnp.sum(mask_B)
+            target_BxK = targets_NxK[rows_B]
+            per_example_B = loss_fn(logits_BxK, target_BxK, progress=progress, hp=hp)
+            hits = jnp.sum((jnp.argmax(logits_BxK, 1) == jnp.argmax(target_BxK, 1)) * mask_B)
+            return jnp.sum(per_example_B * mask_B) / jnp.sum(mask_B), hits
 
         def train_step(carry, xs):
             params, opt_state = carry
             step, rows_B, mask_B = xs
-            loss, grads = jax.value_and_grad(batch_loss)(params, rows_B, mask_B, step / total)
+            (loss, hits), grads = jax.value_and_grad(batch_loss, has_aux=True)(params, rows_B, mask_B, step / total)
             updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss * jnp.sum(mask_B)
+            return (optax.apply_updates(params, updates), opt_state), (loss * jnp.sum(mask_B), hits)
 
         def train_epoch(carry, epoch):
             params, opt_state, best = carry
@@ -95,7 +98,8 @@ def make_fit(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig):
             rows_TxB = split.hold_train[perm].reshape(steps, batch)
             mask_TxB = (jnp.arange(steps * batch) < n_train).reshape(steps, batch).astype(jnp.float32)
             step_ids = epoch * steps + jnp.arange(steps)
-            (params, opt_state), losses = jax.lax.scan(train_step, (params, opt_state), (step_ids, rows_TxB, mask_TxB))
+            (params, opt_state), (losses, hits) = jax.lax.scan(
+                train_step, (params, opt_state), (step_ids, rows_TxB, mask_TxB))
             # --- end of epoch: hold_val picks the best epoch; test' accuracy is kept for curves only
             val_logits = head.apply(params, data.feats_NxD[split.hold_val], hp)
             val_targets = targets_NxK[split.hold_val]
@@ -106,8 +110,8 @@ def make_fit(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig):
             better = val_score > best["score"]
             candidate = {"params": params, "score": val_score, "epoch": epoch + 1}
             best = jax.tree.map(lambda new, old: jnp.where(better, new, old), candidate, best)
-            history = {"train_loss": jnp.sum(losses) / n_train, "val_loss": val_loss,
-                       "val_score": val_score, "test_acc": test_acc}
+            history = {"train_loss": jnp.sum(losses) / n_train, "train_acc": jnp.sum(hits) / n_train,
+                       "val_loss": val_loss, "val_score": val_score, "test_acc": test_acc}
             return (params, opt_state, best), history
 
         best = {"params": params, "score": jnp.float32(-1.0), "epoch": jnp.int32(0)}

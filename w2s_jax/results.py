@@ -17,7 +17,7 @@ import numpy as np
 from w2s_jax.methods import METHODS
 from w2s_jax.metrics import pgr
 
-HISTORY_FIELDS = ("train_loss", "val_loss", "val_score", "test_acc")
+HISTORY_FIELDS = ("train_loss", "train_acc", "val_loss", "val_score", "test_acc")
 
 
 def summarize(evals: dict, best_epochs: dict, hps, weak_acc, zero_shot) -> dict:
@@ -132,16 +132,20 @@ def _mean_std(values) -> str:
     return f"{v.mean():.2f} ± {v.std():.2f}"
 
 
+def method_order(names) -> list[str]:
+    """The paper's row order: W2S baselines (registry order), then CPL, then the ceilings."""
+    present = [m for m in METHODS if m in names]
+    return ([m for m in present if METHODS[m].target == "weak" and m != "cpl"] + [m for m in present if m == "cpl"]
+            + [m for m in present if METHODS[m].target == "truth"])
+
+
 def table_rows(summary: dict) -> list[tuple[str, str, str, str]]:
     """(row, test' acc, PGR, agreement), ordered as the paper: weak, zero-shot, baselines, CPL, ceilings."""
     rows = [("weak", _mean_std(summary["weak"]["test_acc"]), "", "100.00")]
     if summary["zero_shot"]:
         zs = summary["zero_shot"]
         rows.append(("zero-shot", _mean_std(zs["test_acc"]), "", _mean_std(zs["agreement"])))
-    order = [m for m in METHODS if m in summary["methods"]]
-    order = [m for m in order if METHODS[m].target == "weak" and m != "cpl"] + \
-            [m for m in order if m == "cpl"] + [m for m in order if METHODS[m].target == "truth"]
-    for name in order:
+    for name in method_order(summary["methods"]):
         m = summary["methods"][name]
         p = summary["pgr"].get(name, {}).get("of_means")
         rows.append((name, _mean_std(m["test_acc"]), "" if p is None or np.isnan(p) else f"{p:.3f}",

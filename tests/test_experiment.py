@@ -1,0 +1,72 @@
+"""w2s-run: an experiment file runs end to end, skips finished work, resumes after a crash, rejects bad files."""
+import pytest
+from click.testing import CliRunner
+
+from extract import experiment
+from w2s_jax import run as runlib
+
+TOML = """
+out = "{out}"
+strong = "efficientnet-lite0@32"
+[[data]]
+dataset = "demo"
+domains = ["mnist"]
+limit = 120
+weak = ["pixels@2", "pixels@3"]
+[fit]
+methods = ["cpl", "kd+lp", "ceiling+proto"]
+seeds = 2
+epochs = 2
+batch_size = 32
+[extract]
+num_workers = 0
+batch_size = 64
+"""
+
+
+def write(tmp_path, text, name="exp.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_runs_skips_and_resumes(tmp_path, monkeypatch):
+    path = write(tmp_path, TOML.format(out=tmp_path / "out"))
+    calls = []
+    real_run = runlib.run
+
+    def crashing_run(cfg, out_dir):
+        calls.append(cfg.weak)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real_run(cfg, out_dir)
+
+    monkeypatch.setattr(runlib, "run", crashing_run)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
+    assert calls == ["pixels@2", "pixels@3"]
+    # rerun: only the crashed fit is redone, then the report is written
+    monkeypatch.setattr(runlib, "run", lambda cfg, out: (calls.append(cfg.weak), real_run(cfg, out))[1])
+    report = experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
+    assert calls == ["pixels@2", "pixels@3", "pixels@3"]
+    assert (report / "table2-pixels@2.md").exists() and (report / "table3-demo-mnist.md").exists()
+    assert (report / "curves-demo-mnist-pixels@3.png").exists()
+    # nothing left to do; an edit (more epochs) redoes only the fits
+    experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
+    assert len(calls) == 3
+    write(tmp_path, TOML.format(out=tmp_path / "out").replace("epochs = 2", "epochs = 3"))
+    experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
+    assert len(calls) == 5
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("seeds = 2", "seeds = 2\nlearning_rate = 3"), "unknown key(s) ['learning_rate'] in [fit]"),
+    (lambda t: t.replace('"cpl", ', '"cpl", "magic", '), "unknown method(s) ['magic']"),
+    (lambda t: t.replace('dataset = "demo"', 'dataset = "domainnet"\nroot = "/nowhere"'), "/nowhere does not exist"),
+    (lambda t: t + "\n[fit.grid]\nbogus = [1, 2]\n", "unknown hyperparameter(s) ['bogus']"),
+    (lambda t: "typo = 1\n" + t, "unknown key(s) ['typo'] in the top level"),
+])
+def test_bad_experiment_files(tmp_path, edit, message):
+    path = write(tmp_path, edit(TOML.format(out=tmp_path / "out")))
+    r = CliRunner().invoke(experiment.main, [str(path)])
+    assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output

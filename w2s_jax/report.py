@@ -1,0 +1,282 @@
+"""``w2s-report``: the paper's tables and figures from results folders only (never retrains).
+
+- Table 2 analogue: methods x domains (mean ± std, Avg., Δ = CPL minus the best baseline), per weak model.
+- Table 3 analogue: methods x weak models, per domain with several weak models.
+- Table 4 analogue: learning C (``cpl``) vs tuning the text encoder (``cpl+textenc``).
+- PGR per method and domain (table and heat map); Figure 2 analogue: training curves with weak and
+  ceiling lines. Every table is written as markdown, CSV and LaTeX (booktabs).
+- ``--paper``: our DomainNet numbers beside the paper's published Table 2.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from w2s_jax import paper_numbers, results
+from w2s_jax.methods import METHODS
+
+
+@dataclasses.dataclass
+class Group:
+    """All results of one (dataset, domain, weak model), merged across w2s-fit and w2s-tp folders."""
+
+    dataset: str
+    domain: str
+    weak: str
+    summary: dict
+    histories: dict  # method -> {field: S x H x E}
+
+
+@dataclasses.dataclass
+class Table:
+    name: str  # file stem
+    title: str
+    header: list
+    rows: list  # lists of str
+
+
+def discover(roots) -> list[Group]:
+    """Every results folder (a folder with metrics.json) under ``roots``, grouped and merged."""
+    found = {}
+    for root in map(Path, roots):
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist; pass results folders written by w2s-fit or w2s-tp")
+        for metrics in sorted(root.rglob("metrics.json")):
+            folder = metrics.parent
+            prov = json.loads((folder / "provenance.json").read_text())
+            weak = json.loads((folder / "config.json").read_text())["weak"]
+            found.setdefault((prov["dataset"], prov["domain"], weak), []).append(folder)
+    if not found:
+        raise FileNotFoundError(f"no results folders (metrics.json) under {', '.join(map(str, roots))}")
+    groups = []
+    for (dataset, domain, weak), folders in sorted(found.items()):
+        summary = results.merge([results.load_summary(f) for f in folders])
+        histories = {}
+        for f in folders:
+            with np.load(f / "history.npz") as z:
+                for key in z.files:
+                    method, field = key.split("/")
+                    histories.setdefault(method, {})[field] = z[key]
+        groups.append(Group(dataset, domain, weak, summary, histories))
+    return groups
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def _acc(values) -> float:
+    return 100 * float(np.mean(values))
+
+
+def _cell(values) -> str:
+    v = 100 * np.asarray(values, np.float64)
+    return f"{v.mean():.2f} ± {v.std():.2f}"
+
+
+def _row_values(summary: dict) -> dict:
+    """Row name -> per-seed test' accuracies: weak, zero-shot, every method, ceiling."""
+    rows = {"weak": summary["weak"]["test_acc"]}
+    if summary["zero_shot"]:
+        rows["zero-shot"] = summary["zero_shot"]["test_acc"]
+    rows.update({m: summary["methods"][m]["test_acc"] for m in results.method_order(summary["methods"])})
+    if summary["ceiling"]:
+        rows["ceiling"] = summary["ceiling"]["test_acc"]
+    return rows
+
+
+def _delta(summary: dict) -> float | None:
+    """CPL minus the best baseline (weak-supervised, non-CPL method), in points."""
+    methods = summary["methods"]
+    baselines = [m for m in methods if METHODS[m].target == "weak" and m != "cpl"]
+    if "cpl" not in methods or not baselines:
+        return None
+    return _acc(methods["cpl"]["test_acc"]) - max(_acc(methods[m]["test_acc"]) for m in baselines)
+
+
+def table2(groups: list[Group], weak: str) -> Table:
+    cols = [g for g in groups if g.weak == weak]
+    per_col = [_row_values(g.summary) for g in cols]
+    names = [r for r in ("weak", "zero-shot") if any(r in c for c in per_col)]
+    names += results.method_order({m for c in per_col for m in c}) + (["ceiling"] if any("ceiling" in c for c in per_col) else [])
+    rows = []
+    for name in names:
+        cells = [_cell(c[name]) if name in c else "" for c in per_col]
+        avg = f"{np.mean([_acc(c[name]) for c in per_col]):.2f}" if all(name in c for c in per_col) else ""
+        rows.append([name, *cells, avg])
+    deltas = [_delta(g.summary) for g in cols]
+    if any(d is not None for d in deltas):
+        shown = [f"{d:+.2f}" if d is not None else "" for d in deltas]
+        avg = f"{np.mean(deltas):+.2f}" if all(d is not None for d in deltas) else ""
+        rows.append(["Δ (cpl − best baseline)", *shown, avg])
+    return Table(f"table2-{weak}", f"Table 2 analogue: test' accuracy (%) by domain, weak model {weak}",
+                 ["method", *[f"{g.dataset}/{g.domain}" for g in cols], "Avg."], rows)
+
+
+def table3(groups: list[Group], dataset: str, domain: str) -> Table:
+    cols = [g for g in groups if (g.dataset, g.domain) == (dataset, domain)]
+    per_col = [_row_values(g.summary) for g in cols]
+    names = ["weak"] + results.method_order({m for c in per_col for m in c}) + ["ceiling"]
+    rows = [[n, *[_cell(c[n]) if n in c else "" for c in per_col]] for n in names if any(n in c for c in per_col)]
+    return Table(f"table3-{dataset}-{domain}", f"Table 3 analogue: test' accuracy (%) by weak model, {dataset}/{domain}",
+                 ["method", *[g.weak for g in cols]], rows)
+
+
+def table4(groups: list[Group]) -> Table | None:
+    rows = [[f"{g.dataset}/{g.domain}", g.weak, _cell(g.summary["methods"]["cpl"]["test_acc"]),
+             _cell(g.summary["methods"]["cpl+textenc"]["test_acc"])]
+            for g in groups if {"cpl", "cpl+textenc"} <= set(g.summary["methods"])]
+    if not rows:
+        return None
+    return Table("table4", "Table 4 analogue: learning prototypes C vs tuning the text encoder (CPL loss)",
+                 ["domain", "weak", "learn C (cpl)", "tune text encoder (cpl+textenc)"], rows)
+
+
+def pgr_table(groups: list[Group]) -> Table:
+    methods = results.method_order({m for g in groups for m in g.summary["pgr"]})
+    rows = []
+    for m in methods:
+        values = [g.summary["pgr"].get(m, {}).get("of_means") for g in groups]
+        rows.append([m, *["" if v is None or np.isnan(v) else f"{v:.3f}" for v in values]])
+    return Table("pgr", "PGR = (w2s − weak) / (ceiling − weak), from means over seeds",
+                 ["method", *[f"{g.dataset}/{g.domain}/{g.weak}" for g in groups]], rows)
+
+
+def paper_table(groups: list[Group]) -> Table | None:
+    """Our DomainNet weak / ceiling / CPL beside the paper's Table 2 (ours, paper, difference)."""
+    dn = {g.domain: g for g in groups if g.dataset == "domainnet"}
+    if not dn:
+        return None
+    rows = []
+    for name, ours_of in (("weak", lambda s: s["weak"]["test_acc"]),
+                          ("ceiling", lambda s: (s["ceiling"] or {}).get("test_acc")),
+                          ("cpl", lambda s: s["methods"].get("cpl", {}).get("test_acc"))):
+        for domain in paper_numbers.DOMAINS:
+            if domain not in dn:
+                continue
+            ours = ours_of(dn[domain].summary)
+            paper = paper_numbers.TABLE2[name].get(domain)
+            if ours is None or paper is None:
+                continue
+            rows.append([name, domain, f"{_acc(ours):.2f}", f"{paper:.2f}", f"{_acc(ours) - paper:+.2f}"])
+    return Table("paper-table2", "Ours vs the paper's Table 2 (DomainNet; paper numbers from paper_numbers.py)",
+                 ["row", "domain", "ours", "paper", "ours − paper"], rows)
+
+
+def to_markdown(t: Table) -> str:
+    lines = [f"**{t.title}**", "", "| " + " | ".join(t.header) + " |", "|" + "---|" * len(t.header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in t.rows])
+
+
+def to_csv(t: Table) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerows([t.header, *t.rows])
+    return buf.getvalue()
+
+
+def to_latex(t: Table) -> str:
+    def esc(x):
+        return str(x).replace("±", r"$\pm$").replace("_", r"\_").replace("&", r"\&").replace("Δ", r"$\Delta$") \
+            .replace("−", "--").replace("%", r"\%")
+
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{esc(t.title)}}}",
+             r"\begin{tabular}{l" + "c" * (len(t.header) - 1) + "}", r"\toprule",
+             " & ".join(map(esc, t.header)) + r" \\", r"\midrule"]
+    lines += [" & ".join(map(esc, r)) + r" \\" for r in t.rows]
+    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}", r"\end{table}"]) + "\n"
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def plot_curves(g: Group, methods, path: Path) -> Path:
+    """Figure 2 analogue: train (vs. its target) and test' accuracy per epoch, weak and ceiling lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for color, m in zip(colors, [m for m in methods if m in g.histories]):
+        h = g.summary["methods"][m]["grid_index"]
+        for field, style, label in (("train_acc", "--", "train (vs its target)"), ("test_acc", "-", "test'")):
+            curve = 100 * np.asarray(g.histories[m][field])[:, h].mean(axis=0)
+            epochs = np.arange(1, len(curve) + 1)
+            ax.plot(epochs, curve, style, color=color, marker="o", ms=3, label=f"{m} {label}")
+    ax.axhline(_acc(g.summary["weak"]["test_acc"]), color="gray", ls=":", label="weak")
+    if g.summary["ceiling"]:
+        ax.axhline(_acc(g.summary["ceiling"]["test_acc"]), color="black", ls="-.", label="ceiling")
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{g.dataset}/{g.domain}, weak {g.weak}")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_pgr(t: Table, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = np.array([[float(c) if c else np.nan for c in r[1:]] for r in t.rows])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * values.shape[1], 0.9 + 0.35 * values.shape[0]), dpi=120)
+    im = ax.imshow(values, cmap="RdYlGn", vmin=-1, vmax=1, aspect="auto")
+    ax.set_xticks(range(values.shape[1]), t.header[1:], rotation=30, ha="right", fontsize=7)
+    ax.set_yticks(range(values.shape[0]), [r[0] for r in t.rows], fontsize=8)
+    for (i, j), v in np.ndenumerate(values):
+        if not np.isnan(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label="PGR")
+    ax.set_title("PGR by method and domain", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=False) -> tuple[list[Table], list[Path]]:
+    groups = discover(roots)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = [table2(groups, w) for w in sorted({g.weak for g in groups})]
+    for dataset, domain in sorted({(g.dataset, g.domain) for g in groups}):
+        if sum((g.dataset, g.domain) == (dataset, domain) for g in groups) > 1:
+            tables.append(table3(groups, dataset, domain))
+    pgr = pgr_table(groups)
+    tables += [t for t in (table4(groups), pgr, paper_table(groups) if paper else None) if t is not None]
+    for t in tables:
+        (out / f"{t.name}.md").write_text(to_markdown(t) + "\n")
+        (out / f"{t.name}.csv").write_text(to_csv(t))
+        (out / f"{t.name}.tex").write_text(to_latex(t))
+    figures = [plot_curves(g, curves, out / f"curves-{g.dataset}-{g.domain}-{g.weak}.png") for g in groups]
+    if pgr.rows:
+        figures.append(plot_pgr(pgr, out / "pgr.png"))
+    return tables, figures
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("results_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(), default="report", show_default=True)
+@click.option("--curves", default="cpl,kd+lp,kd+tp", show_default=True, help="Methods drawn in the training curves.")
+@click.option("--paper", is_flag=True, help="Also compare our DomainNet numbers with the paper's Table 2.")
+def main(results_dirs, out, curves, paper):
+    """Tables (markdown, CSV, LaTeX) and figures (PNG) from w2s-fit / w2s-tp results folders."""
+    try:
+        tables, figures = write_report(results_dirs, out, curves=tuple(curves.split(",")), paper=paper)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise click.ClickException(str(err)) from None
+    for t in tables:
+        click.echo(to_markdown(t) + "\n")
+    click.echo(f"wrote {len(tables)} tables (.md .csv .tex) and {len(figures)} figures to {out}")
