@@ -103,7 +103,8 @@ def _once(folder: Path, work, log) -> bool:
 
 
 def run_experiment(exp: dict, *, log=print) -> Path:
-    from w2s_jax.report import write_report
+    """Run everything ``exp`` asks for that is not done yet; returns the report folder."""
+    from w2s_jax.report import to_markdown, write_report
     from w2s_jax.run import run
     from w2s_jax.store import read_store
 
@@ -134,8 +135,10 @@ def run_experiment(exp: dict, *, log=print) -> Path:
                     _run_tp(tp, store_path, strong, weak, store_id, where, opts.device, log)
     report = out / "report"
     rep = exp.get("report", {})
-    write_report([out / "results"], report, curves=tuple(rep.get("curves", ("cpl", "kd+lp", "kd+tp"))),
-                 paper=rep.get("paper", False))
+    tables, _ = write_report([out / "results"], report, curves=tuple(rep.get("curves", ("cpl", "kd+lp", "kd+tp"))),
+                             paper=rep.get("paper", False))
+    for table in tables:
+        log(to_markdown(table) + "\n")
     return report
 
 

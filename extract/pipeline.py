@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -76,9 +77,11 @@ def collate(items):
 
 def image_loader(ids, load, transforms, batches, opts: Options):
     """DataLoader over ``batches`` (lists of row indices); workers decode while the model computes."""
+    # forking a process that already runs JAX's threads can deadlock (w2s-run extracts after fitting)
+    context = "spawn" if opts.num_workers and "jax" in sys.modules else None
     return torch.utils.data.DataLoader(
         ImageDataset(ids, load, transforms), batch_sampler=batches, collate_fn=collate,
-        num_workers=opts.num_workers, pin_memory=opts.device.startswith("cuda"),
+        num_workers=opts.num_workers, pin_memory=opts.device.startswith("cuda"), multiprocessing_context=context,
     )
 
 
