@@ -41,11 +41,13 @@ def _parse_grid(items) -> tuple:
 @click.option("--grid", multiple=True, help="Sweep a hyperparameter: FIELD=V1,V2 (repeatable; cartesian product).")
 @click.option("--vmap/--no-vmap", default=True, show_default=True, help="One compiled call for the grid, or one per model.")
 @click.option("--out", type=click.Path(), default=None, help="Results folder. [default: results/STORE-WEAK]")
+@click.option("--distributed", is_flag=True,
+              help="Multi-host: call jax.distributed.initialize() first (SLURM is auto-detected; see README).")
 @click.option("--list-methods", is_flag=True, help="List the methods and exit.")
 @click.option("--show", type=click.Path(), multiple=True,
               help="Print the table of existing results folder(s) and exit; several are merged into one table.")
 def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, alpha_max, tau_a, grid,
-         vmap, out, list_methods, show):
+         vmap, out, distributed, list_methods, show):
     """Fit CPL and linear-probe heads with CE, KD, AuxConf, AdaptConf (+ ceilings) for every seed."""
     from w2s_jax import results
 
@@ -64,6 +66,11 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
         raise click.UsageError("--store is required (a store written by w2s-extract)")
 
     from w2s_jax.run import GridTooLargeError, run
+
+    if distributed:
+        from w2s_jax.sharding import initialize_distributed
+
+        initialize_distributed()
     from w2s_jax.store import StoreError, read_store
 
     try:

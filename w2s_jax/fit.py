@@ -17,6 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax.sharding import PartitionSpec as P
+
+from w2s_jax import sharding
 from w2s_jax.config import FitConfig, Hparams
 from w2s_jax.heads import Head, l2_normalize, make_head
 from w2s_jax.losses import get_loss
@@ -121,12 +124,6 @@ def make_fit(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig):
     return fit
 
 
-def over_grid(fn):
-    """vmap ``fn(key, hp, data, split)`` over seeds (key, split) and hparams (hp): outputs ``S x H x ...``."""
-    over_hparams = jax.vmap(fn, in_axes=(None, 0, None, None))
-    return jax.vmap(over_hparams, in_axes=(0, None, None, 0))
-
-
 def seed_keys(root_seed: int, num_seeds: int):
     """Key of seed s: ``jax.random.split(jax.random.key(root_seed), S)[s]``."""
     return jax.random.split(jax.random.key(root_seed), num_seeds)
@@ -135,21 +132,33 @@ def seed_keys(root_seed: int, num_seeds: int):
 def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, num_classes: int):
     """Fit every method of ``cfg`` for every seed x hparam; returns ({method: FitOutput}, timings).
 
-    With ``cfg.vmap`` all methods, seeds and hparams are one jit-compiled program; without it,
-    the same ``fit`` is compiled per method and called model by model, then stacked ``S x H``.
+    With ``cfg.vmap`` all methods, seeds and hparams are one jit-compiled program whose model axis
+    is sharded over every device (:mod:`w2s_jax.sharding`); without it, the same ``fit`` is compiled
+    per method and called model by model on one device. Outputs are stacked ``S x H``.
     """
     keys = seed_keys(cfg.root_seed, cfg.seeds)
-    hps = jax.tree.map(jnp.asarray, cfg.grid_hparams())
-    splits = jax.tree.map(jnp.asarray, splits)
+    hps = cfg.grid_hparams()
     fits = {m: make_fit(METHODS[m], num_classes, text_TxKxD, cfg) for m in cfg.methods}
     t0 = time.perf_counter()
     if cfg.vmap:
-        program = jax.jit(lambda keys, hps, data, splits: {m: over_grid(f)(keys, hps, data, splits)
-                                                            for m, f in fits.items()})
-        compiled = program.lower(keys, hps, data, splits).compile()
+        # one program: every method, vmapped over M = S*H models sharded across all devices
+        num_h = len(hps.lr)
+        mesh = sharding.model_mesh()
+        per_model = sharding.pad_models(sharding.flatten_grid(jax.random.key_data(keys), hps, splits), mesh.size)
+        key_data_M, hps_M, splits_M = sharding.place(per_model, mesh, P("models"))
+        shared = sharding.place(data, mesh, P())
+
+        def program(key_data_M, hps_M, data, splits_M):
+            return {m: jax.vmap(lambda kd, hp, sp: f(jax.random.wrap_key_data(kd), hp, data, sp))(
+                key_data_M, hps_M, splits_M) for m, f in fits.items()}
+
+        compiled = jax.jit(program).lower(key_data_M, hps_M, shared, splits_M).compile()
         t1 = time.perf_counter()
-        outputs = jax.block_until_ready(compiled(keys, hps, data, splits))
+        outputs = jax.block_until_ready(compiled(key_data_M, hps_M, shared, splits_M))
+        outputs = sharding.unflatten(sharding.to_host(outputs), cfg.seeds, num_h)
     else:
+        hps = jax.tree.map(jnp.asarray, hps)
+        splits = jax.tree.map(jnp.asarray, splits)
         compiled = {m: jax.jit(f) for m, f in fits.items()}
         outputs = {}
         num_h = hps.lr.shape[0]
@@ -167,13 +176,13 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
 
 
 def estimate_bytes(cfg: FitConfig, n: int, d: int, k: int) -> int:
-    """Rough device memory of the vmapped fit: shared data + per model (params, Adam, grads, best,
+    """Rough memory per device of the vmapped fit: shared data + per model on that device (params, Adam, grads, best,
     one minibatch's activations, and the hold_val/test' logits of the end-of-epoch evaluation)."""
     num_models = cfg.seeds * int(np.prod([len(v) for _, v in cfg.grid] or [1]))
     params = k * d + k
     per_model = 6 * params + 4 * cfg.batch_size * (d + k) + 2 * n * k // 5 + n
     data = n * (d + k + 1)
-    models = num_models * len(cfg.methods) if cfg.vmap else 1
+    models = math.ceil(num_models / jax.device_count()) * len(cfg.methods) if cfg.vmap else 1  # per device
     return 4 * (data + models * per_model)
 
 
