@@ -1,6 +1,7 @@
 """``w2s-extract``: dataset -> one HDF5 feature store. ``w2s-extract download``: fetch DomainNet."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -41,11 +42,14 @@ def default_device() -> str:
               help="Unreadable images: stop and list them, or skip them (their ids are recorded in the store).")
 @click.option("--weak-epochs", default=3, show_default=True, help="Weak fine-tuning epochs (paper: 3).")
 @click.option("--limit", type=int, default=None, help="Use only the first N samples of each split (quick tries).")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Run only shard I of N of the feature pass (scheduler array jobs); then rerun without --shard "
+                   "to merge. Under torchrun the ranks shard and merge by themselves.")
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Dtype of the stored strong features (w2s-fit computes in float32 either way).")
 @click.pass_context
 def main(ctx, dataset, domain, root, strong, weak, out, templates, device, batch_size, num_workers, on_corrupt,
-         weak_epochs, limit, feature_dtype):
+         weak_epochs, limit, shard, feature_dtype):
     """Extract strong features, text embeddings and weak logits into one feature store.
 
     Rerun the same command to resume an interrupted extraction. Run it again on an existing
@@ -60,14 +64,63 @@ def main(ctx, dataset, domain, root, strong, weak, out, templates, device, batch
     weak = list(weak) or (["pixels"] if is_demo else ["resnet18"])
     opts = Options(device=device or default_device(), batch_size=batch_size, num_workers=num_workers,
                    on_corrupt=on_corrupt, weak_epochs=weak_epochs, feature_dtype=feature_dtype,
-                   log=click.echo)
+                   shard=_parse_shard(shard), log=click.echo)
     try:
         data = datasets.load_dataset(dataset, domain=domain, root=root).limited(limit)
         out = Path(out or f"stores/{dataset}-{data.domain}{f'-limit{limit}' if limit else ''}.h5")
-        path = pipeline.extract(data, strong, weak, out, opts, templates or encoders.DEFAULT_TEMPLATES)
+        templates = templates or encoders.DEFAULT_TEMPLATES
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            path = _extract_distributed(data, strong, weak, out, opts, templates)
+        else:
+            path = pipeline.extract(data, strong, weak, out, opts, templates)
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from None
-    click.echo(f"wrote {path}")
+    if path is not None:
+        click.echo(f"wrote {path}")
+
+
+def _parse_shard(text):
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    if not (sep and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise click.BadParameter(f"{text!r}: expected I/N with 0 <= I < N, e.g. 0/4", param_hint="--shard")
+    return int(i), int(n)
+
+
+def _extract_distributed(data, strong, weak, out, opts, templates):
+    """Under torchrun: each rank runs its shard of the feature pass on its own device; rank 0 merges."""
+    import dataclasses
+
+    import torch
+    import torch.distributed as dist
+
+    from extract import pipeline
+
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else opts.device
+    failure = None
+    try:
+        if not out.exists():  # adding weak models to an existing store is rank 0's job alone (below)
+            pipeline.extract(data, strong, weak, out, dataclasses.replace(opts, shard=(rank, world), device=device),
+                             templates)
+    except USER_ERRORS as err:
+        failure = err
+    failed = torch.tensor([failure is not None], dtype=torch.int32, device=device if cuda else "cpu")
+    dist.all_reduce(failed)  # every rank learns whether any shard failed, so none waits forever
+    try:
+        if failure is not None:
+            raise failure
+        if failed.item():
+            raise click.ClickException("another rank failed (see its message); finished shards are kept, rerun to resume")
+        path = pipeline.extract(data, strong, weak, out, dataclasses.replace(opts, device=device), templates) \
+            if rank == 0 else None
+        dist.barrier()
+        return path
+    finally:
+        dist.destroy_process_group()
 
 
 @main.command()

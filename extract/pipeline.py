@@ -44,6 +44,7 @@ class Options:
     weak_batch_size: int = 512  # fine-tuning batch (paper: 512)
     weak_lr: float = 1e-3  # fine-tuning peak lr (paper: 1e-3, warmup 0.1)
     feature_dtype: str = "float32"  # stored strong features: "float32", or "float16" (half the disk)
+    shard: tuple | None = None  # (i, n): run only batches b with b % n == i of the feature pass, write no store
     log: Callable = print
 
 
@@ -94,13 +95,14 @@ def run_pass(ids, load, heads: dict, parts: Path, opts: Options, desc: str) -> t
     parts.mkdir(parents=True, exist_ok=True)
     n, bs = len(ids), opts.batch_size
     batches = [list(range(b * bs, min(n, (b + 1) * bs))) for b in range(math.ceil(n / bs))]
-    todo = [b for b in range(len(batches)) if not (parts / f"{b:06d}.npz").exists()]
+    mine = range(len(batches)) if opts.shard is None else range(opts.shard[0], len(batches), opts.shard[1])
+    todo = [b for b in mine if not (parts / f"{b:06d}.npz").exists()]
     names = list(heads)
     loader = image_loader(ids, load, [heads[h][0] for h in names], [batches[b] for b in todo], opts)
     use_amp = opts.device.startswith("cuda")
     bad_now = []
-    done = n - sum(len(batches[b]) for b in todo)
-    with tqdm(total=n, initial=done, desc=desc, unit="img", dynamic_ncols=True, disable=None) as bar:
+    total = sum(len(batches[b]) for b in mine)
+    with tqdm(total=total, initial=total - sum(len(batches[b]) for b in todo), desc=desc, unit="img", dynamic_ncols=True, disable=None) as bar:
         for b, (index, inputs, bad) in zip(todo, loader):
             outputs = {}
             if len(index):
@@ -119,6 +121,8 @@ def run_pass(ids, load, heads: dict, parts: Path, opts: Options, desc: str) -> t
             f"Fix or remove them, or rerun with --on-corrupt skip to leave them out (their ids are recorded). "
             f"Work done so far is kept."
         )
+    if opts.shard is not None:
+        return {}, np.zeros(0, np.int64), []
     return _gather(parts, len(batches), names)
 
 
@@ -236,8 +240,12 @@ def provenance_for(dataset: Dataset, encoder_id: str, preprocessing: str, templa
 
 
 def extract(dataset: Dataset, strong_spec: str, weak_specs: list[str], out, opts: Options,
-            templates=encoders.DEFAULT_TEMPLATES) -> Path:
-    """Write (or extend with new weak models) the store at ``out``; returns its path."""
+            templates=encoders.DEFAULT_TEMPLATES) -> Path | None:
+    """Write (or extend with new weak models) the store at ``out``; returns its path.
+
+    With ``opts.shard`` only that shard's share of the feature pass runs and None is returned;
+    a later run without a shard finds every finished batch and merges them into the store.
+    """
     out = Path(out)
     specs = [weak.parse_weak(w) for w in weak_specs]
     if out.exists():
@@ -261,9 +269,15 @@ def extract(dataset: Dataset, strong_spec: str, weak_specs: list[str], out, opts
     results, rows, skipped = {}, {}, []
     for split, (ids, labels) in dataset.splits.items():
         outputs, kept, bad = run_pass(ids, dataset.load, heads, pass_dir / split, opts, f"{dataset.domain} {split}")
+        if opts.shard is not None:
+            continue
         results[split] = outputs
         rows[split] = (tuple(ids[i] for i in kept), labels[kept])
         skipped += [ids[i] for i in bad]
+    if opts.shard is not None:
+        opts.log(f"shard {opts.shard[0]}/{opts.shard[1]} done; when every shard is done, rerun the same command "
+                 f"without --shard to merge them into {out}")
+        return None
     if skipped:
         opts.log(f"skipped {len(skipped)} unreadable image(s) (--on-corrupt skip): {', '.join(skipped[:10])}")
 
@@ -295,7 +309,9 @@ def _check_or_write_meta(parts: Path, want: st.Provenance) -> None:
             )
         return
     parts.mkdir(parents=True, exist_ok=True)
-    meta.write_text(want.to_json())
+    tmp = meta.with_name(f"meta.json.{os.getpid()}")  # shards may start at once: write, then rename
+    tmp.write_text(want.to_json())
+    os.replace(tmp, meta)
 
 
 def _add_weak_models(dataset: Dataset, strong_spec, specs, out: Path, opts: Options) -> Path:

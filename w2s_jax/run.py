@@ -57,6 +57,7 @@ def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_d
     summary = results.summarize(evals, best_epochs, cfg.grid_hparams(), metrics.weak_accuracy(data, jsplits), zero_shot)
     provenance = {**dataclasses.asdict(store.provenance), "weak_model": store.weak_info[cfg.weak]}
     timings = {**timings, "backend": jax.default_backend(), "devices": [str(x) for x in jax.devices()]}
-    out = results.write_results(out_dir, config=cfg, provenance=provenance, splits=splits, summary=summary,
-                                histories=histories, timings=timings)
-    return summary, out
+    if jax.process_index() == 0:  # on several hosts, every process holds the results; one writes them
+        results.write_results(out_dir, config=cfg, provenance=provenance, splits=splits, summary=summary,
+                              histories=histories, timings=timings)
+    return summary, Path(out_dir)
