@@ -43,11 +43,14 @@ def _parse_grid(items) -> tuple:
 @click.option("--out", type=click.Path(), default=None, help="Results folder. [default: results/STORE-WEAK]")
 @click.option("--distributed", is_flag=True,
               help="Multi-host: call jax.distributed.initialize() first (SLURM is auto-detected; see README).")
+@click.option("--coordinator", default=None, help="With --distributed off SLURM: host:port of process 0.")
+@click.option("--num-processes", type=int, default=None, help="With --distributed off SLURM: number of processes.")
+@click.option("--process-id", type=int, default=None, help="With --distributed off SLURM: this process's id.")
 @click.option("--list-methods", is_flag=True, help="List the methods and exit.")
 @click.option("--show", type=click.Path(), multiple=True,
               help="Print the table of existing results folder(s) and exit; several are merged into one table.")
 def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, alpha_max, tau_a, grid,
-         vmap, out, distributed, list_methods, show):
+         vmap, out, distributed, coordinator, num_processes, process_id, list_methods, show):
     """Fit CPL and linear-probe heads with CE, KD, AuxConf, AdaptConf (+ ceilings) for every seed."""
     from w2s_jax import results
 
@@ -70,7 +73,7 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
     if distributed:
         from w2s_jax.sharding import initialize_distributed
 
-        initialize_distributed()
+        initialize_distributed(coordinator, num_processes, process_id)
     from w2s_jax.store import StoreError, read_store
 
     try:

@@ -15,10 +15,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
-def initialize_distributed() -> None:
-    """``jax.distributed.initialize()``: auto-detects SLURM / Cloud TPU, else reads JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES and JAX_PROCESS_ID (see README, "Scaling out")."""
-    jax.distributed.initialize()
+def initialize_distributed(coordinator=None, num_processes=None, process_id=None) -> None:
+    """``jax.distributed.initialize``: with no arguments it auto-detects SLURM (and other clusters JAX
+    knows); for a plain multi-node run pass the coordinator's host:port, the process count and this
+    process's id (see README, "Scaling out")."""
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
 
 
 def model_mesh() -> Mesh:
