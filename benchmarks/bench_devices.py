@@ -47,7 +47,9 @@ def main():
     rows = []
     for d in map(int, args.devices.split(",")):
         env = dict(os.environ)
-        if not args.real:
+        if args.real:
+            env.update(CUDA_VISIBLE_DEVICES=",".join(map(str, range(d))))
+        else:
             env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={d}", JAX_PLATFORMS="cpu")
         out = subprocess.run([sys.executable, "-c", CHILD.format(bench=here), payload], env=env, check=True,
                              capture_output=True, text=True, cwd=os.path.dirname(here))

@@ -1,0 +1,79 @@
+"""Time and peak memory of the vmapped fit as n, k, seeds and the hparam grid grow; checks the memory
+model of ``w2s_jax.fit.estimate_bytes`` against measured peak RSS. Writes scaling.png and a table.
+Each point runs in a fresh process so its peak RSS is its own.
+Usage: python benchmarks/bench_scaling.py [--out benchmarks/scaling.png]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+CHILD = """
+import json, resource, sys
+sys.path.insert(0, {bench!r})
+import jax, numpy as np
+from _common import clustered
+from w2s_jax import fit as fitlib
+from w2s_jax.config import FitConfig
+from w2s_jax.splits import stacked_splits
+a = json.loads(sys.argv[1])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+feats, weak, labels, text = clustered(a["n"], a["d"], a["k"], np.random.default_rng(0))
+grid = (("lr", tuple(np.geomspace(1e-2, 1e-3, a["grid"]).tolist())),)
+cfg = FitConfig(store="x", weak="w", methods=("cpl",), seeds=a["seeds"], epochs=1, grid=grid)
+data = fitlib.make_data(feats, weak, labels)
+_, t = fitlib.fit_methods(cfg, data, stacked_splits(a["n"], a["seeds"]), text, a["k"])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{**a, **t, "peak_rss_mib": peak / 1024, "rss_before_data_mib": base / 1024,
+                  "model_mib": fitlib.estimate_bytes(cfg, a["n"], a["d"], a["k"]) / 2**20}}))
+"""
+BASE = {"n": 20000, "d": 512, "k": 345, "seeds": 4, "grid": 1}
+SWEEPS = {"n": [5000, 10000, 20000, 40000], "k": [50, 100, 200, 345], "seeds": [1, 2, 4, 8], "grid": [1, 2, 4, 8]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "scaling.png"))
+    args = ap.parse_args()
+    here = os.path.dirname(os.path.abspath(__file__))
+    rows = []
+    for axis, values in SWEEPS.items():
+        for v in values:
+            payload = json.dumps({**BASE, axis: v})
+            out = subprocess.run([sys.executable, "-c", CHILD.format(bench=here), payload], check=True,
+                                 capture_output=True, text=True, cwd=os.path.dirname(here))
+            rows.append({"axis": axis, **json.loads(out.stdout.strip().splitlines()[-1])})
+    print("| varied | n | k | seeds | grid | models | run s | compile s | peak RSS MiB | RSS before data MiB "
+          "| model MiB | measured − baseline MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['axis']} | {r['n']} | {r['k']} | {r['seeds']} | {r['grid']} | {r['seeds'] * r['grid']} "
+              f"| {r['run_s']:.2f} | {r['compile_s']:.2f} | {r['peak_rss_mib']:.0f} | {r['rss_before_data_mib']:.0f} "
+              f"| {r['model_mib']:.0f} | {r['peak_rss_mib'] - r['rss_before_data_mib']:.0f} |")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(13, 5.5), dpi=110)
+    for j, axis in enumerate(SWEEPS):
+        pts = [r for r in rows if r["axis"] == axis]
+        xs = [r[axis] for r in pts]
+        axes[0, j].plot(xs, [r["run_s"] for r in pts], "o-")
+        axes[0, j].set(title=f"vary {axis}", ylabel="run s (1 epoch)")
+        axes[1, j].plot(xs, [r["peak_rss_mib"] - r["rss_before_data_mib"] for r in pts], "o-", label="measured")
+        axes[1, j].plot(xs, [r["model_mib"] for r in pts], "s--", label="memory model")
+        axes[1, j].set(xlabel=axis, ylabel="MiB above baseline")
+        axes[1, j].legend(fontsize=7)
+    fig.suptitle(f"vmapped fit (cpl), base n={BASE['n']} d={BASE['d']} k={BASE['k']} seeds={BASE['seeds']} "
+                 f"grid={BASE['grid']}, {os.cpu_count()} CPU cores")
+    fig.tight_layout()
+    fig.savefig(args.out)
+    print(f"wrote {args.out}; largest point {max(r['run_s'] for r in rows):.2f}s")
+
+
+if __name__ == "__main__":
+    main()
