@@ -72,7 +72,12 @@ def main():
                  f"grid={BASE['grid']}, {os.cpu_count()} CPU cores")
     fig.tight_layout()
     fig.savefig(args.out)
-    print(f"wrote {args.out}; largest point {max(r['run_s'] for r in rows):.2f}s")
+    print(f"wrote {args.out}")
+    g = [r for r in rows if r["axis"] == "grid"]
+    measured = (g[-1]["peak_rss_mib"] - g[0]["peak_rss_mib"]) / (g[-1]["grid"] - g[0]["grid"]) / BASE["seeds"]
+    modelled = (g[-1]["model_mib"] - g[0]["model_mib"]) / (g[-1]["grid"] - g[0]["grid"]) / BASE["seeds"]
+    print(f"time ratio grid {g[-1]['grid']}/{g[0]['grid']}: {g[-1]['run_s'] / g[0]['run_s']:.2f}x; "
+          f"memory per model modelled/measured: {modelled:.1f}/{measured:.1f} MiB = {modelled / measured:.2f}x")
 
 
 if __name__ == "__main__":

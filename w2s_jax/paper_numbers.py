@@ -1,9 +1,11 @@
 """Published numbers of the CPL paper, shipped as data for comparison (``w2s-report --paper``).
 
-Source: the paper's Table 2 (DomainNet, CLIP strong model, accuracy % averaged over 5 seeds), as
-quoted in this project's DESIGN.md §1. Only the rows quoted there are shipped: weak, ceiling, CPL,
-and the average of the best baseline (KD+LP). The paper's Table 3 numbers were not available to us
-offline and are not shipped; add them here (with their source) to compare Table 3.
+Paper: J. Li, S. M. Erfani, L. Feng, J. Bailey, F. Liu, "Exploring Weak-to-Strong Generalization for
+CLIP-based Classification", TMLR / arXiv:2511.18396 (2025).
+Source of the numbers: its Table 2 (DomainNet, CLIP strong model, accuracy % averaged over 5 seeds),
+as quoted in this project's DESIGN.md §1. Only the rows quoted there are shipped: weak, ceiling, CPL,
+and the average of the best baseline (KD+LP). We could not obtain the paper's Table 3 numbers
+offline, so none are shipped; add them here, with their source, to compare Table 3.
 """
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
