@@ -175,7 +175,7 @@ def fit_prompts(method: str, make_module: Callable, feats_NxD, weak_NxK, labels_
             loss.backward()
             opt.step()
             sched.step()
-            running += float(loss) * len(rows)
+            running += float(loss.detach()) * len(rows)
         with torch.no_grad():
             text = module()
             val_logits = logits_for(text, val_idx)
