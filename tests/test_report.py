@@ -74,3 +74,13 @@ def test_cli_and_errors(results_root, tmp_path):
     (tmp_path / "empty").mkdir()
     r = CliRunner().invoke(report.main, [str(tmp_path / "empty")])
     assert r.exit_code != 0 and "no results folders" in r.output
+
+
+def test_paper_table3_comparison_when_numbers_exist(results_root, tmp_path, monkeypatch):
+    from w2s_jax import paper_numbers
+
+    monkeypatch.setattr(paper_numbers, "TABLE3", {"real": {"noisier": {"cpl": 50.0, "weak": 40.0}}})
+    tables, _ = report.write_report([results_root], tmp_path, paper=True)
+    t = next(t for t in tables if t.name == "paper-table3")
+    assert [r[:3] for r in t.rows] == [["real", "noisier", "cpl"], ["real", "noisier", "weak"]]
+    assert t.rows[0][4] == "50.00" and t.rows[0][5].startswith(("+", "-"))

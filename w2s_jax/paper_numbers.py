@@ -19,3 +19,7 @@ TABLE2 = {
             "sketch": 64.01, "avg": 64.74},
     "kd+lp": {"avg": 61.07},
 }
+
+# Table 3 (methods x weak models, one domain): {domain: {weak model name in our stores: {row: accuracy %}}}.
+# Empty: we had no offline source. Weak names are ours, e.g. "resnet18-finetune", "cvt13-finetune".
+TABLE3: dict = {}
