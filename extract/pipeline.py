@@ -102,7 +102,8 @@ def run_pass(ids, load, heads: dict, parts: Path, opts: Options, desc: str) -> t
     use_amp = opts.device.startswith("cuda")
     bad_now = []
     total = sum(len(batches[b]) for b in mine)
-    with tqdm(total=total, initial=total - sum(len(batches[b]) for b in todo), desc=desc, unit="img", dynamic_ncols=True, disable=None) as bar:
+    done = total - sum(len(batches[b]) for b in todo)
+    with tqdm(total=total, initial=done, desc=desc, unit="img", dynamic_ncols=True, disable=None) as bar:
         for b, (index, inputs, bad) in zip(todo, loader):
             outputs = {}
             if len(index):
@@ -161,8 +162,7 @@ def weak_logits(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, 
     info = {"source": spec.source, "mode": spec.mode}
     if spec.mode == "probe":
         if probe_feats is None:
-            model = None if spec.is_pixels else weak.load_hf(spec, k, opts.device).eval()
-            fn = torch.nn.Identity() if spec.is_pixels else weak.backbone_features(model)
+            fn = weak.probe_backbone(spec, k, opts.device)
             probe_feats = {
                 s: run_pass(ids, dataset.load, {spec.name: (transform, fn)}, parts / f"weakfeat-{spec.name}" / s,
                             opts, f"{spec.name} features, {s}")[0][spec.name]
@@ -170,7 +170,7 @@ def weak_logits(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, 
             }
         predict = weak.train_probe(probe_feats["train"], rows["train"][1], k, device=opts.device)
         logits = {s: predict(f) for s, f in probe_feats.items()}
-        info.update(probe_epochs=30, probe_lr=1e-2)
+        info.update(probe_epochs=weak.PROBE_EPOCHS, probe_lr=weak.PROBE_LR)
     else:
         model = weak.load_hf(spec, k, opts.device)
         ckpt = parts / f"weak-{spec.name}.pt"
@@ -258,13 +258,10 @@ def extract(dataset: Dataset, strong_spec: str, weak_specs: list[str], out, opts
 
     # one pass over the images: strong features and every weak probe's backbone features
     heads = {"strong": (encoder.transform, encoder.encode_images)}
-    probe_models = {}
-    for spec in specs:
-        if spec.mode == "probe":
-            model = None if spec.is_pixels else weak.load_hf(spec, len(dataset.class_names), opts.device).eval()
-            fn = torch.nn.Identity() if spec.is_pixels else weak.backbone_features(model)
-            heads[spec.name] = (weak.weak_transform(spec), fn)
-            probe_models[spec.name] = model
+    probes = [spec for spec in specs if spec.mode == "probe"]
+    k = len(dataset.class_names)
+    for spec in probes:
+        heads[spec.name] = (weak.weak_transform(spec), weak.probe_backbone(spec, k, opts.device))
     pass_dir = parts / ("features-" + "+".join(sorted(heads)))
     results, rows, skipped = {}, {}, []
     for split, (ids, labels) in dataset.splits.items():
@@ -288,7 +285,7 @@ def extract(dataset: Dataset, strong_spec: str, weak_specs: list[str], out, opts
     splits = {s: st.Split(results[s]["strong"].astype(opts.feature_dtype), rows[s][1], rows[s][0], {}) for s in rows}
     store = st.Store(provenance_for(dataset, encoder.id, encoder.preprocessing, templates, skipped), splits, text, {})
     for spec in specs:
-        feats = {s: results[s][spec.name] for s in rows} if spec.name in probe_models else None
+        feats = {s: results[s][spec.name] for s in rows} if spec in probes else None
         logits, info = weak_logits(spec, dataset, rows, parts, opts, feats)
         store = st.with_weak_model(store, spec.name, logits, info)
         opts.log(f"weak model {spec.name}: test accuracy {info['test_accuracy']:.4f}")

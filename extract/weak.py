@@ -105,6 +105,13 @@ def backbone_features(model: torch.nn.Module) -> Callable:
     return features
 
 
+def probe_backbone(spec: WeakSpec, num_classes: int, device: str) -> Callable:
+    """The frozen feature function a probe trains on: grey pixels as they are, or the HF backbone."""
+    if spec.is_pixels:
+        return torch.nn.Identity()
+    return backbone_features(load_hf(spec, num_classes, device).eval())
+
+
 def hf_logits(model: torch.nn.Module) -> Callable:
     return lambda images_Bx3xHxW: model(pixel_values=images_Bx3xHxW).logits
 
@@ -118,8 +125,11 @@ def warmup_linear(total_steps: int, warmup: float) -> Callable[[int], float]:
     return lambda step: (step + 1) / warm if step < warm else max(0.0, (total_steps - step) / max(1, total_steps - warm))
 
 
-def train_probe(feats_NxF: np.ndarray, labels_N: np.ndarray, num_classes: int, *, epochs: int = 30,
-                lr: float = 1e-2, batch_size: int = 512, seed: int = 0, device: str = "cpu") -> Callable:
+PROBE_EPOCHS, PROBE_LR = 30, 1e-2
+
+
+def train_probe(feats_NxF: np.ndarray, labels_N: np.ndarray, num_classes: int, *, epochs: int = PROBE_EPOCHS,
+                lr: float = PROBE_LR, batch_size: int = 512, seed: int = 0, device: str = "cpu") -> Callable:
     """Fit a linear head (on standardised features) with Adam; returns feats -> logits (numpy)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.as_tensor(feats_NxF, dtype=torch.float32)
