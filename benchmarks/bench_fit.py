@@ -13,7 +13,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 import torch_reference
 from _common import clustered, machine, peak_rss_gib, timed

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import io
-import json
 import math
 import os
 import shutil

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from w2s_jax import sharding
 from w2s_jax.config import FitConfig, Hparams
-from w2s_jax.heads import Head, l2_normalize, make_head
+from w2s_jax.heads import l2_normalize, make_head
 from w2s_jax.losses import get_loss
 from w2s_jax.methods import METHODS, Method
 from w2s_jax.splits import SeedSplits

@@ -40,17 +40,18 @@ def run(cfg: FitConfig, out_dir) -> tuple[dict, Path]:
     evals = {m: metrics.evaluate_method(m, o, hps, data, jsplits, k, text) for m, o in outputs.items()}
     best_epochs = {m: o.best_epoch for m, o in outputs.items()}
     histories = {m: o.history for m, o in outputs.items()}
-    return finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir)
+    return finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, data)
 
 
-def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir) -> tuple[dict, Path]:
+def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, data=None) -> tuple[dict, Path]:
     """Shared by w2s-fit and w2s-tp: weak and zero-shot rows, hparam selection, summary, results folder.
 
     evals: method -> {test_acc, agreement, val_score} each ``S x H``; best_epochs: method -> ``S x H``;
-    histories: method -> {field: ``S x H x E``}.
+    histories: method -> {field: ``S x H x E``}; data: the FitData already on device, if any.
     """
-    test = store.splits["test"]
-    data = fitlib.make_data(test.features_NxD, test.weak_logits[cfg.weak], test.labels_N)
+    if data is None:  # w2s-tp has not built it
+        test = store.splits["test"]
+        data = fitlib.make_data(test.features_NxD, test.weak_logits[cfg.weak], test.labels_N)
     jsplits = jax.tree.map(jax.numpy.asarray, splits)
     text = store.text_TxKxD
     zero_shot = None if text is None else metrics.zero_shot(data, jsplits, text, cfg.hparams.logit_scale)
