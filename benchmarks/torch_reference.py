@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from extract.losses_torch import LOSSES
 from extract.weak import warmup_linear
+from w2s_jax.heads import shrunk_lda
 from w2s_jax.methods import METHODS
 
 
@@ -24,12 +26,14 @@ def fit_one(method, feats_NxD, weak_NxK, labels_N, text_KxD, split, *, seed, epo
     k = weak.shape[1]
     targets = F.one_hot(labels, k).float() if spec.target == "truth" else weak
     train, val, test = (torch.as_tensor(a) for a in split)
-    if spec.head == "linear":
-        head = torch.nn.Linear(r.shape[1], k)
-        torch.nn.init.normal_(head.weight, std=0.01)
-        torch.nn.init.zeros_(head.bias)
-        params = list(head.parameters())
-        forward = head
+    if spec.head == "linear":  # zs = s W (r̂ - mu) + b from the shrunk discriminant, as w2s-fit (heads.py)
+        center = r[train].mean(0)
+        w, b = shrunk_lda(jnp.asarray((r[train] - center).numpy()), jnp.asarray(targets[train].argmax(1).numpy()), k,
+                          hp.lp_shrinkage)
+        weight = torch.nn.Parameter(torch.as_tensor(np.asarray(w)) / hp.lp_scale)
+        bias = torch.nn.Parameter(torch.as_tensor(np.asarray(b)))
+        params = [weight, bias]
+        forward = lambda x: hp.lp_scale * (x - center) @ weight.T + bias  # noqa: E731
     else:
         protos = torch.nn.Parameter(torch.as_tensor(text_KxD).clone())  # raw text embedding, as w2s-fit
         params = [protos]

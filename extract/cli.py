@@ -7,14 +7,68 @@ from pathlib import Path
 
 import click
 
-from extract.datasets import DATASETS, DatasetError
-from extract.download import DownloadError
+from extract.datasets import DATASETS, DEMO_DOMAINS, DOMAINNET_DOMAINS, DatasetError
+from extract.download import ARCHIVE_GB, DownloadError
 from extract.encoders import DEMO_ENCODER, EncoderError
 from extract.pipeline import ON_CORRUPT, CorruptImagesError, Options
 from extract.weak import WeakModelError
 from w2s_jax.store import StoreError
 
-USER_ERRORS = (DatasetError, EncoderError, WeakModelError, StoreError, CorruptImagesError, DownloadError)
+from w2s_jax.outputs import OutputError
+
+USER_ERRORS = (DatasetError, EncoderError, WeakModelError, StoreError, CorruptImagesError, DownloadError, OutputError)
+
+
+DATA_ENV = "W2S_DATA"  # the data folder; DomainNet defaults to $W2S_DATA/domainnet (W2S_DATA defaults to ./data)
+
+
+def default_domainnet_root() -> Path:
+    return Path(os.environ.get(DATA_ENV, "data")) / "domainnet"
+
+
+def infer_dataset(dataset: str | None, domain: str | None) -> str:
+    """``--dataset`` when given; otherwise what ``--domain`` names (the demo when neither is given)."""
+    if dataset:
+        return dataset
+    if domain is None or domain in DEMO_DOMAINS:
+        return "demo"
+    if domain in DOMAINNET_DOMAINS:
+        return "domainnet"
+    raise DatasetError(f"unknown domain {domain!r}: DomainNet domains are {', '.join(DOMAINNET_DOMAINS)}; demo domains "
+                       f"are {', '.join(DEMO_DOMAINS)}; for an image folder pass --dataset imagefolder --root FOLDER")
+
+
+def missing_domainnet_files(root: Path, domain: str) -> list[str]:
+    """The parts of DomainNet's official layout for ``domain`` that ``root`` lacks."""
+    wanted = [root / domain, root / f"{domain}_train.txt", root / f"{domain}_test.txt"]
+    return [str(p) + ("/" if p == root / domain else "") for p in wanted if not p.exists()]
+
+
+def ensure_domainnet(domain: str, root, *, download: bool, mirror: str | None, log) -> Path:
+    """The DomainNet root for ``domain``, downloading the domain into the default root when it is missing there."""
+    default = root is None
+    root = default_domainnet_root() if default else Path(root).expanduser()
+    if domain not in DOMAINNET_DOMAINS:
+        raise DatasetError(f"unknown DomainNet domain {domain!r}; choose one of {', '.join(DOMAINNET_DOMAINS)}")
+    missing = missing_domainnet_files(root, domain)
+    if not missing:
+        return root
+    command = f"w2s-extract download --domain {domain} --root {root}"
+    by_hand = (f"or place the files by hand in DomainNet's official layout: {root}/{domain}/<class>/<image>.jpg, "
+               f"{root}/{domain}_train.txt and {root}/{domain}_test.txt")
+    if not (default and download):
+        why = "--no-download was given" if default else "it is not the default data folder, so nothing is downloaded"
+        raise DatasetError(f"DomainNet {domain} is missing from {root} ({', '.join(missing)}); {why}. "
+                           f"Fetch it with: {command}  (about {ARCHIVE_GB[domain]} GB), {by_hand}")
+    from extract.download import download_domainnet
+
+    log(f"DomainNet {domain} is not in {root} (missing: {', '.join(missing)}).\n"
+        f"Downloading it: about {ARCHIVE_GB[domain]} GB for the archive, plus the split files, into {root} "
+        f"(resumable: rerun after an interruption; --no-download to refuse; ${DATA_ENV} moves the data folder).")
+    try:
+        return download_domainnet(domain, root, mirror)
+    except DownloadError as err:
+        raise DownloadError(f"{err}\nOffline? {by_hand}") from None
 
 
 def default_device() -> str:
@@ -24,15 +78,22 @@ def default_device() -> str:
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--dataset", type=click.Choice(DATASETS), default="demo", show_default=True)
+@click.option("--dataset", type=click.Choice(DATASETS), default=None,
+              help="[default: from --domain: a DomainNet domain means domainnet, mnist/digits or none the demo]")
 @click.option("--domain", default=None, help="DomainNet domain, demo domain (mnist, digits), or a name for an image folder.")
-@click.option("--root", type=click.Path(), default=None, help="Dataset folder (not needed for the demo).")
+@click.option("--root", type=click.Path(), default=None,
+              help=f"Dataset folder (not needed for the demo). [default for DomainNet: ${DATA_ENV}/domainnet, "
+                   f"${DATA_ENV} defaulting to ./data; a missing domain is downloaded there]")
+@click.option("--download/--no-download", default=True, show_default=True,
+              help="Download a DomainNet domain missing from the default data folder.")
+@click.option("--mirror", default=None, help="Base URL of a DomainNet mirror for that download.")
 @click.option("--strong", default=None,
               help=f"Strong encoder: MODEL:TAG (open_clip), MODEL:/path/ckpt, or {DEMO_ENCODER}[@SIZE]. "
                    f"[default: ViT-B-32:openai; {DEMO_ENCODER} for the demo]")
 @click.option("--weak", multiple=True,
               help="Weak model NAME[:finetune|probe], repeatable (resnet18, resnet26, resnet34, cvt13, "
-                   "convnext-tiny, an HF id or local dir; pixels[@S] for the demo). [default: resnet18; pixels for the demo]")
+                   "convnext-tiny, an HF id or local dir; pixels[@S] for the demo); 'paper' = the paper's five, "
+                   "fine-tuned. [default: resnet18 (fine-tuned); pixels for the demo]")
 @click.option("--out", type=click.Path(), default=None, help="Store path. [default: stores/DATASET-DOMAIN.h5]")
 @click.option("--template", "templates", multiple=True, help="Prompt template with {} for the class; repeatable.")
 @click.option("--device", default=None, help="torch device [default: cuda when present, else cpu]")
@@ -48,8 +109,8 @@ def default_device() -> str:
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Dtype of the stored strong features (w2s-fit computes in float32 either way).")
 @click.pass_context
-def main(ctx, dataset, domain, root, strong, weak, out, templates, device, batch_size, num_workers, on_corrupt,
-         weak_epochs, limit, shard, feature_dtype):
+def main(ctx, dataset, domain, root, download, mirror, strong, weak, out, templates, device, batch_size, num_workers,
+         on_corrupt, weak_epochs, limit, shard, feature_dtype):
     """Extract strong features, text embeddings and weak logits into one feature store.
 
     Rerun the same command to resume an interrupted extraction. Run it again on an existing
@@ -58,14 +119,21 @@ def main(ctx, dataset, domain, root, strong, weak, out, templates, device, batch
     if ctx.invoked_subcommand is not None:
         return
     from extract import datasets, encoders, pipeline
+    from extract.weak import expand_weak
 
+    try:
+        dataset = infer_dataset(dataset, domain)
+    except DatasetError as err:
+        raise click.UsageError(str(err)) from None
     is_demo = dataset == "demo"
     strong = strong or (DEMO_ENCODER if is_demo else "ViT-B-32:openai")
-    weak = list(weak) or (["pixels"] if is_demo else ["resnet18"])
+    weak = expand_weak(weak) or (["pixels"] if is_demo else ["resnet18"])
     opts = Options(device=device or default_device(), batch_size=batch_size, num_workers=num_workers,
                    on_corrupt=on_corrupt, weak_epochs=weak_epochs, feature_dtype=feature_dtype,
                    shard=_parse_shard(shard), log=click.echo)
     try:
+        if dataset == "domainnet":
+            root = ensure_domainnet(domain, root, download=download, mirror=mirror, log=click.echo)
         data = datasets.load_dataset(dataset, domain=domain, root=root).limited(limit)
         out = Path(out or f"stores/{dataset}-{data.domain}{f'-limit{limit}' if limit else ''}.h5")
         templates = templates or encoders.DEFAULT_TEMPLATES
@@ -142,7 +210,7 @@ def download(domain, root, mirror, sums):
         path = download_domainnet(domain, root, mirror, checksums)
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from None
-    click.echo(f"DomainNet {domain} is ready in {path}; next: w2s-extract --dataset domainnet --domain {domain} --root {path}")
+    click.echo(f"DomainNet {domain} is ready in {path}; next: w2s-extract --domain {domain} --root {path}")
 
 
 if __name__ == "__main__":

@@ -34,12 +34,26 @@ class Dataset:
     load: object  # picklable callable: id -> RGB PIL image (raises on a corrupt file)
     split_hash: str  # sha256 of the split definition
 
-    def limited(self, limit: int | None) -> "Dataset":
-        """The first ``limit`` samples of each split (for quick tries); the hash records it."""
+    def limited(self, limit: int | None, seed: int = 0) -> "Dataset":
+        """A seeded, class-stratified sample of ``limit`` rows per split (for quick tries); the hash records it."""
         if not limit:
             return self
-        splits = {s: (ids[:limit], labels[:limit]) for s, (ids, labels) in self.splits.items()}
+        splits = {s: _stratified(ids, labels, limit, seed) for s, (ids, labels) in self.splits.items()}
         return dataclasses.replace(self, splits=splits, split_hash=_hash_splits(splits))
+
+
+def _stratified(ids, labels, limit: int, seed: int):
+    """``limit`` rows with every class in proportion to its size (seeded), kept in their original order."""
+    labels = np.asarray(labels)
+    if limit >= len(ids):
+        return ids, labels
+    rng = np.random.default_rng(seed)
+    position = np.empty(len(ids))  # each row's rank inside its shuffled class, as a fraction of the class size
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        position[rng.permutation(rows)] = (np.arange(len(rows)) + rng.random()) / len(rows)
+    keep = np.sort(np.argsort(position, kind="stable")[:limit])
+    return tuple(ids[i] for i in keep), labels[keep]
 
 
 def load_dataset(name: str, *, domain: str | None, root: str | None) -> Dataset:
@@ -119,7 +133,15 @@ class FileLoader:
 
     def __call__(self, sample_id: str) -> Image.Image:
         with Image.open(Path(self.root) / sample_id) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with high-bit-depth greyscale (16-bit PNG/TIFF: modes I;16*, I) scaled to 8 bits rather than clipped."""
+    if img.mode.startswith("I"):
+        pixels = np.asarray(img, np.float64)
+        return Image.fromarray(np.clip(np.round(pixels / 257.0), 0, 255).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
 
 
 # --------------------------------------------------------------------- DomainNet
@@ -156,22 +178,36 @@ def imagefolder(root: Path, domain: str | None) -> Dataset:
         raise DatasetError(
             f"image folder {root} needs train/ and test/ subfolders (or train.txt and test.txt); missing {missing}"
         )
-    folders = sorted({c.name for d in split_dirs.values() for c in d.iterdir() if c.is_dir()})
+    per_split = {s: sorted(c.name for c in d.iterdir() if c.is_dir() and not _hidden(c.name))
+                 for s, d in split_dirs.items()}
+    if per_split["train"] != per_split["test"]:
+        only = {s: sorted(set(per_split[s]) - set(per_split[o])) for s, o in (("train", "test"), ("test", "train"))}
+        raise DatasetError(f"{root}: train/ and test/ have different class folders (only in train/: {only['train']}; "
+                           f"only in test/: {only['test']}); give both splits the same classes")
+    folders = per_split["train"]
     if len(folders) < 2:
         raise DatasetError(f"{root}: found {len(folders)} class folders under train/ and test/; need at least 2")
     index = {name: i for i, name in enumerate(folders)}
-    splits = {}
+    splits, empty = {}, []
     for split, d in split_dirs.items():
-        pairs = sorted(
-            (f"{split}/{c.name}/{f.name}", index[c.name])
-            for c in d.iterdir() if c.is_dir()
-            for f in c.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
-        )
-        if not pairs:
-            raise DatasetError(f"{d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        pairs = []
+        for name in folders:
+            images = [f"{split}/{name}/{f.name}" for f in (d / name).iterdir()
+                      if f.suffix.lower() in IMAGE_SUFFIXES and not _hidden(f.name)]
+            empty += [] if images else [f"{split}/{name}"]
+            pairs += [(i, index[name]) for i in images]
+        pairs.sort()
         splits[split] = (tuple(p[0] for p in pairs), np.asarray([p[1] for p in pairs], np.int64))
+    if empty:
+        raise DatasetError(f"{root}: class folder(s) with no images ({', '.join(IMAGE_SUFFIXES)}): {empty}; "
+                           "add images or remove the folder from both splits")
     class_names = tuple(f.replace("_", " ") for f in folders)
     return Dataset("imagefolder", domain, class_names, splits, FileLoader(str(root)), _hash_splits(splits))
+
+
+def _hidden(name: str) -> bool:
+    """Hidden and OS folders/files (.ipynb_checkpoints, .DS_Store, __MACOSX) are never classes or images."""
+    return name.startswith((".", "__"))
 
 
 # -------------------------------------------------------------------------- demo

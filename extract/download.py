@@ -21,6 +21,7 @@ from extract.datasets import DOMAINNET_DOMAINS, DatasetError
 OFFICIAL_BASE = "http://csr.bu.edu/ftp/visda/2019/multi-source"
 # Relative paths on the official server (clipart and painting live under groundtruth/).
 ARCHIVES = {d: f"{'groundtruth/' if d in ('clipart', 'painting') else ''}{d}.zip" for d in DOMAINNET_DOMAINS}
+ARCHIVE_GB = {"clipart": 1.2, "infograph": 4.0, "painting": 3.7, "quickdraw": 0.4, "real": 5.6, "sketch": 2.5}  # approx.
 SPLIT_FILES = {(d, s): f"domainnet/txt/{d}_{s}.txt" for d in DOMAINNET_DOMAINS for s in ("train", "test")}
 # sha256 of files whose digest we have verified ourselves; none yet (we could not reach the server).
 # Pass --sha256 FILE=DIGEST to pin one, or add it here once verified.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ import click
 
 from extract import pipeline, weak as weaklib
 from extract.datasets import DatasetError, load_dataset
-from w2s_jax.config import FitConfig, Hparams
+from w2s_jax.config import FitConfig, Hparams, check_hparams, check_number
 from w2s_jax.methods import JAX_METHODS, TORCH_METHODS, check_methods
 
 SECTIONS = {
@@ -68,17 +69,54 @@ def load_experiment(path) -> dict:
         for block in exp["data"]:
             _check_keys(path, "data", block)
             for domain in block.get("domains", [None]):
+                if domain is not None:
+                    _check_path_name(domain)
                 load_dataset(block["dataset"], domain=domain, root=block.get("root"))
-            for w in block.get("weak", []):
-                weaklib.parse_weak(w)
-        methods = exp.get("fit", {}).get("methods", ["all"])
-        check_methods(JAX_METHODS if methods == ["all"] else methods)
+            for w in weaklib.expand_weak(block.get("weak", [])):
+                _check_path_name(weaklib.parse_weak(w).name)
+        fit_config(exp.get("fit", {}), "unused", "unused")  # every [fit] value in range, before any work
+        _check_extract(exp.get("extract", {}))
         if "tp" in exp:
             check_methods(exp["tp"].get("methods", TORCH_METHODS), valid=TORCH_METHODS, command="w2s-tp")
-    except (DatasetError, weaklib.WeakModelError, ValueError, KeyError) as err:
+            _check_tp(exp["tp"])
+    except (DatasetError, weaklib.WeakModelError, ValueError, KeyError, TypeError) as err:
         raise ExperimentError(f"{path}: {err}") from None
     exp.setdefault("out", f"experiments-out/{path.stem}")
     return exp
+
+
+def _check_path_name(name) -> None:
+    """Names that become folder names: no path separators, no '..', nothing empty."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or ".." in name or name.startswith("."):
+        raise ValueError(f"{name!r} becomes part of a path under out; use a plain name (no '/', '\\' or '..')")
+
+
+def fit_config(fit: dict, store, weak) -> FitConfig:
+    """The FitConfig of one (store, weak model) from the [fit] table; raises ValueError for a bad value."""
+    methods = fit.get("methods", ["all"])
+    return FitConfig(store=str(store), weak=weak, methods=check_methods(JAX_METHODS if methods == ["all"] else methods),
+                     seeds=fit.get("seeds", 5), epochs=fit.get("epochs", 10), batch_size=fit.get("batch_size", "auto"),
+                     warmup=fit.get("warmup", 0.1), hparams=Hparams(**fit.get("hparams", {})),
+                     grid=tuple((k, tuple(v)) for k, v in fit.get("grid", {}).items()))
+
+
+def _check_extract(ex: dict) -> None:
+    choices = {"feature_dtype": ("float32", "float16"), "on_corrupt": pipeline.ON_CORRUPT}
+    for key, valid in choices.items():
+        if key in ex and ex[key] not in valid:
+            raise ValueError(f"[extract] {key} = {ex[key]!r}; valid: {', '.join(valid)}")
+    for key, low in (("batch_size", 1), ("num_workers", 0), ("weak_epochs", 1)):
+        if key in ex:
+            check_number(f"[extract] {key}", ex[key], low, math.inf, integer=True)
+    if "device" in ex and not isinstance(ex["device"], str):
+        raise ValueError(f"[extract] device = {ex['device']!r}; valid: a torch device name such as 'cpu' or 'cuda'")
+
+
+def _check_tp(tp: dict) -> None:
+    for key, low in (("seeds", 1), ("epochs", 1), ("batch_size", 1), ("n_ctx", 1)):
+        if key in tp:
+            check_number(f"[tp] {key}", tp[key], low, math.inf, integer=True)
+    check_hparams(Hparams(**tp.get("hparams", {})))
 
 
 def _key(obj) -> str:
@@ -89,17 +127,17 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9@.-]+", "-", Path(spec).name if "/" in spec else spec)[:40]
 
 
-def _once(folder: Path, work, log) -> bool:
+def _once(folder: Path, work, log) -> Path:
     """Run ``work(tmp)`` unless ``folder`` is complete; the folder appears only when work finishes."""
     if (folder / "metrics.json").exists():
         log(f"done already: {folder}")
-        return False
+        return folder
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     work(tmp)
     os.replace(tmp, folder)
     log(f"finished: {folder}")
-    return True
+    return folder
 
 
 def run_experiment(exp: dict, *, log=print) -> Path:
@@ -113,36 +151,41 @@ def run_experiment(exp: dict, *, log=print) -> Path:
     ex = exp.get("extract", {})
     opts = pipeline.Options(**{k: v for k, v in ex.items() if k != "templates"}, log=log)
     fit, tp = exp.get("fit", {}), exp.get("tp")
+    num_stores = sum(len(b.get("domains", [None])) for b in exp["data"])
+    num_fits = sum(len(b.get("domains", [None])) * len(weaklib.expand_weak(b.get("weak", ["pixels"])))
+                   for b in exp["data"])
+    store_i = fit_j = 0
+    current = []  # this experiment file's results folders: the report reads these and no others
     for block in exp["data"]:
         for domain in block.get("domains", [None]):
+            store_i += 1
+            log(f"== store {store_i} of {num_stores}: {block['dataset']}/{domain or 'default'}")
             dataset = load_dataset(block["dataset"], domain=domain, root=block.get("root")).limited(block.get("limit"))
             store_path = out / "stores" / f"{dataset.name}-{dataset.domain}-{_slug(strong)}.h5"
             templates = tuple(ex.get("templates", pipeline.encoders.DEFAULT_TEMPLATES))
-            pipeline.extract(dataset, strong, block.get("weak", ["pixels"]), store_path, opts, templates)
+            weak_specs = weaklib.expand_weak(block.get("weak", ["pixels"]))
+            pipeline.extract(dataset, strong, weak_specs, store_path, opts, templates)
             store = read_store(store_path)
             store_id = _key([dataclasses.asdict(store.provenance), store.weak_info])
-            for weak in [weaklib.parse_weak(w).name for w in block.get("weak", ["pixels"])]:
+            for weak in [weaklib.parse_weak(w).name for w in weak_specs]:
+                fit_j += 1
+                log(f"== fit {fit_j} of {num_fits}: {dataset.name}/{dataset.domain}, weak {weak}")
                 where = out / "results" / f"{dataset.name}-{dataset.domain}" / weak
-                methods = fit.get("methods", ["all"])
-                cfg = FitConfig(store=str(store_path), weak=weak,
-                                methods=JAX_METHODS if methods == ["all"] else tuple(methods),
-                                seeds=fit.get("seeds", 5), epochs=fit.get("epochs", 10),
-                                batch_size=fit.get("batch_size", 512), warmup=fit.get("warmup", 0.1),
-                                hparams=Hparams(**fit.get("hparams", {})),
-                                grid=tuple((k, tuple(v)) for k, v in fit.get("grid", {}).items()))
-                _once(where / f"fit-{_key([cfg.to_dict(), store_id])}", lambda tmp: run(cfg, tmp), log)
+                cfg = fit_config(fit, store_path, weak)
+                current.append(_once(where / f"fit-{_key([cfg.to_dict(), store_id])}",
+                                     lambda tmp: run(cfg, tmp, log=log), log))
                 if tp is not None and store.text_TxKxD is not None:
-                    _run_tp(tp, store_path, strong, weak, store_id, where, opts.device, log)
+                    current.append(_run_tp(tp, store_path, strong, weak, store_id, where, opts.device, log))
     report = out / "report"
     rep = exp.get("report", {})
-    tables, _ = write_report([out / "results"], report, curves=tuple(rep.get("curves", ("cpl", "kd+lp", "kd+tp"))),
+    tables, _ = write_report(current, report, curves=tuple(rep.get("curves", ("cpl", "kd+lp", "kd+tp"))),
                              paper=rep.get("paper", False))
     for table in tables:
         log(to_markdown(table) + "\n")
     return report
 
 
-def _run_tp(tp: dict, store_path, strong, weak, store_id, where: Path, device, log) -> None:
+def _run_tp(tp: dict, store_path, strong, weak, store_id, where: Path, device, log) -> Path:
     from extract.prompt import TPConfig
     from extract.tp_cli import run_tp
 
@@ -151,7 +194,7 @@ def _run_tp(tp: dict, store_path, strong, weak, store_id, where: Path, device, l
                    epochs=tp.get("epochs", 10), batch_size=tp.get("batch_size", 512),
                    optimizer=tp.get("optimizer", "adam"), n_ctx=tp.get("n_ctx", 16), ctx_init=tp.get("ctx_init", ""),
                    hparams=Hparams(**tp.get("hparams", {})), device=device)
-    _once(where / f"tp-{_key([cfg.to_dict(), store_id])}", lambda tmp: run_tp(cfg, tmp), log)
+    return _once(where / f"tp-{_key([cfg.to_dict(), store_id])}", lambda tmp: run_tp(cfg, tmp), log)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

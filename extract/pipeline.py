@@ -20,17 +20,26 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from extract import encoders, weak
 from extract.datasets import Dataset
+from w2s_jax import outputs
 from w2s_jax import store as st
 
 ON_CORRUPT = ("fail", "skip")
 
 
 class CorruptImagesError(RuntimeError):
-    """Unreadable images were found and ``--on-corrupt fail`` was chosen."""
+    """Unreadable images were found and ``--on-corrupt fail`` was chosen; ``bad``: {where: [ids]}."""
+
+    def __init__(self, bad: dict):
+        self.bad = bad
+        listed = "; ".join(f"{len(ids)} in {where}: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}"
+                           for where, ids in bad.items())
+        super().__init__(f"{sum(map(len, bad.values()))} unreadable image(s) ({listed}). Fix or remove them, or rerun "
+                         f"with --on-corrupt skip to leave them out (their ids are recorded). Work done so far is kept.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +72,7 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             image = self.load(self.ids[i])
             return i, tuple(t(image) for t in self.transforms)
-        except (OSError, ValueError, SyntaxError):  # what PIL raises for truncated/corrupt/missing files
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # truncated/corrupt/missing/bomb
             return i, None
 
 
@@ -115,12 +124,7 @@ def run_pass(ids, load, heads: dict, parts: Path, opts: Options, desc: str) -> t
                 continue  # not saved: a fixed image is read again on the rerun
             _save_npz(parts / f"{b:06d}.npz", index=index.numpy(), bad=np.asarray(bad, np.int64), **outputs)
     if bad_now and opts.on_corrupt == "fail":
-        shown = ", ".join(ids[i] for i in bad_now[:10])
-        raise CorruptImagesError(
-            f"{len(bad_now)} unreadable image(s) in {desc}: {shown}{' ...' if len(bad_now) > 10 else ''}. "
-            f"Fix or remove them, or rerun with --on-corrupt skip to leave them out (their ids are recorded). "
-            f"Work done so far is kept."
-        )
+        raise CorruptImagesError({desc: [ids[i] for i in bad_now]})
     if opts.shard is not None:
         return {}, np.zeros(0, np.int64), []
     return _gather(parts, len(batches), names)
@@ -245,7 +249,14 @@ def extract(dataset: Dataset, strong_spec: str, weak_specs: list[str], out, opts
     With ``opts.shard`` only that shard's share of the feature pass runs and None is returned;
     a later run without a shard finds every finished batch and merges them into the store.
     """
-    out = Path(out)
+    out = outputs.check_output(out, folder=False)
+    if opts.shard is not None:  # shards write the same parts folder at once by design; the merge takes the lock
+        return _extract(dataset, strong_spec, weak_specs, out, opts, templates)
+    with outputs.exclusive(out):
+        return _extract(dataset, strong_spec, weak_specs, out, opts, templates)
+
+
+def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templates) -> Path | None:
     specs = [weak.parse_weak(w) for w in weak_specs]
     if out.exists():
         return _add_weak_models(dataset, strong_spec, specs, out, opts)
@@ -262,14 +273,20 @@ def extract(dataset: Dataset, strong_spec: str, weak_specs: list[str], out, opts
     for spec in probes:
         heads[spec.name] = (weak.weak_transform(spec), weak.probe_backbone(spec, k, opts.device))
     pass_dir = parts / ("features-" + "+".join(sorted(heads)))
-    results, rows, skipped = {}, {}, []
+    results, rows, skipped, corrupt = {}, {}, [], {}
     for split, (ids, labels) in dataset.splits.items():
-        outputs, kept, bad = run_pass(ids, dataset.load, heads, pass_dir / split, opts, f"{dataset.domain} {split}")
+        try:
+            outputs, kept, bad = run_pass(ids, dataset.load, heads, pass_dir / split, opts, f"{dataset.domain} {split}")
+        except CorruptImagesError as err:  # keep going, so that one message lists every split's bad images
+            corrupt.update(err.bad)
+            continue
         if opts.shard is not None:
             continue
         results[split] = outputs
         rows[split] = (tuple(ids[i] for i in kept), labels[kept])
         skipped += [ids[i] for i in bad]
+    if corrupt:
+        raise CorruptImagesError(corrupt)
     if opts.shard is not None:
         opts.log(f"shard {opts.shard[0]}/{opts.shard[1]} done; when every shard is done, rerun the same command "
                  f"without --shard to merge them into {out}")

@@ -13,6 +13,7 @@ import numpy as np
 
 from extract import encoders
 from extract.prompt import OPTIMIZERS, PromptError, PromptLearner, TextEncoderPrompts, TPConfig, check_text_tower, fit_prompts
+from w2s_jax import outputs
 from w2s_jax.config import Hparams
 from w2s_jax.methods import METHODS, TORCH_METHODS, check_methods
 from w2s_jax.splits import seed_splits, stacked_splits
@@ -21,10 +22,18 @@ from w2s_jax.store import StoreError, read_store
 DEFAULTS = Hparams()
 
 
-def run_tp(cfg: TPConfig, out_dir) -> tuple[dict, Path]:
+def run_tp(cfg: TPConfig, out_dir, overwrite: bool = False) -> tuple[dict, Path]:
+    out_dir = outputs.check_output(out_dir, folder=True)
+    with outputs.exclusive(out_dir):
+        return _run_tp(cfg, out_dir, overwrite)
+
+
+def _run_tp(cfg: TPConfig, out_dir, overwrite) -> tuple[dict, Path]:
+    from w2s_jax import results
     from w2s_jax.run import finish_run
 
     check_methods(cfg.methods, valid=TORCH_METHODS, command="w2s-tp")
+    results.check_replace(out_dir, cfg, overwrite)
     store = read_store(cfg.store, need_weak=(cfg.weak,))
     if store.text_TxKxD is None:
         check_text_tower(None, store.provenance.encoder)
@@ -88,7 +97,7 @@ def main(store, strong, weak, methods, seeds, epochs, batch_size, optimizer, lr,
                        hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale),
                        device=device or default_device())
         summary, path = run_tp(cfg, out or f"results/{Path(store).stem}-{weak}-tp")
-    except (StoreError, PromptError, encoders.EncoderError, ValueError) as err:
+    except (StoreError, PromptError, encoders.EncoderError, outputs.OutputError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(results.markdown_table(summary))
     click.echo(f"\nresults in {path}; merge with w2s-fit's: w2s-fit --show FIT_RESULTS --show {path}")

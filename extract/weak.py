@@ -24,6 +24,7 @@ HF_WEAK_MODELS = {
     "cvt13": "microsoft/cvt-13",
     "convnext-tiny": "facebook/convnext-tiny-224",
 }
+PAPER_WEAK_MODELS = tuple(HF_WEAK_MODELS)  # "--weak paper": the paper's five, fine-tuned as the paper does
 MODES = ("finetune", "probe")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -42,6 +43,11 @@ class WeakSpec:
     @property
     def is_pixels(self) -> bool:
         return self.source == "pixels"
+
+
+def expand_weak(specs) -> list[str]:
+    """The weak-model specs with ``paper`` replaced by the paper's five weak models (fine-tuned)."""
+    return [name for spec in specs for name in (PAPER_WEAK_MODELS if spec == "paper" else (spec,))]
 
 
 def parse_weak(spec: str) -> WeakSpec:

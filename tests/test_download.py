@@ -1,8 +1,5 @@
 """The DomainNet downloader against a local HTTP server on 127.0.0.1 serving a tiny archive."""
 import hashlib
-import http.server
-import threading
-import zipfile
 
 import pytest
 from click.testing import CliRunner
@@ -10,46 +7,6 @@ from click.testing import CliRunner
 from extract import cli
 from extract.datasets import load_dataset
 from extract.download import DownloadError, fetch
-
-
-class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves files from the test's folder and honours 'Range: bytes=N-'."""
-
-    def do_GET(self):
-        path = self.translate_path(self.path)
-        try:
-            data = open(path, "rb").read()
-        except OSError:
-            return self.send_error(404)
-        start = int(self.headers.get("Range", "bytes=0-")[6:].rstrip("-") or 0)
-        if start >= len(data) and start:
-            return self.send_error(416)
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        self.wfile.write(data[start:])
-        self.server.requests.append((self.path, start))
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def mirror(tmp_path, domainnet_root):
-    """A mirror with DomainNet's relative paths: real.zip and domainnet/txt/real_{train,test}.txt."""
-    served = tmp_path / "served"
-    (served / "domainnet" / "txt").mkdir(parents=True)
-    for split in ("train", "test"):
-        (served / "domainnet" / "txt" / f"real_{split}.txt").write_bytes((domainnet_root / f"real_{split}.txt").read_bytes())
-    with zipfile.ZipFile(served / "real.zip", "w") as z:
-        for f in (domainnet_root / "real").rglob("*.jpg"):
-            z.write(f, f.relative_to(domainnet_root))
-    handler = lambda *a, **k: RangeHandler(*a, directory=str(served), **k)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.requests = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", served, server
-    server.shutdown()
 
 
 def test_download_then_load(mirror, tmp_path):

@@ -35,20 +35,24 @@ def test_runs_skips_and_resumes(tmp_path, monkeypatch):
     calls = []
     real_run = runlib.run
 
-    def crashing_run(cfg, out_dir):
+    def crashing_run(cfg, out_dir, **kw):
         calls.append(cfg.weak)
         if len(calls) == 2:
             raise RuntimeError("simulated crash")
-        return real_run(cfg, out_dir)
+        return real_run(cfg, out_dir, **kw)
 
     monkeypatch.setattr(runlib, "run", crashing_run)
     with pytest.raises(RuntimeError, match="simulated crash"):
         experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
     assert calls == ["pixels@2", "pixels@3"]
     # rerun: only the crashed fit is redone, then the report is written
-    monkeypatch.setattr(runlib, "run", lambda cfg, out: (calls.append(cfg.weak), real_run(cfg, out))[1])
-    report = experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
+    monkeypatch.setattr(runlib, "run", lambda cfg, out, **kw: (calls.append(cfg.weak), real_run(cfg, out, **kw))[1])
+    lines = []
+    report = experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: lines.append(" ".join(a)))
     assert calls == ["pixels@2", "pixels@3", "pixels@3"]
+    # it says where it is in the grid
+    assert "== store 1 of 1: demo/mnist" in lines and "== fit 2 of 2: demo/mnist, weak pixels@3" in lines
+    assert any(line.startswith("compiled in") for line in lines)
     assert (report / "table2-pixels@2.md").exists() and (report / "table3-demo-mnist.md").exists()
     assert (report / "curves-demo-mnist-pixels@3.png").exists()
     # nothing left to do; an edit (more epochs) redoes only the fits

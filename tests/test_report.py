@@ -11,7 +11,7 @@ from w2s_jax import store as st
 from w2s_jax.config import FitConfig
 from w2s_jax.run import run
 
-FAST = dict(methods=("kd+lp", "cpl", "ceiling+proto"), seeds=2, epochs=3, batch_size=64)
+FAST = dict(methods=("kd+lp", "cpl", "ceiling+lp", "ceiling+proto"), seeds=2, epochs=3, batch_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,9 @@ def test_tables_in_three_formats(results_root, tmp_path):
     t2 = next(t for t in tables if t.name == "table2-noisy")
     assert t2.header == ["method", "domainnet/real", "domainnet/sketch", "Avg."]
     rows = {r[0]: r for r in t2.rows}
-    assert {"weak", "zero-shot", "kd+lp", "cpl", "ceiling"} <= set(rows)
-    assert rows["Δ (cpl − best baseline)"][1].startswith(("+", "-"))
+    assert {"weak", "zero-shot", "kd+lp", "cpl", report.BEST_CEILING} <= set(rows)
+    assert rows[report.DELTA][1].startswith(("+", "-")) and rows[report.DELTA_TEST][1].startswith(("+", "-"))
+    assert "hold_val" in t2.note and t2.note in (tmp_path / "table2-noisy.md").read_text()
     # Avg. is the mean of the domain means
     means = [float(c.split(" ± ")[0]) for c in rows["cpl"][1:3]]
     assert abs(float(rows["cpl"][3]) - np.mean(means)) < 0.01

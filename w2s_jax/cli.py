@@ -11,6 +11,14 @@ from w2s_jax.methods import JAX_METHODS, METHODS
 DEFAULTS = Hparams()
 
 
+def _parse_batch_size(text: str):
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise click.BadParameter(f"{text!r}: expected 'auto' or a positive integer", param_hint="--batch-size")
+    return int(text)
+
+
 def _parse_grid(items) -> tuple:
     grid = []
     for item in items:
@@ -22,25 +30,50 @@ def _parse_grid(items) -> tuple:
         if not sep or not parsed or name not in Hparams._fields:
             raise click.BadParameter(
                 f"{item!r}: expected FIELD=V1,V2,... with FIELD one of {', '.join(Hparams._fields)}", param_hint="--grid")
+        if name in dict(grid):
+            raise click.BadParameter(f"{name} is given twice; list all its values once: {name}=V1,V2,...",
+                                     param_hint="--grid")
         grid.append((name, parsed))
     return tuple(grid)
 
 
+STORES = Path("stores")  # where w2s-extract writes by default
+
+
+def find_store(folder: Path = STORES) -> str:
+    """The only store under ``folder``, announced; several or none is a usage error that says what to do."""
+    found = sorted(folder.glob("*.h5")) if folder.is_dir() else []
+    if len(found) == 1:
+        click.echo(f"using the only store under {folder}/: {found[0]}")
+        return str(found[0])
+    if found:
+        listing = "\n  ".join(map(str, found))
+        raise click.UsageError(f"{len(found)} stores under {folder}/; choose one with --store:\n  {listing}")
+    raise click.UsageError(f"no --store given and no store under {folder}/. Make one with `w2s-extract --dataset demo` "
+                           "(offline demo) or `w2s-extract --domain real` (DomainNet, downloaded when missing)")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--store", type=click.Path(), help="Feature store written by w2s-extract.")
+@click.option("--store", type=click.Path(), help="Feature store written by w2s-extract. [default: the only one under stores/]")
 @click.option("--weak", default=None, help="Weak model in the store. [default: the store's only/first one]")
 @click.option("--methods", default="all", show_default=True, help="Comma-separated method names, or 'all'.")
 @click.option("--seeds", default=5, show_default=True, help="Number of seeds (0..N-1).")
 @click.option("--epochs", default=10, show_default=True)
-@click.option("--batch-size", default=512, show_default=True)
+@click.option("--batch-size", default="auto", show_default=True,
+              help="Minibatch size, or 'auto': the paper's 512 unless an epoch would have fewer than 16 steps, "
+                   "then halved until it has (recorded in config.json).")
 @click.option("--lr", default=DEFAULTS.lr, show_default=True)
 @click.option("--temperature", default=DEFAULTS.temperature, show_default=True, help="T of KD / tau of CPL.")
 @click.option("--logit-scale", default=DEFAULTS.logit_scale, show_default=True, help="s of the prototype head.")
+@click.option("--lp-scale", default=DEFAULTS.lp_scale, show_default=True, help="s of the linear head.")
+@click.option("--lp-shrinkage", default=DEFAULTS.lp_shrinkage, show_default=True,
+              help="δ of the linear head's start: 1 = nearest class mean, 0 = LDA.")
 @click.option("--alpha-max", default=DEFAULTS.alpha_max, show_default=True, help="AuxConf alpha_max.")
 @click.option("--tau-a", default=DEFAULTS.tau_a, show_default=True, help="AdaptConf temperature.")
 @click.option("--grid", multiple=True, help="Sweep a hyperparameter: FIELD=V1,V2 (repeatable; cartesian product).")
 @click.option("--vmap/--no-vmap", default=True, show_default=True, help="One compiled call for the grid, or one per model.")
 @click.option("--out", type=click.Path(), default=None, help="Results folder. [default: results/STORE-WEAK]")
+@click.option("--overwrite", is_flag=True, help="Replace a results folder that holds another config.")
 @click.option("--distributed", is_flag=True,
               help="Multi-host: call jax.distributed.initialize() first (SLURM is auto-detected; see README).")
 @click.option("--coordinator", default=None, help="With --distributed off SLURM: host:port of process 0.")
@@ -49,8 +82,9 @@ def _parse_grid(items) -> tuple:
 @click.option("--list-methods", is_flag=True, help="List the methods and exit.")
 @click.option("--show", type=click.Path(), multiple=True,
               help="Print the table of existing results folder(s) and exit; several are merged into one table.")
-def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, alpha_max, tau_a, grid,
-         vmap, out, distributed, coordinator, num_processes, process_id, list_methods, show):
+def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, lp_scale, lp_shrinkage,
+         alpha_max, tau_a, grid,
+         vmap, out, overwrite, distributed, coordinator, num_processes, process_id, list_methods, show):
     """Fit CPL and linear-probe heads with CE, KD, AuxConf, AdaptConf (+ ceilings) for every seed."""
     from w2s_jax import results
 
@@ -58,6 +92,8 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
         for name, m in METHODS.items():
             where = "" if name in JAX_METHODS else "  (PyTorch: w2s-tp)"
             click.echo(f"{name:16s} head={m.head:12s} loss={m.loss:9s} trained on {m.target}{where}")
+        click.echo("\ncpl is the paper's KL loss on text-initialised prototypes; under Adam it equals KD on that head "
+                   "(the T² factor cancels), so kd+proto and cpl+lp (= kd+lp) are not registered.")
         return
     if show:
         try:
@@ -65,8 +101,7 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
         except (FileNotFoundError, ValueError) as err:
             raise click.ClickException(str(err)) from None
         return
-    if not store:
-        raise click.UsageError("--store is required (a store written by w2s-extract)")
+    store = store or find_store()
 
     from w2s_jax.run import GridTooLargeError, run
 
@@ -85,11 +120,12 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
         cfg = FitConfig(
             store=str(store), weak=weak,
             methods=JAX_METHODS if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip()),
-            seeds=seeds, epochs=epochs, batch_size=batch_size, vmap=vmap, grid=_parse_grid(grid),
-            hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale, alpha_max=alpha_max, tau_a=tau_a),
+            seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size), vmap=vmap, grid=_parse_grid(grid),
+            hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale, lp_scale=lp_scale,
+                            lp_shrinkage=lp_shrinkage, alpha_max=alpha_max, tau_a=tau_a),
         )
         out = out or f"results/{Path(store).stem}-{weak}"
-        summary, path = run(cfg, out)
+        summary, path = run(cfg, out, log=click.echo, overwrite=overwrite)
     except (StoreError, GridTooLargeError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(results.markdown_table(summary))

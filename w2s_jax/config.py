@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -14,9 +15,57 @@ class Hparams(NamedTuple):
     lr: float = 1e-2  # Adam peak learning rate (paper: 1e-2)
     temperature: float = 1.0  # T of KD and AdaptConf's KD term; tau of CPL (both sides)
     logit_scale: float = 100.0  # s of the prototype head, zs = s * cos(C, r) (CLIP's is 100)
+    lp_scale: float = 10.0  # s of the linear head, zs = s * W (r̂ - mu) + b: its step size in logit space
+    lp_shrinkage: float = 0.5  # δ of the linear head's start, a discriminant with Σ = (1-δ) S_w + δ tr(S_w)/D I:
+    #                            1 = nearest class mean, 0 = LDA (0.5 chosen on the demo's hold_val, README)
     alpha_max: float = 0.5  # AuxConf's final confidence weight (Burns et al.: 0.5)
     aux_warmup: float = 0.2  # AuxConf's warm-up fraction w of training (Burns et al.: 0.2)
     tau_a: float = 4.0  # AdaptConf's temperature (Guo et al.: 0.5 on CIFAR, 4.0 on ImageNet)
+
+
+# valid range of every hyperparameter: (low, high, low inclusive, high inclusive)
+HPARAM_RANGES = {
+    "lr": (0.0, math.inf, False, False),
+    "temperature": (0.0, math.inf, False, False),
+    "logit_scale": (0.0, math.inf, False, False),
+    "lp_scale": (0.0, math.inf, False, False),
+    "lp_shrinkage": (0.0, 1.0, True, True),
+    "alpha_max": (0.0, 1.0, True, True),
+    "aux_warmup": (0.0, 1.0, False, True),
+    "tau_a": (0.0, math.inf, False, False),
+}
+
+
+def _range_text(low, high, low_in, high_in) -> str:
+    return f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def check_number(name: str, value, low, high, low_in=True, high_in=True, integer=False) -> None:
+    """ValueError naming ``name``, its value and the valid range unless ``value`` is a number inside it."""
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise ValueError(f"{name} = {value!r} is not {kind}; valid: {kind} in {_range_text(low, high, low_in, high_in)}")
+    inside = math.isfinite(value) and (low <= value if low_in else low < value) and (
+        value <= high if high_in else value < high)
+    if not inside:
+        raise ValueError(f"{name} = {value!r} is out of range; valid: {_range_text(low, high, low_in, high_in)}")
+
+
+def check_hparams(hp: Hparams, grid=()) -> None:
+    for field, (low, high, low_in, high_in) in HPARAM_RANGES.items():
+        check_number(field, getattr(hp, field), low, high, low_in, high_in)
+    for field, values in grid:
+        if field not in HPARAM_RANGES:
+            raise ValueError(f"unknown hyperparameter {field!r} in the grid; valid: {', '.join(Hparams._fields)}")
+        if len(set(values)) != len(values) or not values:
+            raise ValueError(f"grid {field} = {list(values)}: give each value once")
+        for v in values:
+            check_number(f"grid {field}", v, *HPARAM_RANGES[field])
+    fields = [f for f, _ in grid]
+    repeated = sorted({f for f in fields if fields.count(f) > 1})
+    if repeated:
+        raise ValueError(f"grid field(s) {repeated} given more than once; list all values once: FIELD=V1,V2,...")
 
 
 def hparam_grid(base: Hparams, grid: dict) -> Hparams:
@@ -30,6 +79,23 @@ def hparam_grid(base: Hparams, grid: dict) -> Hparams:
     return Hparams(*(np.asarray([getattr(r, f) for r in rows], np.float32) for f in Hparams._fields))
 
 
+PAPER_BATCH_SIZE = 512
+MIN_STEPS_PER_EPOCH = 16
+
+
+def auto_batch_size(n_train: int) -> int:
+    """``--batch-size auto``: the paper's 512, halved until an epoch of ``n_train`` rows has at least 16 steps
+    (never below 8). DomainNet's smallest domain keeps 512; the demo's 1,600 rows get 64.
+
+    >>> auto_batch_size(33_306), auto_batch_size(1_600)
+    (512, 64)
+    """
+    batch = PAPER_BATCH_SIZE
+    while batch > 8 and n_train / batch < MIN_STEPS_PER_EPOCH:
+        batch //= 2
+    return batch
+
+
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
     store: str  # path of the feature store
@@ -38,11 +104,22 @@ class FitConfig:
     seeds: int = 5  # seeds 0..seeds-1: split seed s and JAX key split(key(root_seed), seeds)[s]
     root_seed: int = 0  # root of the JAX keys (init and minibatch order)
     epochs: int = 10  # training epochs (paper: 10)
-    batch_size: int = 512  # minibatch size (paper: 512)
+    batch_size: int | str = "auto"  # minibatch size, or "auto" (auto_batch_size; paper: 512)
+    batch_size_rule: str = ""  # how an "auto" batch size was resolved (set by w2s_jax.run; recorded in config.json)
     warmup: float = 0.1  # fraction of steps with linear lr warmup, then linear decay to 0 (paper: 0.1)
     hparams: Hparams = Hparams()  # defaults for every field the grid does not sweep
     grid: tuple = ()  # ((field, (values...)), ...): swept as one vmap axis, cartesian product
     vmap: bool = True  # True: every seed x hparam in one compiled call; False: one call per model
+
+    def __post_init__(self):
+        """Every number in range before any work starts; a ValueError names the field and the valid range."""
+        check_number("seeds", self.seeds, 1, math.inf, integer=True)
+        check_number("root_seed", self.root_seed, 0, math.inf, integer=True)
+        check_number("epochs", self.epochs, 1, math.inf, integer=True)
+        if self.batch_size != "auto":
+            check_number("batch_size", self.batch_size, 1, math.inf, integer=True)
+        check_number("warmup", self.warmup, 0.0, 1.0, True, False)
+        check_hparams(self.hparams, self.grid)
 
     def grid_hparams(self) -> Hparams:
         return hparam_grid(self.hparams, dict(self.grid))
@@ -51,3 +128,13 @@ class FitConfig:
         d = dataclasses.asdict(self)
         d["hparams"] = self.hparams._asdict()
         return d
+
+
+def resolve_batch_size(cfg: FitConfig, n_train: int) -> FitConfig:
+    """``cfg`` with an integer batch size; an "auto" one is resolved by the rule and the rule recorded."""
+    if cfg.batch_size != "auto":
+        return cfg
+    batch = auto_batch_size(n_train)
+    rule = (f"auto -> {batch}: hold_train has {n_train:,} rows; auto keeps the paper's {PAPER_BATCH_SIZE} unless an "
+            f"epoch would have fewer than {MIN_STEPS_PER_EPOCH} steps ({n_train / PAPER_BATCH_SIZE:.1f} at 512)")
+    return dataclasses.replace(cfg, batch_size=batch, batch_size_rule=rule)

@@ -10,17 +10,18 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from w2s_jax import sharding
-from w2s_jax.config import FitConfig, Hparams
+from w2s_jax.config import FitConfig, Hparams, resolve_batch_size
 from w2s_jax.heads import l2_normalize, make_head
 from w2s_jax.losses import get_loss
 from w2s_jax.methods import METHODS, Method
@@ -62,22 +63,53 @@ def lr_factor(step, total_steps: int, warmup: float):
     return jnp.clip(jnp.where(step < warm, up, down), 0.0, 1.0)
 
 
-def make_fit(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig):
-    """-> ``fit(key, hp, data, split) -> FitOutput`` for one model (one seed, one hparam setting)."""
+class FitState(NamedTuple):
+    """What one model carries from epoch to epoch."""
+
+    params: dict  # the head's current parameters
+    opt_state: tuple  # Adam's moments and step count
+    best: dict  # {"params", "score", "epoch"}: the best epoch so far by hold_val score
+
+
+class Trainer(NamedTuple):
+    """One model's training as pure functions: ``fit`` = ``start``, then ``epoch`` for e = 0..E-1 (lax.scan).
+
+    start(key, hp, data, split) -> FitState
+    epoch(state, key, e, hp, data, split) -> (FitState, history_e), history_e a dict of scalars
+    fit(key, hp, data, split) -> FitOutput, the whole run in one call
+    """
+
+    start: Callable
+    epoch: Callable
+    fit: Callable
+
+
+def make_trainer(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig) -> Trainer:
+    """The pure training functions of one model (one seed, one hparam setting) of ``method``."""
     head = make_head(method.head, num_classes, text_TxKxD)
     loss_fn = get_loss(method.loss)
     epochs, batch = cfg.epochs, cfg.batch_size
 
-    def fit(key, hp: Hparams, data: FitData, split: SeedSplits) -> FitOutput:
+    def optimizer(hp, total):
+        return optax.chain(optax.scale_by_adam(),
+                           optax.scale_by_schedule(lambda count: -hp.lr * lr_factor(count, total, cfg.warmup)))
+
+    def start(key, hp: Hparams, data: FitData, split: SeedSplits) -> FitState:
+        targets_NxK = teacher_logits(method, data, num_classes)
+        total = epochs * math.ceil(split.hold_train.shape[0] / batch)
+        init_key, _ = jax.random.split(key)
+        params = head.init(init_key, data.feats_NxD[split.hold_train],
+                           jnp.argmax(targets_NxK[split.hold_train], axis=1), hp)
+        best = {"params": params, "score": jnp.float32(-1.0), "epoch": jnp.int32(0)}
+        return FitState(params, optimizer(hp, total).init(params), best)
+
+    def epoch(state: FitState, key, epoch, hp: Hparams, data: FitData, split: SeedSplits):
         targets_NxK = teacher_logits(method, data, num_classes)
         n_train = split.hold_train.shape[0]
         steps = math.ceil(n_train / batch)
         total = epochs * steps
-        init_key, order_key = jax.random.split(key)
-        params = head.init(init_key, data.feats_NxD[split.hold_train],
-                           jnp.argmax(targets_NxK[split.hold_train], axis=1))
-        tx = optax.chain(optax.scale_by_adam(),
-                         optax.scale_by_schedule(lambda count: -hp.lr * lr_factor(count, total, cfg.warmup)))
+        tx = optimizer(hp, total)
+        _, order_key = jax.random.split(key)
 
         def batch_loss(params, rows_B, mask_B, progress):
             logits_BxK = head.apply(params, data.feats_NxD[rows_B], hp)
@@ -93,35 +125,54 @@ def make_fit(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig):
             updates, opt_state = tx.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), (loss * jnp.sum(mask_B), hits)
 
-        def train_epoch(carry, epoch):
-            params, opt_state, best = carry
-            # --- this epoch's minibatches: a permutation from this seed's key, padded and masked
-            perm = jax.random.permutation(jax.random.fold_in(order_key, epoch), n_train)
-            perm = jnp.concatenate([perm, jnp.zeros(steps * batch - n_train, perm.dtype)])
-            rows_TxB = split.hold_train[perm].reshape(steps, batch)
-            mask_TxB = (jnp.arange(steps * batch) < n_train).reshape(steps, batch).astype(jnp.float32)
-            step_ids = epoch * steps + jnp.arange(steps)
-            (params, opt_state), (losses, hits) = jax.lax.scan(
-                train_step, (params, opt_state), (step_ids, rows_TxB, mask_TxB))
-            # --- end of epoch: hold_val picks the best epoch; test' accuracy is kept for curves only
-            val_logits = head.apply(params, data.feats_NxD[split.hold_val], hp)
-            val_targets = targets_NxK[split.hold_val]
-            val_score = jnp.mean(jnp.argmax(val_logits, 1) == jnp.argmax(val_targets, 1))
-            val_loss = jnp.mean(loss_fn(val_logits, val_targets, progress=(epoch + 1) / epochs, hp=hp))
-            test_logits = head.apply(params, data.feats_NxD[split.test_prime], hp)
-            test_acc = jnp.mean(jnp.argmax(test_logits, 1) == data.labels_N[split.test_prime])
-            better = val_score > best["score"]
-            candidate = {"params": params, "score": val_score, "epoch": epoch + 1}
-            best = jax.tree.map(lambda new, old: jnp.where(better, new, old), candidate, best)
-            history = {"train_loss": jnp.sum(losses) / n_train, "train_acc": jnp.sum(hits) / n_train,
-                       "val_loss": val_loss, "val_score": val_score, "test_acc": test_acc}
-            return (params, opt_state, best), history
+        # --- this epoch's minibatches: a permutation from this seed's key, padded and masked
+        perm = jax.random.permutation(jax.random.fold_in(order_key, epoch), n_train)
+        perm = jnp.concatenate([perm, jnp.zeros(steps * batch - n_train, perm.dtype)])
+        rows_TxB = split.hold_train[perm].reshape(steps, batch)
+        mask_TxB = (jnp.arange(steps * batch) < n_train).reshape(steps, batch).astype(jnp.float32)
+        step_ids = epoch * steps + jnp.arange(steps)
+        (params, opt_state), (losses, hits) = jax.lax.scan(
+            train_step, (state.params, state.opt_state), (step_ids, rows_TxB, mask_TxB))
+        # --- end of epoch: hold_val picks the best epoch; test' accuracy is kept for curves only
+        val_logits = head.apply(params, data.feats_NxD[split.hold_val], hp)
+        val_targets = targets_NxK[split.hold_val]
+        val_score = jnp.mean(jnp.argmax(val_logits, 1) == jnp.argmax(val_targets, 1))
+        val_loss = jnp.mean(loss_fn(val_logits, val_targets, progress=(epoch + 1) / epochs, hp=hp))
+        test_logits = head.apply(params, data.feats_NxD[split.test_prime], hp)
+        test_acc = jnp.mean(jnp.argmax(test_logits, 1) == data.labels_N[split.test_prime])
+        better = val_score > state.best["score"]
+        candidate = {"params": params, "score": val_score, "epoch": epoch + 1}
+        best = jax.tree.map(lambda new, old: jnp.where(better, new, old), candidate, state.best)
+        history = {"train_loss": jnp.sum(losses) / n_train, "train_acc": jnp.sum(hits) / n_train,
+                   "val_loss": val_loss, "val_score": val_score, "test_acc": test_acc}
+        return FitState(params, opt_state, best), history
 
-        best = {"params": params, "score": jnp.float32(-1.0), "epoch": jnp.int32(0)}
-        (_, _, best), history = jax.lax.scan(train_epoch, (params, tx.init(params), best), jnp.arange(epochs))
-        return FitOutput(best["params"], history, best["epoch"])
+    def fit(key, hp: Hparams, data: FitData, split: SeedSplits) -> FitOutput:
+        state = start(key, hp, data, split)
+        state, history = jax.lax.scan(lambda st, e: epoch(st, key, e, hp, data, split), state, jnp.arange(epochs))
+        return finish(state, history)
 
-    return fit
+    return Trainer(start, epoch, fit)
+
+
+def finish(state: FitState, history: dict) -> FitOutput:
+    return FitOutput(state.best["params"], history, state.best["epoch"])
+
+
+def make_fit(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig):
+    """-> ``fit(key, hp, data, split) -> FitOutput`` for one model (one seed, one hparam setting)."""
+    return make_trainer(method, num_classes, text_TxKxD, cfg).fit
+
+
+def start_models(trainer: Trainer, key_data_M, hps_M, data: FitData, splits_M) -> FitState:
+    """``trainer.start`` for each of M models, one after the other (``lax.map``), stacked.
+
+    Not vmapped on purpose: the linear head's start solves a D x D system, and on XLA's CPU runtime (jax 0.10)
+    several *batched* LAPACK solves running at once in one program can deadlock its thread pool
+    (benchmarks/RESULTS.md). Model by model, the solves are unbatched; the start is a small part of a fit.
+    """
+    return jax.lax.map(lambda args: trainer.start(jax.random.wrap_key_data(args[0]), args[1], data, args[2]),
+                       (key_data_M, hps_M, splits_M))
 
 
 def seed_keys(root_seed: int, num_seeds: int):
@@ -129,39 +180,59 @@ def seed_keys(root_seed: int, num_seeds: int):
     return jax.random.split(jax.random.key(root_seed), num_seeds)
 
 
-def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, num_classes: int):
+def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, num_classes: int, progress=None,
+                on_compiled=None):
     """Fit every method of ``cfg`` for every seed x hparam; returns ({method: FitOutput}, timings).
 
-    With ``cfg.vmap`` all methods, seeds and hparams are one jit-compiled program whose model axis
-    is sharded over every device (:mod:`w2s_jax.sharding`); without it, the same ``fit`` is compiled
-    per method and called model by model on one device. Outputs are stacked ``S x H``.
+    With ``cfg.vmap`` all methods, seeds and hparams form one jit-compiled epoch program whose model axis
+    is sharded over every device (:mod:`w2s_jax.sharding`), called once per epoch from a short loop so
+    that ``progress(models_done_epochs)`` can report; the state stays on device between calls. Without it,
+    the same ``fit`` is compiled per method and called model by model on one device. Outputs are ``S x H``.
+    ``on_compiled(seconds)`` is called once the program is compiled.
     """
+    cfg = resolve_batch_size(cfg, splits.hold_train.shape[-1])
     keys = seed_keys(cfg.root_seed, cfg.seeds)
     hps = cfg.grid_hparams()
-    fits = {m: make_fit(METHODS[m], num_classes, text_TxKxD, cfg) for m in cfg.methods}
+    num_h = len(hps.lr)
+    trainers = {m: make_trainer(METHODS[m], num_classes, text_TxKxD, cfg) for m in cfg.methods}
+    report = progress or (lambda done: None)
     t0 = time.perf_counter()
     if cfg.vmap:
-        # one program: every method, vmapped over M = S*H models sharded across all devices
-        num_h = len(hps.lr)
+        # every method, vmapped over M = S*H models sharded across all devices
         mesh = sharding.model_mesh()
         per_model = sharding.pad_models(sharding.flatten_grid(jax.random.key_data(keys), hps, splits), mesh.size)
         key_data_M, hps_M, splits_M = sharding.place(per_model, mesh, P("models"))
         shared = sharding.place(data, mesh, P())
+        num_m = key_data_M.shape[0]
 
-        def program(key_data_M, hps_M, data, splits_M):
-            return {m: jax.vmap(lambda kd, hp, sp: f(jax.random.wrap_key_data(kd), hp, data, sp))(
-                key_data_M, hps_M, splits_M) for m, f in fits.items()}
+        def start_program(key_data_M, hps_M, data, splits_M):
+            return {m: start_models(t, key_data_M, hps_M, data, splits_M) for m, t in trainers.items()}
 
-        compiled = jax.jit(program).lower(key_data_M, hps_M, shared, splits_M).compile()
+        def epoch_program(states, e, key_data_M, hps_M, data, splits_M):
+            out = {m: jax.vmap(lambda st, kd, hp, sp: t.epoch(st, jax.random.wrap_key_data(kd), e, hp, data, sp))(
+                states[m], key_data_M, hps_M, splits_M) for m, t in trainers.items()}
+            return {m: o[0] for m, o in out.items()}, {m: o[1] for m, o in out.items()}
+
+        args = (key_data_M, hps_M, shared, splits_M)
+        by_model = NamedSharding(mesh, P("models"))  # every state and history leaf has the model axis first
+        states = jax.block_until_ready(jax.jit(start_program, out_shardings=by_model)(*args))
+        step = jax.jit(epoch_program, out_shardings=(by_model, by_model)).lower(states, jnp.int32(0), *args).compile()
         t1 = time.perf_counter()
-        outputs = jax.block_until_ready(compiled(key_data_M, hps_M, shared, splits_M))
+        if on_compiled:
+            on_compiled(t1 - t0)
+        history = []
+        for e in range(cfg.epochs):
+            states, h = step(states, jnp.int32(e), *args)
+            history.append(jax.block_until_ready(h))
+            report(num_m * len(trainers))
+        history = jax.tree.map(lambda *per_epoch: jnp.stack(per_epoch, axis=-1), *history)
+        outputs = {m: finish(states[m], history[m]) for m in trainers}
         outputs = sharding.unflatten(sharding.to_host(outputs), cfg.seeds, num_h)
     else:
         hps = jax.tree.map(jnp.asarray, hps)
         splits = jax.tree.map(jnp.asarray, splits)
-        compiled = {m: jax.jit(f) for m, f in fits.items()}
+        compiled = {m: jax.jit(t.fit) for m, t in trainers.items()}
         outputs = {}
-        num_h = hps.lr.shape[0]
         t1 = time.perf_counter()
         for m, f in compiled.items():
             per_seed = []
@@ -170,6 +241,7 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
                 per_hp = [f(keys[s], jax.tree.map(lambda a: a[h], hps), data, split_s) for h in range(num_h)]
                 per_seed.append(jax.tree.map(lambda *xs: jnp.stack(xs), *per_hp))
             outputs[m] = jax.block_until_ready(jax.tree.map(lambda *xs: jnp.stack(xs), *per_seed))
+            report(cfg.seeds * num_h * cfg.epochs)
     t2 = time.perf_counter()
     # without vmap, compilation happens inside the first calls and is counted as run time
     return outputs, {"compile_s": t1 - t0, "run_s": t2 - t1}

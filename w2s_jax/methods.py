@@ -1,4 +1,10 @@
-"""The listable registry of methods: a head, a loss and what the loss is trained against."""
+"""The listable registry of methods: a head, a loss and what the loss is trained against.
+
+One computation, one name. CPL is the paper's KL loss on text-initialised prototypes; KD on the same head
+differs only by the constant factor T², which Adam's update ignores (it divides the gradient by its own
+scale), so ``kd+proto`` would repeat ``cpl`` and is not registered; nor is ``cpl+lp``, which repeats
+``kd+lp``. ``cpl`` is the prototype head's KD row.
+"""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -20,13 +26,11 @@ METHODS = {
     "kd+lp": Method("linear", "kd", "weak"),
     "auxconf+lp": Method("linear", "auxconf", "weak"),
     "adaptconf+lp": Method("linear", "adaptconf", "weak"),
-    "cpl+lp": Method("linear", "cpl", "weak"),
     # weak-to-strong on class prototypes
     "ce+proto": Method("prototype", "ce", "weak"),
-    "kd+proto": Method("prototype", "kd", "weak"),
     "auxconf+proto": Method("prototype", "auxconf", "weak"),
     "adaptconf+proto": Method("prototype", "adaptconf", "weak"),
-    "cpl": Method("prototype", "cpl", "weak"),
+    "cpl": Method("prototype", "cpl", "weak"),  # = KD on prototypes under Adam (see above)
     # strong ceilings: the same heads trained on ground truth
     "ceiling+lp": Method("linear", "ce", "truth"),
     "ceiling+proto": Method("prototype", "ce", "truth"),
@@ -39,6 +43,8 @@ METHODS = {
     # Table 4 ablation: fine-tune the whole text encoder with the CPL loss, instead of learning C
     "cpl+textenc": Method("text-encoder", "cpl", "weak"),
 }
+CEILING_OF_HEAD = {"linear": "ceiling+lp", "prototype": "ceiling+proto", "prompt": "ceiling+tp"}
+# "text-encoder" (cpl+textenc) has no ceiling of its own, so no PGR
 JAX_METHODS = tuple(m for m, spec in METHODS.items() if spec.head in JAX_HEADS)
 TORCH_METHODS = tuple(m for m in METHODS if m not in JAX_METHODS)
 

@@ -5,12 +5,15 @@ import dataclasses
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from w2s_jax import fit as fitlib
-from w2s_jax import metrics, results
-from w2s_jax.config import FitConfig
+from w2s_jax import metrics, outputs, results
+from tqdm.auto import tqdm
+
+from w2s_jax.config import FitConfig, resolve_batch_size
 from w2s_jax.methods import check_methods
-from w2s_jax.splits import stacked_splits
+from w2s_jax.splits import split_sizes, stacked_splits
 from w2s_jax.store import read_store
 
 
@@ -18,32 +21,66 @@ class GridTooLargeError(MemoryError):
     """The requested grid would not fit in memory; raised before compiling."""
 
 
-def run(cfg: FitConfig, out_dir) -> tuple[dict, Path]:
+def run(cfg: FitConfig, out_dir, log=None, overwrite: bool = False) -> tuple[dict, Path]:
+    """Fit, evaluate and write the results folder. ``log``: a print function for the plan, the compile time
+    and a progress bar; None for silence. The folder is checked and locked before any work (outputs.py)."""
+    out_dir = outputs.check_output(out_dir, folder=True)
+    with outputs.exclusive(out_dir):
+        return _run(cfg, out_dir, log, overwrite)
+
+
+def _run(cfg: FitConfig, out_dir, log, overwrite) -> tuple[dict, Path]:
     check_methods(cfg.methods)
     store = read_store(cfg.store, need_weak=(cfg.weak,))
     test = store.splits["test"]
     n, d = test.features_NxD.shape
     k = store.num_classes
+    n_train, n_val, n_test = split_sizes(n)
+    cfg = resolve_batch_size(cfg, n_train)
+    results.check_replace(out_dir, cfg, overwrite)
+    num_h = len(cfg.grid_hparams().lr)
     need, have = fitlib.estimate_bytes(cfg, n, d, k), fitlib.available_bytes()
     if need > have:
         raise GridTooLargeError(
-            f"the grid ({len(cfg.methods)} methods x {cfg.seeds} seeds x {len(cfg.grid_hparams().lr)} hparams) "
+            f"the grid ({len(cfg.methods)} methods x {cfg.seeds} seeds x {num_h} hparams) "
             f"needs about {need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB available; "
             f"use fewer seeds, methods or grid values, or --no-vmap"
         )
     splits = stacked_splits(n, cfg.seeds)  # raises ValueError for too few rows
     data = fitlib.make_data(test.features_NxD, test.weak_logits[cfg.weak], test.labels_N)
     text = store.text_TxKxD
-    outputs, timings = fitlib.fit_methods(cfg, data, splits, text, k)
+    num_models = len(cfg.methods) * cfg.seeds * num_h
+    if log:
+        log(f"fitting {len(cfg.methods)} methods x {cfg.seeds} seeds x {num_h} grid point(s) = {num_models} models "
+            f"on {cfg.store} (weak {cfg.weak})\n"
+            f"  rows: hold_train {n_train:,}, hold_val {n_val:,}, test' {n_test:,} of {n:,}; {d}-d features, {k} classes\n"
+            f"  batch size {cfg.batch_size}" + (f" ({cfg.batch_size_rule})" if cfg.batch_size_rule else "") + "; "
+            f"{cfg.epochs} epochs\n  memory: about {need / 2**30:.2f} GiB of {have / 2**30:.1f} GiB available\n"
+            f"compiling ...")
+    bar = []  # the progress bar, opened once the program is compiled
+
+    def compiled(seconds):
+        if log:
+            log(f"compiled in {seconds:.1f} s")
+            bar.append(tqdm(total=num_models * cfg.epochs, unit="model-epoch", desc="training"))
+
+    outputs, timings = fitlib.fit_methods(cfg, data, splits, text, k, on_compiled=compiled,
+                                          progress=lambda done: bar and bar[0].update(done))
+    for b in bar:
+        b.close()
     hps = jax.tree.map(jax.numpy.asarray, cfg.grid_hparams())
     jsplits = jax.tree.map(jax.numpy.asarray, splits)
     evals = {m: metrics.evaluate_method(m, o, hps, data, jsplits, k, text) for m, o in outputs.items()}
     best_epochs = {m: o.best_epoch for m, o in outputs.items()}
     histories = {m: o.history for m, o in outputs.items()}
-    return finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, data)
+    failed = {m: ~np.isfinite(np.asarray(h["train_loss"])).all(axis=-1) for m, h in histories.items()}
+    if log and any(f.any() for f in failed.values()):
+        log("non-finite training loss (reported as failed): " + ", ".join(m for m, f in failed.items() if f.any()))
+    return finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, data, failed)
 
 
-def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, data=None) -> tuple[dict, Path]:
+def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, data=None,
+               failed=None) -> tuple[dict, Path]:
     """Shared by w2s-fit and w2s-tp: weak and zero-shot rows, hparam selection, summary, results folder.
 
     evals: method -> {test_acc, agreement, val_score} each ``S x H``; best_epochs: method -> ``S x H``;
@@ -55,7 +92,8 @@ def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_d
     jsplits = jax.tree.map(jax.numpy.asarray, splits)
     text = store.text_TxKxD
     zero_shot = None if text is None else metrics.zero_shot(data, jsplits, text, cfg.hparams.logit_scale)
-    summary = results.summarize(evals, best_epochs, cfg.grid_hparams(), metrics.weak_accuracy(data, jsplits), zero_shot)
+    summary = results.summarize(evals, best_epochs, cfg.grid_hparams(), metrics.weak_accuracy(data, jsplits), zero_shot,
+                                failed)
     provenance = {**dataclasses.asdict(store.provenance), "weak_model": store.weak_info[cfg.weak]}
     timings = {**timings, "backend": jax.default_backend(), "devices": [str(x) for x in jax.devices()]}
     if jax.process_index() == 0:  # on several hosts, every process holds the results; one writes them

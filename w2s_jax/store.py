@@ -154,6 +154,9 @@ def read_store(path, *, need_weak: tuple[str, ...] = ()) -> Store:
     try:
         f = h5py.File(path, "r")
     except OSError as err:
+        if is_lock_error(err):  # a good store that another process holds open: never advise deleting it
+            raise StoreError(path, "another process is writing this store (the file is locked)",
+                             "wait for that process to finish, or pass another --out") from None
         raise StoreError(path, f"not a readable HDF5 file ({err})", "delete it and rerun w2s-extract") from None
     with f:
         version = f.attrs.get("schema_version")
@@ -189,6 +192,11 @@ def read_store(path, *, need_weak: tuple[str, ...] = ()) -> Store:
     return store
 
 
+def is_lock_error(err: OSError) -> bool:
+    """HDF5's file lock held by another process (errno 11, EAGAIN)."""
+    return getattr(err, "errno", None) == 11 or "errno = 11" in str(err) or "unable to lock file" in str(err)
+
+
 def _validate(path, store: Store) -> None:
     """Raise StoreError unless shapes, dtypes, labels and values are consistent and finite."""
     k = store.num_classes
@@ -215,6 +223,9 @@ def _validate(path, store: Store) -> None:
         _check_finite(path, f"{name} features", feats)
         for weak, logits in sp.weak_logits.items():
             logits = np.asarray(logits)
+            if not np.issubdtype(logits.dtype, np.floating):
+                raise StoreError(path, f"{name}: weak '{weak}' logits have dtype {logits.dtype}, expected float",
+                                 f"re-add that weak model: w2s-extract ... --out {path} --weak {weak}")
             if logits.shape != (n, k):
                 raise StoreError(path, f"{name}: weak '{weak}' logits {logits.shape}, expected ({n}, {k})")
             _check_finite(path, f"{name} weak '{weak}' logits", logits)
