@@ -247,3 +247,16 @@ def test_extraction_out_and_lock_are_checked_before_work(tmp_path):
     with outputs.exclusive(out):
         r = CliRunner().invoke(extract_cli.main, ["--dataset", "demo", "--out", str(out)])
     assert r.exit_code != 0 and "another process is writing" in r.output and "Traceback" not in r.output
+
+
+# ------------------------------------------------------------------------------ 14. the test run's summary
+
+
+def test_a_pytest_run_ends_with_its_summary_line():
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(__file__))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_layering.py"],
+                       cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and re.search(r"^\d+ passed in [\d.]+s", r.stdout.strip().splitlines()[-1]), r.stdout
