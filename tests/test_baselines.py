@@ -138,3 +138,24 @@ def test_delta_picks_the_best_baseline_on_hold_val_not_test_prime():
     }))
     assert report._delta(s) == pytest.approx(100 * (0.70 - 0.65))
     assert report._delta(s, "test_acc") == pytest.approx(100 * (0.70 - 0.80))
+
+
+def test_lp_l2_is_the_sklearn_penalty_on_the_effective_weights(tmp_path):
+    from w2s_jax.config import Hparams
+    from w2s_jax.heads import linear_head
+
+    head = linear_head(3)
+    params = {"w_KxD": np.full((3, 4), 0.5, np.float32), "b_K": np.ones(3, np.float32), "center_D": np.zeros(4)}
+    hp = Hparams(lp_scale=10.0, lp_l2=1e-3)
+    assert float(head.penalty(params, hp)) == pytest.approx(0.5 * 1e-3 * np.sum((10.0 * 0.5) ** 2 * np.ones((3, 4))))
+    assert float(head.penalty(params, Hparams())) == 0.0  # off by default: published numbers are unchanged
+    path = tmp_path / "s.h5"
+    synthetic_store(path, seed=2)
+    cfg = FitConfig(store=str(path), weak="noisy", methods=("kd+lp",), seeds=1, epochs=4, batch_size=64,
+                    grid=(("lp_l2", (0.0, 1e-1)),))
+    store = read_store(path)
+    test = store.splits["test"]
+    data = fitlib.make_data(test.features_NxD, test.weak_logits["noisy"], test.labels_N)
+    out, _ = fitlib.fit_methods(cfg, data, stacked_splits(len(test.ids_N), 1), None, store.num_classes)
+    norms = np.linalg.norm(np.asarray(out["kd+lp"].params["w_KxD"])[0].reshape(2, -1), axis=1)
+    assert norms[1] < norms[0]  # the penalty shrinks the weights

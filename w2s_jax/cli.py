@@ -68,6 +68,8 @@ def find_store(folder: Path = STORES) -> str:
 @click.option("--lp-scale", default=DEFAULTS.lp_scale, show_default=True, help="s of the linear head.")
 @click.option("--lp-shrinkage", default=DEFAULTS.lp_shrinkage, show_default=True,
               help="δ of the linear head's start: 1 = nearest class mean, 0 = LDA.")
+@click.option("--lp-l2", default=DEFAULTS.lp_l2, show_default=True,
+              help="L2 penalty on the linear head's s·W (scikit-learn's 1/(C·n)).")
 @click.option("--alpha-max", default=DEFAULTS.alpha_max, show_default=True, help="AuxConf alpha_max.")
 @click.option("--tau-a", default=DEFAULTS.tau_a, show_default=True, help="AdaptConf temperature.")
 @click.option("--grid", multiple=True, help="Sweep a hyperparameter: FIELD=V1,V2 (repeatable; cartesian product).")
@@ -83,7 +85,7 @@ def find_store(folder: Path = STORES) -> str:
 @click.option("--show", type=click.Path(), multiple=True,
               help="Print the table of existing results folder(s) and exit; several are merged into one table.")
 def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, lp_scale, lp_shrinkage,
-         alpha_max, tau_a, grid,
+         lp_l2, alpha_max, tau_a, grid,
          vmap, out, overwrite, distributed, coordinator, num_processes, process_id, list_methods, show):
     """Fit CPL and linear-probe heads with CE, KD, AuxConf, AdaptConf (+ ceilings) for every seed."""
     from w2s_jax import results
@@ -122,7 +124,7 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
             methods=JAX_METHODS if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip()),
             seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size), vmap=vmap, grid=_parse_grid(grid),
             hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale, lp_scale=lp_scale,
-                            lp_shrinkage=lp_shrinkage, alpha_max=alpha_max, tau_a=tau_a),
+                            lp_shrinkage=lp_shrinkage, lp_l2=lp_l2, alpha_max=alpha_max, tau_a=tau_a),
         )
         out = out or f"results/{Path(store).stem}-{weak}"
         summary, path = run(cfg, out, log=click.echo, overwrite=overwrite)

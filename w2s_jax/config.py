@@ -18,6 +18,7 @@ class Hparams(NamedTuple):
     lp_scale: float = 10.0  # s of the linear head, zs = s * W (r̂ - mu) + b: its step size in logit space
     lp_shrinkage: float = 0.5  # δ of the linear head's start, a discriminant with Σ = (1-δ) S_w + δ tr(S_w)/D I:
     #                            1 = nearest class mean, 0 = LDA (0.5 chosen on the demo's hold_val, README)
+    lp_l2: float = 0.0  # L2 on the linear head's s·W, 0.5·lp_l2·‖sW‖² added to the loss (sklearn: 1 / (C n))
     alpha_max: float = 0.5  # AuxConf's final confidence weight (Burns et al.: 0.5)
     aux_warmup: float = 0.2  # AuxConf's warm-up fraction w of training (Burns et al.: 0.2)
     tau_a: float = 4.0  # AdaptConf's temperature (Guo et al.: 0.5 on CIFAR, 4.0 on ImageNet)
@@ -30,6 +31,7 @@ HPARAM_RANGES = {
     "logit_scale": (0.0, math.inf, False, False),
     "lp_scale": (0.0, math.inf, False, False),
     "lp_shrinkage": (0.0, 1.0, True, True),
+    "lp_l2": (0.0, math.inf, True, False),
     "alpha_max": (0.0, 1.0, True, True),
     "aux_warmup": (0.0, 1.0, False, True),
     "tau_a": (0.0, math.inf, False, False),

@@ -116,7 +116,7 @@ def make_trainer(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig) -
             target_BxK = targets_NxK[rows_B]
             per_example_B = loss_fn(logits_BxK, target_BxK, progress=progress, hp=hp)
             hits = jnp.sum((jnp.argmax(logits_BxK, 1) == jnp.argmax(target_BxK, 1)) * mask_B)
-            return jnp.sum(per_example_B * mask_B) / jnp.sum(mask_B), hits
+            return jnp.sum(per_example_B * mask_B) / jnp.sum(mask_B) + head.penalty(params, hp), hits
 
         def train_step(carry, xs):
             params, opt_state = carry

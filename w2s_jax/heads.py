@@ -29,6 +29,7 @@ import jax.numpy as jnp
 class Head(NamedTuple):
     init: Callable
     apply: Callable
+    penalty: Callable = lambda params, hp: 0.0  # added to the mean training loss
 
 
 def l2_normalize(x, axis=-1):
@@ -94,7 +95,11 @@ def linear_head(num_classes: int) -> Head:
         centred_BxD = feats_BxD - jax.lax.stop_gradient(params["center_D"])  # a statistic: zero gradient, no step
         return hp.lp_scale * centred_BxD @ params["w_KxD"].T + params["b_K"]
 
-    return Head(init, apply)
+    def penalty(params, hp):
+        """L2 on the effective weights s·W, in logit units: scikit-learn's objective with lp_l2 = 1 / (C n)."""
+        return 0.5 * hp.lp_l2 * jnp.sum((hp.lp_scale * params["w_KxD"]) ** 2)
+
+    return Head(init, apply, penalty)
 
 
 def make_head(name: str, num_classes: int, text_TxKxD=None) -> Head:
