@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from extract.datasets import DATASETS, DEMO_DOMAINS, DOMAINNET_DOMAINS, DatasetError
+from extract.datasets import DATASETS, DEMO_DOMAINS, DOMAINNET_DOMAINS, DatasetError, check_domainnet_domain
 from extract.download import ARCHIVE_GB, DownloadError
 from extract.encoders import DEMO_ENCODER, EncoderError
 from extract.pipeline import ON_CORRUPT, CorruptImagesError, Options
@@ -48,8 +48,7 @@ def ensure_domainnet(domain: str, root, *, download: bool, mirror: str | None, l
     """The DomainNet root for ``domain``, downloading the domain into the default root when it is missing there."""
     default = root is None
     root = default_domainnet_root() if default else Path(root).expanduser()
-    if domain not in DOMAINNET_DOMAINS:
-        raise DatasetError(f"unknown DomainNet domain {domain!r}; choose one of {', '.join(DOMAINNET_DOMAINS)}")
+    check_domainnet_domain(domain)
     missing = missing_domainnet_files(root, domain)
     if not missing:
         return root

@@ -147,9 +147,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
 # --------------------------------------------------------------------- DomainNet
 
 
-def domainnet(root: Path, domain: str | None) -> Dataset:
+def check_domainnet_domain(domain) -> str:
     if domain not in DOMAINNET_DOMAINS:
         raise DatasetError(f"unknown DomainNet domain {domain!r}; choose one of {', '.join(DOMAINNET_DOMAINS)}")
+    return domain
+
+
+def domainnet(root: Path, domain: str | None) -> Dataset:
+    check_domainnet_domain(domain)
     files = {s: root / f"{domain}_{s}.txt" for s in ("train", "test")}
     for path in files.values():
         if not path.is_file():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from extract.datasets import DOMAINNET_DOMAINS, DatasetError
+from extract.datasets import DOMAINNET_DOMAINS, check_domainnet_domain
 
 OFFICIAL_BASE = "http://csr.bu.edu/ftp/visda/2019/multi-source"
 # Relative paths on the official server (clipart and painting live under groundtruth/).
@@ -88,8 +88,7 @@ def _sha256(path: Path) -> str:
 
 def download_domainnet(domain: str, root, mirror: str | None = None, checksums: dict | None = None) -> Path:
     """Fetch ``domain``'s archive and split files into ``root`` and unzip the archive there."""
-    if domain not in DOMAINNET_DOMAINS:
-        raise DatasetError(f"unknown DomainNet domain {domain!r}; choose one of {', '.join(DOMAINNET_DOMAINS)}")
+    check_domainnet_domain(domain)
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     base = (mirror or OFFICIAL_BASE).rstrip("/")

@@ -11,9 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
 import tomllib
 from pathlib import Path
 
@@ -128,14 +126,11 @@ def _slug(spec: str) -> str:
 
 
 def _once(folder: Path, work, log) -> Path:
-    """Run ``work(tmp)`` unless ``folder`` is complete; the folder appears only when work finishes."""
+    """Run ``work(folder)`` unless ``folder`` is complete; results folders appear whole (w2s_jax.outputs)."""
     if (folder / "metrics.json").exists():
         log(f"done already: {folder}")
         return folder
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    work(tmp)
-    os.replace(tmp, folder)
+    work(folder)
     log(f"finished: {folder}")
     return folder
 

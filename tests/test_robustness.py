@@ -181,7 +181,7 @@ def test_weak_logits_of_a_non_float_dtype_are_refused_by_name(tmp_path, dtype):
         shape = f["splits/test/weak/noisy_NxK"].shape
         del f["splits/test/weak/noisy_NxK"]
         f["splits/test/weak/noisy_NxK"] = np.zeros(shape, dtype)
-    with pytest.raises(StoreError, match=f"weak 'noisy' logits have dtype .*expected float"):
+    with pytest.raises(StoreError, match="weak 'noisy' logits have dtype .*expected float"):
         read_store(path)
 
 

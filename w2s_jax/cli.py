@@ -30,9 +30,6 @@ def _parse_grid(items) -> tuple:
         if not sep or not parsed or name not in Hparams._fields:
             raise click.BadParameter(
                 f"{item!r}: expected FIELD=V1,V2,... with FIELD one of {', '.join(Hparams._fields)}", param_hint="--grid")
-        if name in dict(grid):
-            raise click.BadParameter(f"{name} is given twice; list all its values once: {name}=V1,V2,...",
-                                     param_hint="--grid")
         grid.append((name, parsed))
     return tuple(grid)
 

@@ -67,7 +67,7 @@ def check_hparams(hp: Hparams, grid=()) -> None:
     fields = [f for f, _ in grid]
     repeated = sorted({f for f in fields if fields.count(f) > 1})
     if repeated:
-        raise ValueError(f"grid field(s) {repeated} given more than once; list all values once: FIELD=V1,V2,...")
+        raise ValueError(f"{repeated[0]} is given twice in the grid; list all its values once: {repeated[0]}=V1,V2,...")
 
 
 def hparam_grid(base: Hparams, grid: dict) -> Hparams:

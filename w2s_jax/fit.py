@@ -203,7 +203,6 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
         per_model = sharding.pad_models(sharding.flatten_grid(jax.random.key_data(keys), hps, splits), mesh.size)
         key_data_M, hps_M, splits_M = sharding.place(per_model, mesh, P("models"))
         shared = sharding.place(data, mesh, P())
-        num_m = key_data_M.shape[0]
 
         def start_program(key_data_M, hps_M, data, splits_M):
             return {m: start_models(t, key_data_M, hps_M, data, splits_M) for m, t in trainers.items()}
@@ -224,7 +223,7 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
         for e in range(cfg.epochs):
             states, h = step(states, jnp.int32(e), *args)
             history.append(jax.block_until_ready(h))
-            report(num_m * len(trainers))
+            report(cfg.seeds * num_h * len(trainers))  # the padding copies are not counted
         history = jax.tree.map(lambda *per_epoch: jnp.stack(per_epoch, axis=-1), *history)
         outputs = {m: finish(states[m], history[m]) for m in trainers}
         outputs = sharding.unflatten(sharding.to_host(outputs), cfg.seeds, num_h)

@@ -52,7 +52,8 @@ def exclusive(path):
 
 def swap_in(tmp: Path, final: Path) -> Path:
     """Move the finished folder ``tmp`` to ``final``, replacing what was there; readers never see a half folder."""
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    old = final.parent / f".{final.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -61,8 +62,9 @@ def swap_in(tmp: Path, final: Path) -> Path:
 
 
 def staging_folder(final: Path) -> Path:
-    """A fresh hidden folder beside ``final`` to write into before :func:`swap_in`."""
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    """A fresh hidden folder beside ``final`` to write into before :func:`swap_in` (call it under
+    :func:`exclusive`, so the fixed name is ours; what a killed writer left there is cleared first)."""
+    tmp = final.parent / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
