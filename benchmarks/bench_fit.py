@@ -19,7 +19,7 @@ from _common import clustered, machine, peak_rss_gib, timed
 from w2s_jax import fit as fitlib
 from w2s_jax import metrics
 from w2s_jax.config import FitConfig
-from w2s_jax.methods import JAX_METHODS
+from w2s_jax.methods import jax_methods
 from w2s_jax.splits import split_sizes, stacked_splits
 
 
@@ -54,7 +54,7 @@ def main():
     ap.add_argument("--k", type=int, default=345)
     ap.add_argument("--skip-torch", action="store_true")
     args = ap.parse_args()
-    methods = JAX_METHODS if args.methods == "all" else tuple(args.methods.split(","))
+    methods = jax_methods() if args.methods == "all" else tuple(args.methods.split(","))
 
     rng = np.random.default_rng(0)
     feats, weak, labels, text = clustered(args.n, args.d, args.k, rng)
@@ -70,7 +70,7 @@ def main():
     out_a, t_a = fitlib.fit_methods(base, data, splits, text, args.k)
     hps = jax.tree.map(jnp.asarray, base.grid_hparams())
     jsplits = jax.tree.map(jnp.asarray, splits)
-    acc_a = {m: metrics.evaluate_method(m, o, hps, data, jsplits, args.k, text)["test_acc"][:, 0]
+    acc_a = {m: metrics.evaluate_method(m, o, hps, data, jsplits, args.k)["test_acc"][:, 0]
              for m, o in out_a.items()}
     # (b) the same fit, model by model
     _, t_b = fitlib.fit_methods(FitConfig(**{**base.__dict__, "vmap": False}), data, splits, text, args.k)

@@ -16,7 +16,7 @@ from _common import clustered, machine
 from w2s_jax import fit as fitlib
 from w2s_jax import sharding
 from w2s_jax.config import FitConfig
-from w2s_jax.methods import JAX_METHODS, METHODS
+from w2s_jax.methods import jax_methods, METHODS
 from w2s_jax.splits import stacked_splits
 
 
@@ -53,10 +53,10 @@ def main():
     feats, weak, labels, text = clustered(args.n, args.d, args.k, np.random.default_rng(0))
     data = fitlib.make_data(feats, weak, labels)
     splits = stacked_splits(args.n, args.seeds)
-    cfg = FitConfig(store="synthetic", weak="synthetic", methods=JAX_METHODS, seeds=args.seeds, epochs=args.epochs,
+    cfg = FitConfig(store="synthetic", weak="synthetic", methods=jax_methods(), seeds=args.seeds, epochs=args.epochs,
                     batch_size=args.batch)
     print(f"machine: {machine()}\nshape: n={args.n}, d={args.d}, k={args.k}, batch {args.batch}, {args.epochs} epochs, "
-          f"{len(JAX_METHODS)} methods x {args.seeds} seeds; best of {args.repeats} runs each, interleaved")
+          f"{len(jax_methods())} methods x {args.seeds} seeds; best of {args.repeats} runs each, interleaved")
     compile_single, run_single = single_call(cfg, data, splits, text, args.k)
     run_single()
     per_epoch, single = [], []

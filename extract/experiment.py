@@ -20,7 +20,7 @@ import click
 from extract import pipeline, weak as weaklib
 from extract.datasets import DatasetError, load_dataset
 from w2s_jax.config import FitConfig, Hparams, check_hparams, check_number
-from w2s_jax.methods import JAX_METHODS, TORCH_METHODS, check_methods
+from w2s_jax.methods import jax_methods, TORCH_METHODS, check_methods
 
 SECTIONS = {
     "": {"name", "out", "strong", "data", "fit", "tp", "extract", "report"},
@@ -92,7 +92,7 @@ def _check_path_name(name) -> None:
 def fit_config(fit: dict, store, weak) -> FitConfig:
     """The FitConfig of one (store, weak model) from the [fit] table; raises ValueError for a bad value."""
     methods = fit.get("methods", ["all"])
-    return FitConfig(store=str(store), weak=weak, methods=check_methods(JAX_METHODS if methods == ["all"] else methods),
+    return FitConfig(store=str(store), weak=weak, methods=check_methods(jax_methods() if methods == ["all"] else methods),
                      seeds=fit.get("seeds", 5), epochs=fit.get("epochs", 10), batch_size=fit.get("batch_size", "auto"),
                      warmup=fit.get("warmup", 0.1), hparams=Hparams(**fit.get("hparams", {})),
                      grid=tuple((k, tuple(v)) for k, v in fit.get("grid", {}).items()))

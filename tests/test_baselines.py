@@ -13,12 +13,12 @@ from w2s_jax import report, results
 from w2s_jax import store as st
 from w2s_jax.config import FitConfig
 from w2s_jax.heads import shrunk_lda
-from w2s_jax.methods import JAX_METHODS, METHODS
+from w2s_jax.methods import jax_methods, METHODS
 from w2s_jax.run import run
 from w2s_jax.splits import stacked_splits
 from w2s_jax.store import read_store
 
-LP_W2S = tuple(m for m in JAX_METHODS if METHODS[m].head == "linear" and METHODS[m].target == "weak")
+LP_W2S = tuple(m for m in jax_methods() if METHODS[m].head == "linear" and METHODS[m].target == "weak")
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +91,13 @@ def test_no_two_registered_methods_give_the_same_parameters(tmp_path):
     store = read_store(path)
     test = store.splits["test"]
     data = fitlib.make_data(test.features_NxD, test.weak_logits["noisy"], test.labels_N)
-    cfg = FitConfig(store=str(path), weak="noisy", methods=JAX_METHODS, seeds=1, epochs=3, batch_size=64)
+    cfg = FitConfig(store=str(path), weak="noisy", methods=jax_methods(), seeds=1, epochs=3, batch_size=64)
     out, _ = fitlib.fit_methods(cfg, data, stacked_splits(len(test.ids_N), 1), store.text_TxKxD, store.num_classes)
-    for a, b in itertools.combinations(JAX_METHODS, 2):
+    for a, b in itertools.combinations(jax_methods(), 2):
         if METHODS[a].head != METHODS[b].head:
             continue
         same = all(np.allclose(x, y, rtol=1e-4, atol=1e-6)
-                   for x, y in zip(jax.tree.leaves(out[a].params), jax.tree.leaves(out[b].params)))
+                   for x, y in zip(jax.tree.leaves(out[a].variables), jax.tree.leaves(out[b].variables)))
         assert not same, f"{a} and {b} compute the same parameters: keep one name"
 
 
@@ -142,10 +142,10 @@ def test_delta_picks_the_best_baseline_on_hold_val_not_test_prime():
 
 def test_lp_l2_is_the_sklearn_penalty_on_the_effective_weights(tmp_path):
     from w2s_jax.config import Hparams
-    from w2s_jax.heads import linear_head
+    from w2s_jax.heads import HEADS
 
-    head = linear_head(3)
-    params = {"w_KxD": np.full((3, 4), 0.5, np.float32), "b_K": np.ones(3, np.float32), "center_D": np.zeros(4)}
+    head = HEADS["linear"]
+    params = {"w_KxD": np.full((3, 4), 0.5, np.float32), "b_K": np.ones(3, np.float32)}
     hp = Hparams(lp_scale=10.0, lp_l2=1e-3)
     assert float(head.penalty(params, hp)) == pytest.approx(0.5 * 1e-3 * np.sum((10.0 * 0.5) ** 2 * np.ones((3, 4))))
     assert float(head.penalty(params, Hparams())) == 0.0  # off by default: published numbers are unchanged
@@ -157,5 +157,5 @@ def test_lp_l2_is_the_sklearn_penalty_on_the_effective_weights(tmp_path):
     test = store.splits["test"]
     data = fitlib.make_data(test.features_NxD, test.weak_logits["noisy"], test.labels_N)
     out, _ = fitlib.fit_methods(cfg, data, stacked_splits(len(test.ids_N), 1), None, store.num_classes)
-    norms = np.linalg.norm(np.asarray(out["kd+lp"].params["w_KxD"])[0].reshape(2, -1), axis=1)
+    norms = np.linalg.norm(np.asarray(out["kd+lp"].variables["params"]["w_KxD"])[0].reshape(2, -1), axis=1)
     assert norms[1] < norms[0]  # the penalty shrinks the weights

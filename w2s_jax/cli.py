@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from w2s_jax.config import FitConfig, Hparams
-from w2s_jax.methods import JAX_METHODS, METHODS
+from w2s_jax.methods import jax_methods, METHODS
 
 DEFAULTS = Hparams()
 
@@ -89,7 +89,7 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
 
     if list_methods:
         for name, m in METHODS.items():
-            where = "" if name in JAX_METHODS else "  (PyTorch: w2s-tp)"
+            where = "" if name in jax_methods() else "  (PyTorch: w2s-tp)"
             click.echo(f"{name:16s} head={m.head:12s} loss={m.loss:9s} trained on {m.target}{where}")
         click.echo("\ncpl is the paper's KL loss on text-initialised prototypes; under Adam it equals KD on that head "
                    "(the T² factor cancels), so kd+proto and cpl+lp (= kd+lp) are not registered.")
@@ -118,7 +118,7 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
             weak = names[0]
         cfg = FitConfig(
             store=str(store), weak=weak,
-            methods=JAX_METHODS if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip()),
+            methods=jax_methods() if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip()),
             seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size), vmap=vmap, grid=_parse_grid(grid),
             hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale, lp_scale=lp_scale,
                             lp_shrinkage=lp_shrinkage, lp_l2=lp_l2, alpha_max=alpha_max, tau_a=tau_a),

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from w2s_jax import sharding
 from w2s_jax.config import FitConfig, Hparams, resolve_batch_size
-from w2s_jax.heads import l2_normalize, make_head
+from w2s_jax.heads import Start, get_head, l2_normalize
 from w2s_jax.losses import get_loss
 from w2s_jax.methods import METHODS, Method
 from w2s_jax.splits import SeedSplits
@@ -37,7 +37,7 @@ class FitData(NamedTuple):
 
 
 class FitOutput(NamedTuple):
-    params: dict  # best-epoch head parameters
+    variables: dict  # the head's best-epoch variables: {"params": trained, "stats": fixed at the start, if any}
     history: dict  # per-epoch curves, each (E,): train_loss, train_acc (vs. the training target, during the
     #                epoch), val_loss, val_score, test_acc
     best_epoch: jax.Array  # 1-based epoch whose parameters were kept
@@ -66,9 +66,9 @@ def lr_factor(step, total_steps: int, warmup: float):
 class FitState(NamedTuple):
     """What one model carries from epoch to epoch."""
 
-    params: dict  # the head's current parameters
-    opt_state: tuple  # Adam's moments and step count
-    best: dict  # {"params", "score", "epoch"}: the best epoch so far by hold_val score
+    variables: dict  # the head's current variables (flax): "params" are trained, "stats" stay as they started
+    opt_state: tuple  # Adam's moments and step count, for the "params" only
+    best: dict  # {"variables", "score", "epoch"}: the best epoch so far by hold_val score
 
 
 class Trainer(NamedTuple):
@@ -86,7 +86,9 @@ class Trainer(NamedTuple):
 
 def make_trainer(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig) -> Trainer:
     """The pure training functions of one model (one seed, one hparam setting) of ``method``."""
-    head = make_head(method.head, num_classes, text_TxKxD)
+    head = get_head(method.head)
+    module = head.module(num_classes)
+    text_KxD = None if text_TxKxD is None else jnp.mean(jnp.asarray(text_TxKxD, jnp.float32), axis=0)
     loss_fn = get_loss(method.loss)
     epochs, batch = cfg.epochs, cfg.batch_size
 
@@ -98,10 +100,10 @@ def make_trainer(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig) -
         targets_NxK = teacher_logits(method, data, num_classes)
         total = epochs * math.ceil(split.hold_train.shape[0] / batch)
         init_key, _ = jax.random.split(key)
-        params = head.init(init_key, data.feats_NxD[split.hold_train],
-                           jnp.argmax(targets_NxK[split.hold_train], axis=1), hp)
-        best = {"params": params, "score": jnp.float32(-1.0), "epoch": jnp.int32(0)}
-        return FitState(params, optimizer(hp, total).init(params), best)
+        first = Start(jnp.argmax(targets_NxK[split.hold_train], axis=1), text_KxD)
+        variables = module.init(init_key, data.feats_NxD[split.hold_train], hp, first)
+        best = {"variables": variables, "score": jnp.float32(-1.0), "epoch": jnp.int32(0)}
+        return FitState(variables, optimizer(hp, total).init(variables["params"]), best)
 
     def epoch(state: FitState, key, epoch, hp: Hparams, data: FitData, split: SeedSplits):
         targets_NxK = teacher_logits(method, data, num_classes)
@@ -111,8 +113,11 @@ def make_trainer(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig) -
         tx = optimizer(hp, total)
         _, order_key = jax.random.split(key)
 
+        def apply(params, feats_BxD):
+            return module.apply({**state.variables, "params": params}, feats_BxD, hp)
+
         def batch_loss(params, rows_B, mask_B, progress):
-            logits_BxK = head.apply(params, data.feats_NxD[rows_B], hp)
+            logits_BxK = apply(params, data.feats_NxD[rows_B])
             target_BxK = targets_NxK[rows_B]
             per_example_B = loss_fn(logits_BxK, target_BxK, progress=progress, hp=hp)
             hits = jnp.sum((jnp.argmax(logits_BxK, 1) == jnp.argmax(target_BxK, 1)) * mask_B)
@@ -132,20 +137,21 @@ def make_trainer(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig) -
         mask_TxB = (jnp.arange(steps * batch) < n_train).reshape(steps, batch).astype(jnp.float32)
         step_ids = epoch * steps + jnp.arange(steps)
         (params, opt_state), (losses, hits) = jax.lax.scan(
-            train_step, (state.params, state.opt_state), (step_ids, rows_TxB, mask_TxB))
+            train_step, (state.variables["params"], state.opt_state), (step_ids, rows_TxB, mask_TxB))
         # --- end of epoch: hold_val picks the best epoch; test' accuracy is kept for curves only
-        val_logits = head.apply(params, data.feats_NxD[split.hold_val], hp)
+        val_logits = apply(params, data.feats_NxD[split.hold_val])
         val_targets = targets_NxK[split.hold_val]
         val_score = jnp.mean(jnp.argmax(val_logits, 1) == jnp.argmax(val_targets, 1))
         val_loss = jnp.mean(loss_fn(val_logits, val_targets, progress=(epoch + 1) / epochs, hp=hp))
-        test_logits = head.apply(params, data.feats_NxD[split.test_prime], hp)
+        test_logits = apply(params, data.feats_NxD[split.test_prime])
         test_acc = jnp.mean(jnp.argmax(test_logits, 1) == data.labels_N[split.test_prime])
         better = val_score > state.best["score"]
-        candidate = {"params": params, "score": val_score, "epoch": epoch + 1}
+        variables = {**state.variables, "params": params}
+        candidate = {"variables": variables, "score": val_score, "epoch": epoch + 1}
         best = jax.tree.map(lambda new, old: jnp.where(better, new, old), candidate, state.best)
         history = {"train_loss": jnp.sum(losses) / n_train, "train_acc": jnp.sum(hits) / n_train,
                    "val_loss": val_loss, "val_score": val_score, "test_acc": test_acc}
-        return FitState(params, opt_state, best), history
+        return FitState(variables, opt_state, best), history
 
     def fit(key, hp: Hparams, data: FitData, split: SeedSplits) -> FitOutput:
         state = start(key, hp, data, split)
@@ -156,7 +162,7 @@ def make_trainer(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig) -
 
 
 def finish(state: FitState, history: dict) -> FitOutput:
-    return FitOutput(state.best["params"], history, state.best["epoch"])
+    return FitOutput(state.best["variables"], history, state.best["epoch"])
 
 
 def make_fit(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig):

@@ -1,4 +1,16 @@
-"""Heads as pairs of pure functions over L2-normalised features ``r̂`` (DESIGN.md §3).
+"""Heads as ``flax.linen`` modules over L2-normalised features ``r̂`` (DESIGN.md §3), and their registry.
+
+Every head is called as ``head(feats_BxD, hp, start=None) -> logits_BxK``:
+
+- ``head.init(key, feats_NxD, hp, Start(targets_N, text_KxD))`` sees the seed's ``hold_train`` rows and
+  their target classes, so a head may start from the data. It returns the variables: ``"params"`` (trained)
+  and, if the head has any, ``"stats"`` (feature statistics fixed at the start, never trained). A variable
+  that starts from the data is made with ``self.variable("params", name, fn)``: its ``fn`` runs at init only
+  (``self.param`` also runs its initialiser at apply, abstractly, to check the shape).
+- ``head.apply(variables, feats_BxD, hp)`` is the forward pass. Both are pure, so ``fit`` vmaps them.
+- Hyperparameters arrive in ``hp`` (arrays, so a grid sweeps them); fields of the module are its shape.
+
+The two built-in heads:
 
 - prototype (CPL): ``zs_i = s * cos(C_i, r)``, C initialised to the raw text embeddings (mean over
   templates) where the store has them, else to the mean ``r̂`` of the training rows whose target
@@ -6,30 +18,39 @@
   the effective step size: raw CLIP text embeddings (norm ~10) move ~10x more slowly at lr 1e-2
   than unit-norm ones, which is what the paper's lr was tuned for.
 - linear (LP): ``zs = s * W (r̂ - mu) + b``, a linear probe made to converge in the paper's few steps:
-  - ``mu`` is the mean of ``r̂`` over the seed's ``hold_train`` rows (no labels used), kept in the params
-    as ``center_D`` and never trained. Real encoder features are far from centred (on the demo 55% of
-    each unit vector's squared norm lies along one shared direction), so without it a fresh head sends
-    most rows to one class, and the self-training losses (AuxConf, AdaptConf) lock that class in.
+  - ``mu`` is the mean of ``r̂`` over the seed's ``hold_train`` rows (no labels used), the ``stats`` variable
+    ``center_D``. Real encoder features are far from centred (on the demo 55% of each unit vector's squared
+    norm lies along one shared direction), so without it a fresh head sends most rows to one class, and the
+    self-training losses (AuxConf, AdaptConf) lock that class in.
   - ``s = hp.lp_scale`` sets the step size in logit space: Adam's step in W is about ``lr`` whatever the
     gradient's size, and unit-norm features give small logits.
   - It starts from the regularised linear discriminant of the training targets (``shrunk_lda``): the
     problem is convex in ``(W, b)``, so the start changes how fast the probe converges, not where to.
     ``hp.lp_shrinkage = 1`` is the nearest-class-mean start, the LP twin of the prototypes' centroid start.
 
-``init(key, feats_NxD, targets_N, hp) -> params``; ``apply(params, feats_BxD, hp) -> logits_BxK``.
+A new head is one module plus one line in ``HEADS`` (README: "Add a head").
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 
+class Start(NamedTuple):
+    """What a head may start from at ``init`` (never passed to ``apply``)."""
+
+    targets_N: jax.Array  # target class of each training row (weak argmax, or the label for a ceiling)
+    text_KxD: Any = None  # mean raw text embedding per class, or None without a text tower
+
+
 class Head(NamedTuple):
-    init: Callable
-    apply: Callable
-    penalty: Callable = lambda params, hp: 0.0  # added to the mean training loss
+    """A registry entry: the module, built as ``module(num_classes)``, and an optional training penalty."""
+
+    module: Callable[[int], nn.Module]
+    penalty: Callable = lambda params, hp: 0.0  # (params, hp) -> scalar added to the mean training loss
 
 
 def l2_normalize(x, axis=-1):
@@ -73,38 +94,54 @@ def shrunk_lda(x_NxD, targets_N, num_classes, shrinkage):
     return w_DxK.T, b_K
 
 
-def prototype_head(num_classes: int, text_TxKxD=None) -> Head:
-    def init(key, feats_NxD, targets_N, hp):
-        if text_TxKxD is not None:
-            return {"prototypes_KxD": jnp.mean(jnp.asarray(text_TxKxD), axis=0)}
-        return {"prototypes_KxD": centroid_prototypes(key, feats_NxD, targets_N, num_classes)}
+class PrototypeHead(nn.Module):
+    """CPL's class prototypes: ``logits = s * r̂ · normalize(C)ᵀ``, ``C`` of shape ``K x D``."""
 
-    def apply(params, feats_BxD, hp):
-        return hp.logit_scale * feats_BxD @ l2_normalize(params["prototypes_KxD"]).T
+    num_classes: int
 
-    return Head(init, apply)
+    @nn.compact
+    def __call__(self, feats_BxD, hp, start: Start | None = None):
+        def first_prototypes():
+            if start.text_KxD is not None:
+                return jnp.asarray(start.text_KxD, feats_BxD.dtype)
+            return centroid_prototypes(self.make_rng("params"), feats_BxD, start.targets_N, self.num_classes)
 
-
-def linear_head(num_classes: int) -> Head:
-    def init(key, feats_NxD, targets_N, hp):
-        center_D = jnp.mean(feats_NxD, axis=0)
-        w_KxD, b_K = shrunk_lda(feats_NxD - center_D, targets_N, num_classes, hp.lp_shrinkage)
-        return {"w_KxD": w_KxD / hp.lp_scale, "b_K": b_K, "center_D": center_D}
-
-    def apply(params, feats_BxD, hp):
-        centred_BxD = feats_BxD - jax.lax.stop_gradient(params["center_D"])  # a statistic: zero gradient, no step
-        return hp.lp_scale * centred_BxD @ params["w_KxD"].T + params["b_K"]
-
-    def penalty(params, hp):
-        """L2 on the effective weights s·W, in logit units: scikit-learn's objective with lp_l2 = 1 / (C n)."""
-        return 0.5 * hp.lp_l2 * jnp.sum((hp.lp_scale * params["w_KxD"]) ** 2)
-
-    return Head(init, apply, penalty)
+        prototypes_KxD = self.variable("params", "prototypes_KxD", first_prototypes).value
+        return hp.logit_scale * feats_BxD @ l2_normalize(prototypes_KxD).T
 
 
-def make_head(name: str, num_classes: int, text_TxKxD=None) -> Head:
-    if name == "prototype":
-        return prototype_head(num_classes, text_TxKxD)
-    if name == "linear":
-        return linear_head(num_classes)
-    raise ValueError(f"unknown head {name!r}; valid: prototype, linear")
+class LinearHead(nn.Module):
+    """The centred, scaled linear probe: ``logits = s * (r̂ - mu) · Wᵀ + b``, ``W`` of shape ``K x D``."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, feats_BxD, hp, start: Start | None = None):
+        center_D = self.variable("stats", "center_D", jnp.mean, feats_BxD, 0).value  # computed at init only
+        centred_BxD = feats_BxD - center_D
+        first = shrunk_lda(centred_BxD, start.targets_N, self.num_classes, hp.lp_shrinkage) if start else None
+        w_KxD = self.variable("params", "w_KxD", lambda: first[0] / hp.lp_scale).value
+        b_K = self.variable("params", "b_K", lambda: first[1]).value
+        return hp.lp_scale * centred_BxD @ w_KxD.T + b_K
+
+
+def linear_l2(params, hp):
+    """L2 on the effective weights s·W, in logit units: scikit-learn's objective with lp_l2 = 1 / (C n)."""
+    return 0.5 * hp.lp_l2 * jnp.sum((hp.lp_scale * params["w_KxD"]) ** 2)
+
+
+HEADS = {
+    "prototype": Head(PrototypeHead),
+    "linear": Head(LinearHead, linear_l2),
+}
+
+
+def get_head(name: str) -> Head:
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; valid: {', '.join(HEADS)}")
+    return HEADS[name]
+
+
+def make_head(name: str, num_classes: int) -> nn.Module:
+    """The registered module ``name`` for ``num_classes`` classes."""
+    return get_head(name).module(num_classes)

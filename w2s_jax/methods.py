@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from w2s_jax.heads import HEADS
 
-JAX_HEADS = ("linear", "prototype")  # fitted by w2s-fit; "prompt" and "text-encoder" need torch (w2s-tp)
+TORCH_HEADS = ("prompt", "text-encoder")  # need the text encoder: w2s-tp; every head in heads.HEADS is w2s-fit's
 
 
 class Method(NamedTuple):
@@ -45,12 +46,18 @@ METHODS = {
 }
 CEILING_OF_HEAD = {"linear": "ceiling+lp", "prototype": "ceiling+proto", "prompt": "ceiling+tp"}
 # "text-encoder" (cpl+textenc) has no ceiling of its own, so no PGR
-JAX_METHODS = tuple(m for m, spec in METHODS.items() if spec.head in JAX_HEADS)
-TORCH_METHODS = tuple(m for m in METHODS if m not in JAX_METHODS)
+TORCH_METHODS = tuple(m for m, spec in METHODS.items() if spec.head in TORCH_HEADS)
 
 
-def check_methods(names, valid=JAX_METHODS, command="w2s-fit") -> tuple[str, ...]:
-    """``names`` as a tuple, or a ValueError naming the unknown ones and the valid ones."""
+def jax_methods() -> tuple[str, ...]:
+    """The methods w2s-fit runs, in registry order: every method whose head is in ``heads.HEADS``, including
+    heads and methods a user registered after import (README: "Add a head")."""
+    return tuple(m for m, spec in METHODS.items() if spec.head in HEADS)
+
+
+def check_methods(names, valid=None, command="w2s-fit") -> tuple[str, ...]:
+    """``names`` as a tuple, or a ValueError naming the unknown ones and the valid ones (default: w2s-fit's)."""
+    valid = jax_methods() if valid is None else valid
     wrong_side = [n for n in names if n in METHODS and n not in valid]
     if wrong_side:
         other = "w2s-tp (PyTorch)" if wrong_side[0] in TORCH_METHODS else "w2s-fit (JAX)"

@@ -27,15 +27,15 @@ def pgr(w2s, weak, ceiling):
     return np.where(gap > 0, (w2s - weak) / np.where(gap > 0, gap, 1.0), np.nan)
 
 
-def evaluate_method(name: str, out: FitOutput, hps, data: FitData, splits: SeedSplits, num_classes, text_TxKxD):
-    """-> {test_acc, agreement, val_score}, each ``S x H``, for the best-epoch parameters."""
+def evaluate_method(name: str, out: FitOutput, hps, data: FitData, splits: SeedSplits, num_classes):
+    """-> {test_acc, agreement, val_score}, each ``S x H``, for the best-epoch variables."""
     method = METHODS[name]
-    head = make_head(method.head, num_classes, text_TxKxD)
+    head = make_head(method.head, num_classes)
     targets_NxK = teacher_logits(method, data, num_classes)
 
-    def one(params, hp, split):
-        test_logits = head.apply(params, data.feats_NxD[split.test_prime], hp)
-        val_logits = head.apply(params, data.feats_NxD[split.hold_val], hp)
+    def one(variables, hp, split):
+        test_logits = head.apply(variables, data.feats_NxD[split.test_prime], hp)
+        val_logits = head.apply(variables, data.feats_NxD[split.hold_val], hp)
         return {
             "test_acc": accuracy(test_logits, data.labels_N[split.test_prime]),
             "agreement": agreement(test_logits, data.weak_NxK[split.test_prime]),
@@ -43,7 +43,7 @@ def evaluate_method(name: str, out: FitOutput, hps, data: FitData, splits: SeedS
         }
 
     over = jax.vmap(jax.vmap(one, in_axes=(0, 0, None)), in_axes=(0, None, 0))
-    return jax.tree.map(np.asarray, jax.jit(over)(out.params, hps, splits))
+    return jax.tree.map(np.asarray, jax.jit(over)(out.variables, hps, splits))
 
 
 def weak_accuracy(data: FitData, splits: SeedSplits):

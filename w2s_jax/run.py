@@ -70,7 +70,7 @@ def _run(cfg: FitConfig, out_dir, log, overwrite) -> tuple[dict, Path]:
         b.close()
     hps = jax.tree.map(jax.numpy.asarray, cfg.grid_hparams())
     jsplits = jax.tree.map(jax.numpy.asarray, splits)
-    evals = {m: metrics.evaluate_method(m, o, hps, data, jsplits, k, text) for m, o in outputs.items()}
+    evals = {m: metrics.evaluate_method(m, o, hps, data, jsplits, k) for m, o in outputs.items()}
     best_epochs = {m: o.best_epoch for m, o in outputs.items()}
     histories = {m: o.history for m, o in outputs.items()}
     failed = {m: ~np.isfinite(np.asarray(h["train_loss"])).all(axis=-1) for m, h in histories.items()}
