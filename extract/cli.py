@@ -212,5 +212,26 @@ def download(domain, root, mirror, sums):
     click.echo(f"DomainNet {domain} is ready in {path}; next: w2s-extract --domain {domain} --root {path}")
 
 
+@main.command("demo-images")
+@click.option("--domain", type=click.Choice(DEMO_DOMAINS), default="digits", show_default=True)
+@click.option("--count", default=100, show_default=True, help="How many test images, spread over the classes.")
+@click.option("--out", type=click.Path(), required=True, help="Folder to write OUT/<class>/<id>.png into.")
+def demo_images(domain, count, out):
+    """Write demo test images as PNG files under class folders: a folder to try w2s-predict --images on."""
+    from extract.datasets import demo
+
+    data = demo(domain).limited(count)
+    ids, labels = data.splits["test"]
+    folder = Path(out)
+    if folder.exists() and any(folder.iterdir()):
+        raise click.ClickException(f"--out {folder} is not empty; pass a new folder")
+    for sample, label in zip(ids, labels):
+        path = folder / data.class_names[label] / f"{sample.replace('/', '-')}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data.load(sample).save(path)
+    click.echo(f"wrote {len(ids)} {domain} test images to {folder}/<class>/; next: "
+               f"w2s-predict --results RESULTS --images {folder}")
+
+
 if __name__ == "__main__":
     main()

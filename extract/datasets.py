@@ -183,7 +183,7 @@ def imagefolder(root: Path, domain: str | None) -> Dataset:
         raise DatasetError(
             f"image folder {root} needs train/ and test/ subfolders (or train.txt and test.txt); missing {missing}"
         )
-    per_split = {s: sorted(c.name for c in d.iterdir() if c.is_dir() and not _hidden(c.name))
+    per_split = {s: sorted(c.name for c in d.iterdir() if c.is_dir() and not is_hidden(c.name))
                  for s, d in split_dirs.items()}
     if per_split["train"] != per_split["test"]:
         only = {s: sorted(set(per_split[s]) - set(per_split[o])) for s, o in (("train", "test"), ("test", "train"))}
@@ -198,7 +198,7 @@ def imagefolder(root: Path, domain: str | None) -> Dataset:
         pairs = []
         for name in folders:
             images = [f"{split}/{name}/{f.name}" for f in (d / name).iterdir()
-                      if f.suffix.lower() in IMAGE_SUFFIXES and not _hidden(f.name)]
+                      if f.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(f.name)]
             empty += [] if images else [f"{split}/{name}"]
             pairs += [(i, index[name]) for i in images]
         pairs.sort()
@@ -210,7 +210,7 @@ def imagefolder(root: Path, domain: str | None) -> Dataset:
     return Dataset("imagefolder", domain, class_names, splits, FileLoader(str(root)), _hash_splits(splits))
 
 
-def _hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
     """Hidden and OS folders/files (.ipynb_checkpoints, .DS_Store, __MACOSX) are never classes or images."""
     return name.startswith((".", "__"))
 

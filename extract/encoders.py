@@ -53,6 +53,34 @@ def encoder_id(spec: str) -> str:
     return f"open_clip:{model_name}:sha256={sha256_file(local)}" if local.is_file() else f"open_clip:{model_name}:{source}"
 
 
+def spec_for_id(encoder: str, checkpoint: str | None = None) -> str:
+    """The ``--strong`` spec that rebuilds the encoder a store records as ``encoder`` (its id).
+
+    An encoder loaded from a local checkpoint is recorded by the file's sha256, so ``checkpoint`` must be given,
+    and must be that file.
+    """
+    if encoder.split("@")[0] == DEMO_ENCODER:
+        return encoder
+    kind, _, rest = encoder.partition(":")
+    model_name, _, source = rest.partition(":")
+    if kind != "open_clip" or not model_name or not source:
+        raise EncoderError(f"encoder {encoder!r} is not one w2s can rebuild (open_clip:MODEL:TAG, "
+                           f"open_clip:MODEL:sha256=..., or {DEMO_ENCODER}@SIZE); compute the features yourself and "
+                           "use w2s_jax.load_heads")
+    if not source.startswith("sha256="):
+        return f"{model_name}:{source}"
+    if checkpoint is None:
+        raise EncoderError(f"the heads were fit on features of {model_name} from a local checkpoint ({source}); "
+                           "pass that file with --checkpoint PATH")
+    if not Path(checkpoint).expanduser().is_file():
+        raise EncoderError(f"--checkpoint {checkpoint}: no such file")
+    spec = f"{model_name}:{checkpoint}"
+    if encoder_id(spec) != encoder:
+        raise EncoderError(f"--checkpoint {checkpoint} is not the checkpoint the heads were fit with "
+                           f"(want {source}, got {encoder_id(spec).rpartition(':')[2]})")
+    return spec
+
+
 def _parse(spec: str) -> tuple[str, str, str]:
     """-> ("demo", name, size) or ("open_clip", model, tag-or-path)."""
     name, _, size = spec.partition("@")

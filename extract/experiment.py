@@ -127,9 +127,11 @@ def _slug(spec: str) -> str:
 
 def _once(folder: Path, work, log) -> Path:
     """Run ``work(folder)`` unless ``folder`` is complete; results folders appear whole (w2s_jax.outputs)."""
-    if (folder / "metrics.json").exists():
+    if (folder / "metrics.json").exists() and (folder / "heads" / "heads.json").exists():
         log(f"done already: {folder}")
         return folder
+    if (folder / "metrics.json").exists():
+        log(f"{folder} was written before heads were saved with each fit: fitting it again")
     work(folder)
     log(f"finished: {folder}")
     return folder

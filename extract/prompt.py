@@ -134,7 +134,11 @@ def trainable(module: torch.nn.Module, head: str) -> list:
 
 def fit_prompts(method: str, make_module: Callable, feats_NxD, weak_NxK, labels_N, split: SeedSplits,
                 cfg: TPConfig, seed: int):
-    """Train one TP model for one seed. Returns (metrics dict, history dict of lists, best epoch)."""
+    """Train one TP model for one seed.
+
+    Returns (metrics dict, history dict of lists, best epoch, prototypes_KxD): the last is the text features of
+    the best epoch's prompts, the TP head in its applied form (a prototype head, ``zs = s cos(C_i, r)``).
+    """
     spec = METHODS[method]
     dev = cfg.device
     loss_fn = LOSSES[spec.loss]
@@ -196,5 +200,9 @@ def fit_prompts(method: str, make_module: Callable, feats_NxD, weak_NxK, labels_
             "test_acc": float((test_logits.argmax(1) == labels[test_idx]).float().mean()),
             "agreement": float((test_logits.argmax(1) == weak[test_idx].argmax(1)).float().mean()),
             "val_score": best[0],
+            # misfit-gain diagnostics, as w2s_jax.metrics.misfit / cross_entropy
+            "misfit": float(F.kl_div(F.log_softmax(weak[val_idx], 1), F.log_softmax(logits_for(text, val_idx), 1),
+                                     reduction="batchmean", log_target=True)),
+            "test_ce": float(F.cross_entropy(test_logits, labels[test_idx])),
         }
-    return metrics, history, best[1]
+    return metrics, history, best[1], text.float().cpu().numpy()

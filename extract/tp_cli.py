@@ -54,7 +54,7 @@ def _run_tp(cfg: TPConfig, out_dir, overwrite) -> tuple[dict, Path]:
                                                      ctx_init=cfg.ctx_init, seed=seed),
         "text-encoder": lambda seed: lambda: TextEncoderPrompts(copy.deepcopy(model), encoder.tokenizer, names),
     }
-    evals, best_epochs, histories = {}, {}, {}
+    evals, best_epochs, histories, heads = {}, {}, {}, {}
     t0 = time.perf_counter()
     for method in cfg.methods:
         runs = [fit_prompts(method, makers[METHODS[method].head](s), test.features_NxD, test.weak_logits[cfg.weak],
@@ -62,8 +62,9 @@ def _run_tp(cfg: TPConfig, out_dir, overwrite) -> tuple[dict, Path]:
         evals[method] = {key: np.asarray([[r[0][key]] for r in runs]) for key in runs[0][0]}
         best_epochs[method] = np.asarray([[r[2]] for r in runs])
         histories[method] = {f: np.asarray([[r[1][f]] for r in runs]) for f in runs[0][1]}
+        heads[method] = ("prototype", {"params": {"prototypes_KxD": np.stack([[r[3]] for r in runs])}})  # S x 1 x K x D
     timings = {"compile_s": 0.0, "run_s": time.perf_counter() - t0, "torch_device": cfg.device}
-    return finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir)
+    return finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, heads)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

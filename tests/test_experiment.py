@@ -58,9 +58,15 @@ def test_runs_skips_and_resumes(tmp_path, monkeypatch):
     # nothing left to do; an edit (more epochs) redoes only the fits
     experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
     assert len(calls) == 3
+    # a folder from before heads were saved with each fit is fitted again
+    import shutil
+
+    shutil.rmtree(next((tmp_path / "out" / "results").rglob("heads")))
+    experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
+    assert len(calls) == 4
     write(tmp_path, TOML.format(out=tmp_path / "out").replace("epochs = 2", "epochs = 3"))
     experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
-    assert len(calls) == 5
+    assert len(calls) == 6
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -63,6 +63,19 @@ def test_tp_end_to_end_merges_with_w2s_fit(clip_store, tiny_clip, tmp_path):
     for field, want in stacked_splits(150, 2)._asdict().items():
         np.testing.assert_array_equal(saved[field], want)
     assert np.load(tp_out / "history.npz")["kd+tp/test_acc"].shape == (2, 1, 2)
+    # the TP heads are saved in their applied form, prototypes, and give the reported test' accuracy
+    import json
+
+    import w2s_jax
+    from w2s_jax.store import read_store
+
+    test = read_store(clip_store).splits["test"]
+    reported = json.loads((tp_out / "metrics.json").read_text())["methods"]
+    for name, head in w2s_jax.load_heads(tp_out).items():
+        assert head.head == "prototype" and head.prototypes(1).shape == (3, 32)
+        rows = saved["test_prime"][1]
+        acc = np.mean(head.logits(test.features_NxD[rows], seed=1).argmax(1) == test.labels_N[rows])
+        assert acc == pytest.approx(reported[name]["test_acc"][1], abs=1e-6), name
     r = CliRunner().invoke(fit_cli.main, ["--store", str(clip_store), "--seeds", "2", "--epochs", "2",
                                           "--methods", "cpl,ceiling+lp", "--out", str(fit_out)])
     assert r.exit_code == 0, r.output

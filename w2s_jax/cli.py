@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from w2s_jax.config import FitConfig, Hparams
-from w2s_jax.methods import jax_methods, METHODS
+from w2s_jax.methods import METHODS, import_plugins, jax_methods
 
 DEFAULTS = Hparams()
 
@@ -78,14 +78,21 @@ def find_store(folder: Path = STORES) -> str:
 @click.option("--coordinator", default=None, help="With --distributed off SLURM: host:port of process 0.")
 @click.option("--num-processes", type=int, default=None, help="With --distributed off SLURM: number of processes.")
 @click.option("--process-id", type=int, default=None, help="With --distributed off SLURM: this process's id.")
+@click.option("--import", "plugins", multiple=True, metavar="MODULE",
+              help="Import a module (name or .py file) that registers your own heads and methods (README: Add a head).")
 @click.option("--list-methods", is_flag=True, help="List the methods and exit.")
 @click.option("--show", type=click.Path(), multiple=True,
               help="Print the table of existing results folder(s) and exit; several are merged into one table.")
 def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, lp_scale, lp_shrinkage,
          lp_l2, alpha_max, tau_a, grid,
-         vmap, out, overwrite, distributed, coordinator, num_processes, process_id, list_methods, show):
+         vmap, out, overwrite, distributed, coordinator, num_processes, process_id, plugins, list_methods, show):
     """Fit CPL and linear-probe heads with CE, KD, AuxConf, AdaptConf (+ ceilings) for every seed."""
     from w2s_jax import results
+
+    try:
+        import_plugins(plugins)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
 
     if list_methods:
         for name, m in METHODS.items():
@@ -128,4 +135,5 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
     except (StoreError, GridTooLargeError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(results.markdown_table(summary))
+    click.echo("\n" + results.misfit_table(summary))
     click.echo(f"\nresults in {path} (reprint with: w2s-fit --show {path})")

@@ -138,7 +138,8 @@ HEADS = {
 
 def get_head(name: str) -> Head:
     if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; valid: {', '.join(HEADS)}")
+        raise ValueError(f"unknown head {name!r}; valid: {', '.join(HEADS)}. For a head you registered yourself, "
+                         "import its module first (--import MODULE)")
     return HEADS[name]
 
 

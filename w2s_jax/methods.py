@@ -7,6 +7,10 @@ scale), so ``kd+proto`` would repeat ``cpl`` and is not registered; nor is ``cpl
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 from w2s_jax.heads import HEADS
@@ -66,3 +70,25 @@ def check_methods(names, valid=None, command="w2s-fit") -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(valid)} (see {command} --list-methods)")
     return tuple(names)
+
+
+def import_plugins(names) -> None:
+    """Import each module so that the heads and methods it registers exist (``--import``): a dotted module name
+    importable from the current folder, or the path of a ``.py`` file. ValueError if one cannot be imported."""
+    for name in names:
+        path = Path(name)
+        try:
+            if path.suffix == ".py":
+                if not path.is_file():
+                    raise ValueError(f"--import {name}: no such file")
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[path.stem] = module
+                spec.loader.exec_module(module)
+            else:
+                if str(Path.cwd()) not in sys.path:
+                    sys.path.insert(0, str(Path.cwd()))
+                importlib.import_module(name)
+        except ImportError as err:
+            raise ValueError(f"--import {name}: {err}; give a module importable from {Path.cwd()} or a .py file") \
+                from None

@@ -20,6 +20,44 @@ def agreement(logits_a_NxK, logits_b_NxK):
     return jnp.mean(jnp.argmax(logits_a_NxK, axis=-1) == jnp.argmax(logits_b_NxK, axis=-1))
 
 
+def cross_entropy(logits_NxK, labels_N):
+    """Mean cross-entropy ``-log softmax(z)_y`` against ground truth (nats)."""
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits_NxK), labels_N[:, None], axis=1))
+
+
+def misfit(student_logits_NxK, weak_logits_NxK):
+    """Mean ``KL(p_s ‖ p_w) = Σ_k p_s,k (log p_s,k − log p_w,k)``, ``p = softmax(z)`` (T = 1), in nats; label-free.
+
+    The misfit of Mulgund & Pabbaraju ("Relating Misfit to Gain in Weak-to-Strong Generalization Beyond the
+    Squared Loss"), the KL form of Charikar et al.'s squared misfit ("Quantifying the Gain in Weak-to-Strong
+    Generalization"). Their result, for a strong class that is convex and contains the truth: the gain
+    ``CE(weak) − CE(student)`` on ground truth is at least the misfit. Our heads are neither trained to their
+    theorem's projection nor known to contain the truth, so here the inequality is a prediction to check.
+    """
+    log_ps, log_pw = jax.nn.log_softmax(student_logits_NxK), jax.nn.log_softmax(weak_logits_NxK)
+    return jnp.mean(jnp.sum(jnp.exp(log_ps) * (log_ps - log_pw), axis=1))
+
+
+def choice_by_misfit(misfit_WxS, student_acc_WxS) -> dict:
+    """How well the label-free choice of weak model agrees with the truth, over W weak models and S seeds.
+
+    The choice: the weak model whose student has the smallest misfit. Reading: where the student is close to
+    the truth, its misfit KL(p_s ‖ p_w) estimates the weak model's own loss against the truth, so a smaller
+    misfit marks a better teacher (a larger misfit predicts a larger *gain*, which a worse teacher also has).
+    Returns {"top1": fraction of seeds where that weak model also gives the best student test' accuracy,
+    "pairwise": fraction of weak-model pairs, over seeds, ordered alike by misfit (ascending) and by student
+    test' accuracy (descending); pairs tied in accuracy are left out (NaN if all are)}.
+    """
+    misfit_WxS, acc_WxS = np.asarray(misfit_WxS, np.float64), np.asarray(student_acc_WxS, np.float64)
+    top1 = np.mean(acc_WxS[np.argmin(misfit_WxS, axis=0), np.arange(acc_WxS.shape[1])] == acc_WxS.max(axis=0))
+    i, j = np.triu_indices(misfit_WxS.shape[0], k=1)
+    by_misfit = np.sign(misfit_WxS[j] - misfit_WxS[i])  # +1: i is chosen before j
+    by_acc = np.sign(acc_WxS[i] - acc_WxS[j])  # +1: i's student is better
+    decided = by_acc != 0
+    pairwise = float(np.mean(by_misfit[decided] == by_acc[decided])) if decided.any() else float("nan")
+    return {"top1": float(top1), "pairwise": pairwise}
+
+
 def pgr(w2s, weak, ceiling):
     """Performance gap recovered, (w2s - weak) / (ceiling - weak); NaN where ceiling <= weak."""
     w2s, weak, ceiling = (np.asarray(x, np.float64) for x in (w2s, weak, ceiling))
@@ -28,7 +66,10 @@ def pgr(w2s, weak, ceiling):
 
 
 def evaluate_method(name: str, out: FitOutput, hps, data: FitData, splits: SeedSplits, num_classes):
-    """-> {test_acc, agreement, val_score}, each ``S x H``, for the best-epoch variables."""
+    """-> {test_acc, agreement, val_score, misfit, test_ce}, each ``S x H``, for the best-epoch variables.
+
+    misfit: KL(student ‖ weak) on hold_val (label-free); test_ce: the student's cross-entropy on test'.
+    """
     method = METHODS[name]
     head = make_head(method.head, num_classes)
     targets_NxK = teacher_logits(method, data, num_classes)
@@ -40,6 +81,8 @@ def evaluate_method(name: str, out: FitOutput, hps, data: FitData, splits: SeedS
             "test_acc": accuracy(test_logits, data.labels_N[split.test_prime]),
             "agreement": agreement(test_logits, data.weak_NxK[split.test_prime]),
             "val_score": agreement(val_logits, targets_NxK[split.hold_val]),
+            "misfit": misfit(val_logits, data.weak_NxK[split.hold_val]),
+            "test_ce": cross_entropy(test_logits, data.labels_N[split.test_prime]),
         }
 
     over = jax.vmap(jax.vmap(one, in_axes=(0, 0, None)), in_axes=(0, None, 0))
@@ -49,6 +92,12 @@ def evaluate_method(name: str, out: FitOutput, hps, data: FitData, splits: SeedS
 def weak_accuracy(data: FitData, splits: SeedSplits):
     """Weak model accuracy on each seed's test', ``S``."""
     return np.asarray(jax.vmap(lambda t: accuracy(data.weak_NxK[t], data.labels_N[t]))(splits.test_prime))
+
+
+def weak_scores(data: FitData, splits: SeedSplits) -> dict:
+    """The weak model on each seed's test': {test_acc, test_ce}, each ``S``."""
+    ce = jax.vmap(lambda t: cross_entropy(data.weak_NxK[t], data.labels_N[t]))(splits.test_prime)
+    return {"test_acc": weak_accuracy(data, splits), "test_ce": np.asarray(ce)}
 
 
 def zero_shot(data: FitData, splits: SeedSplits, text_TxKxD, logit_scale: float):

@@ -7,6 +7,9 @@
 - Table 4 analogue: learning C (``cpl``) vs tuning the text encoder (``cpl+textenc``).
 - PGR per method and domain (table and heat map); Figure 2 analogue: training curves with weak and
   ceiling lines. Every table is written as markdown, CSV and LaTeX (booktabs).
+- Misfit and gain (``metrics.misfit``): a table per domain, weak model and method, the gain-misfit scatter per
+  domain with the line gain = misfit, and, for domains with several weak models, how often the label-free
+  choice of weak model by misfit agrees with the truth (``metrics.choice_by_misfit``).
 - ``--paper``: our DomainNet numbers beside the paper's published Table 2 (and Table 3, for the numbers
   that ``paper_numbers.TABLE3`` holds; it ships empty, see there).
 """
@@ -21,7 +24,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from w2s_jax import paper_numbers, results
+from w2s_jax import metrics, paper_numbers, results
 from w2s_jax.methods import CEILING_OF_HEAD, METHODS
 
 BEST_CEILING = "best ceiling (hold_val)"
@@ -209,6 +212,57 @@ def paper_table3(groups: list[Group]) -> Table | None:
                  ["domain", "weak", "row", "ours", "paper", "ours − paper"], rows)
 
 
+def misfit_gain_table(groups: list[Group]) -> Table | None:
+    """Misfit and gain (means over seeds) of every method, per domain and weak model."""
+    rows = [[f"{g.dataset}/{g.domain}", g.weak, *r] for g in groups for r in results.misfit_rows(g.summary)]
+    if not rows:
+        return None
+    return Table("misfit-gain", "Misfit predicts gain? Per domain, weak model and method (means over seeds)",
+                 ["domain", "weak", "method", "misfit", "gain (CE)", "gain (acc, points)", "gain ≥ misfit"], rows,
+                 results.MISFIT_NOTE)
+
+
+def weak_choice_table(groups: list[Group]) -> Table | None:
+    """Label-free choice of weak model by misfit, against the truth, per domain with several weak models."""
+    rows = []
+    for (dataset, domain), gs in _by_domain(groups).items():
+        if len(gs) < 2 or len({len(g.summary["weak"]["test_acc"]) for g in gs}) > 1:
+            continue
+        shared = {m for m in set.intersection(*(set(g.summary["methods"]) for g in gs))
+                  if METHODS[m].target == "weak"}  # a ceiling's student does not depend on the weak model
+        teacher_acc = np.array([g.summary["weak"]["test_acc"] for g in gs])
+        for m in results.method_order(shared):
+            per_weak = [g.summary["methods"][m] for g in gs]
+            if any(x.get("failed") or "misfit" not in x for x in per_weak):
+                continue
+            misfit, student_acc = np.array([x["misfit"] for x in per_weak]), np.array([x["test_acc"] for x in per_weak])
+            cells = []
+            for truth in (teacher_acc, student_acc):
+                agree = metrics.choice_by_misfit(misfit, truth)
+                pairs = "–" if np.isnan(agree["pairwise"]) else f"{100 * agree['pairwise']:.0f}%"
+                cells.append(f"{100 * agree['top1']:.0f}% / {pairs}")
+            rows.append([f"{dataset}/{domain}", m, *[gs[int(i)].weak for i in (np.argmin(misfit.mean(1)),
+                         np.argmax(teacher_acc.mean(1)), np.argmax(student_acc.mean(1)))], *cells])
+    if not rows:
+        return None
+    return Table("weak-choice", "Choosing the weak model without labels: the smallest student misfit",
+                 ["domain", "method", "chosen by misfit", "best teacher", "best student",
+                  "agrees with teachers (top-1 / pairs)", "agrees with students (top-1 / pairs)"], rows,
+                 "Chosen: the weak model whose student has the smallest mean hold_val misfit. Best teacher: the weak "
+                 "model with the best test' accuracy; best student: the weak model whose student has the best test' "
+                 "accuracy (means over seeds). Agreement, per seed (metrics.choice_by_misfit): top-1, how often the "
+                 "choice is the best; pairs, how many weak-model pairs misfit orders as test' accuracy does. Where "
+                 "the student is close to the truth, its misfit estimates the weak model's own loss, so a small "
+                 "misfit marks a good teacher; a student that copies a near-uniform teacher breaks this.")
+
+
+def _by_domain(groups: list[Group]) -> dict:
+    found = {}
+    for g in groups:
+        found.setdefault((g.dataset, g.domain), []).append(g)
+    return found
+
+
 def sources_table(groups: list[Group]) -> Table:
     """Which results folder, and so which config, every column of the tables came from."""
     rows = []
@@ -284,7 +338,7 @@ def plot_pgr(t: Table, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     values = np.array([[float(c) if c else np.nan for c in r[1:]] for r in t.rows])
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * values.shape[1], 0.9 + 0.35 * values.shape[0]), dpi=120)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * values.shape[1], max(2.6, 0.9 + 0.35 * values.shape[0])), dpi=120)
     im = ax.imshow(values, cmap="RdYlGn", vmin=-1, vmax=1, aspect="auto")
     ax.set_xticks(range(values.shape[1]), t.header[1:], rotation=30, ha="right", fontsize=7)
     ax.set_yticks(range(values.shape[0]), [r[0] for r in t.rows], fontsize=8)
@@ -293,6 +347,42 @@ def plot_pgr(t: Table, path: Path) -> Path:
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="PGR")
     ax.set_title("PGR by method and domain", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_misfit_gain(gs: list[Group], path: Path) -> Path:
+    """Gain against misfit, one point per method x seed x weak model of one domain, coloured by method, with
+    the line gain = misfit (the theory's lower bound)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.2, 5.0), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^v<>"
+    names = results.method_order({m for g in gs for m, x in g.summary["methods"].items() if "misfit" in x})
+    top = 0.0
+    for i, m in enumerate(names):
+        for j, g in enumerate(gs):
+            x = g.summary["methods"].get(m)
+            if not x or x.get("failed") or "misfit" not in x:
+                continue
+            ax.scatter(x["misfit"], x["gain"], s=18, color=colors[i % len(colors)], marker=markers[j % len(markers)],
+                       label=m if j == 0 else None, alpha=0.8)
+            top = max(top, *x["misfit"], *x["gain"])
+    ax.plot([0, top], [0, top], color="black", lw=1, ls="--", label="gain = misfit")
+    ax.axhline(0, color="gray", lw=0.5)
+    for j, g in enumerate(gs):  # marker key: one marker per weak model
+        ax.scatter([], [], color="gray", marker=markers[j % len(markers)], label=f"weak {g.weak}")
+    ax.set(xlabel="misfit: KL(student ‖ weak) on hold_val (nats)", ylabel="gain: CE(weak) − CE(student) on test' (nats)",
+           title=f"Gain vs misfit, {gs[0].dataset}/{gs[0].domain} (a point per method, seed and weak model)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -312,7 +402,8 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
             tables.append(table3(groups, dataset, domain))
     pgr = pgr_table(groups)
     compare = (paper_table(groups), paper_table3(groups)) if paper else ()
-    tables += [t for t in (table4(groups), pgr, *compare, sources_table(groups)) if t is not None]
+    tables += [t for t in (table4(groups), pgr, misfit_gain_table(groups), weak_choice_table(groups), *compare,
+                           sources_table(groups)) if t is not None]
     for t in tables:
         (out / f"{t.name}.md").write_text(to_markdown(t) + "\n")
         (out / f"{t.name}.csv").write_text(to_csv(t))
@@ -320,6 +411,9 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
     figures = [plot_curves(g, curves, out / f"curves-{g.dataset}-{g.domain}-{g.weak}.png") for g in groups]
     if pgr.rows:
         figures.append(plot_pgr(pgr, out / "pgr.png"))
+    for (dataset, domain), gs in _by_domain(groups).items():
+        if any("misfit" in x for g in gs for x in g.summary["methods"].values()):
+            figures.append(plot_misfit_gain(gs, out / f"misfit-gain-{dataset}-{domain}.png"))
     return tables, figures
 
 
@@ -328,9 +422,14 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
 @click.option("--out", type=click.Path(), default="report", show_default=True)
 @click.option("--curves", default="cpl,kd+lp,kd+tp", show_default=True, help="Methods drawn in the training curves.")
 @click.option("--paper", is_flag=True, help="Also compare our DomainNet numbers with the paper's Table 2.")
-def main(results_dirs, out, curves, paper):
+@click.option("--import", "plugins", multiple=True, metavar="MODULE",
+              help="Import the module that registered your own heads and methods (as given to w2s-fit --import).")
+def main(results_dirs, out, curves, paper, plugins):
     """Tables (markdown, CSV, LaTeX) and figures (PNG) from w2s-fit / w2s-tp results folders."""
+    from w2s_jax.methods import import_plugins
+
     try:
+        import_plugins(plugins)
         tables, figures = write_report(results_dirs, out, curves=tuple(curves.split(",")), paper=paper)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise click.ClickException(str(err)) from None

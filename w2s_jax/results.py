@@ -3,7 +3,8 @@
 A results folder holds everything a report needs, so nothing is ever retrained:
 ``config.json`` (the frozen FitConfig), ``provenance.json`` (the store's), ``splits.npz`` (per-seed
 indices), ``metrics.json`` and ``metrics.csv`` (per seed, per hparam), ``history.npz`` (per-epoch
-curves ``S x H x E`` per method), ``timings.json`` and ``table.md``.
+curves ``S x H x E`` per method), ``timings.json``, ``table.md`` and ``heads/`` (the learned heads,
+:mod:`w2s_jax.saved_heads`).
 """
 from __future__ import annotations
 
@@ -17,15 +18,17 @@ import numpy as np
 from w2s_jax.methods import CEILING_OF_HEAD, METHODS
 from w2s_jax.metrics import pgr
 from w2s_jax.outputs import OutputError, staging_folder, swap_in
+from w2s_jax.saved_heads import write_heads
 
 HISTORY_FIELDS = ("train_loss", "train_acc", "val_loss", "val_score", "test_acc")
 
 
-def summarize(evals: dict, best_epochs: dict, hps, weak_acc, zero_shot, failed=None) -> dict:
-    """Pick each method's hparam by mean hold_val score over seeds; add the ceilings and PGR.
+def summarize(evals: dict, best_epochs: dict, hps, weak: dict, zero_shot, failed=None) -> dict:
+    """Pick each method's hparam by mean hold_val score over seeds; add the ceilings, PGR, misfit and gain.
 
-    evals: method -> {test_acc, agreement, val_score}, each ``S x H``; best_epochs: method -> ``S x H``;
-    hps: Hparams of arrays ``H``; weak_acc: ``S``; zero_shot: {test_acc, agreement} each ``S``, or None;
+    evals: method -> {test_acc, agreement, val_score, misfit, test_ce}, each ``S x H``; best_epochs: method ->
+    ``S x H``; hps: Hparams of arrays ``H``; weak: {test_acc, test_ce} each ``S``; zero_shot: {test_acc,
+    agreement} each ``S``, or None;
     failed: method -> ``S x H`` bool, True where the training loss went non-finite (never selected, never
     reported as an accuracy; a method whose every grid point failed is marked ``failed``).
     """
@@ -38,11 +41,14 @@ def summarize(evals: dict, best_epochs: dict, hps, weak_acc, zero_shot, failed=N
             "failed": bool(bad_SxH[:, h].any()),
             "grid_index": h,
             "hparams": {f: float(np.asarray(v)[h]) for f, v in hps._asdict().items()},
-            **{k: ev[k][:, h].tolist() for k in ("test_acc", "agreement", "val_score")},
+            **{k: ev[k][:, h].tolist() for k in ("test_acc", "agreement", "val_score", "misfit", "test_ce")},
             "best_epoch": np.asarray(best_epochs[name])[:, h].tolist(),
             "grid": {k: v.tolist() for k, v in ev.items()},
         }
-    summary = {"weak": {"test_acc": np.asarray(weak_acc).tolist()},
+    for m in methods.values():  # misfit-gain diagnostics, per seed (metrics.misfit)
+        m["gain"] = (np.asarray(weak["test_ce"]) - np.asarray(m["test_ce"])).tolist()
+        m["acc_gain"] = (np.asarray(m["test_acc"]) - np.asarray(weak["test_acc"])).tolist()
+    summary = {"weak": {k: np.asarray(v).tolist() for k, v in weak.items()},
                "zero_shot": None if zero_shot is None else {k: np.asarray(v).tolist() for k, v in zero_shot.items()},
                "methods": methods}
     return with_ceilings_and_pgr(summary)
@@ -103,8 +109,12 @@ def _normalised(obj):
     return json.loads(json.dumps(obj, sort_keys=True, default=_jsonable))
 
 
-def write_results(out_dir, *, config, provenance: dict, splits, summary: dict, histories: dict, timings: dict) -> Path:
-    """Write the folder under a hidden temporary name, then rename it into place (never half-written)."""
+def write_results(out_dir, *, config, provenance: dict, splits, summary: dict, histories: dict, timings: dict,
+                  heads: dict, best_epochs: dict, feature_dim: int) -> Path:
+    """Write the folder under a hidden temporary name, then rename it into place (never half-written).
+
+    heads: method -> (head name, best-epoch variables ``S x H x ...``); best_epochs: method -> ``S x H``.
+    """
     final = Path(out_dir)
     out = staging_folder(final)
     _write_json(out / "config.json", config.to_dict())
@@ -115,7 +125,8 @@ def write_results(out_dir, *, config, provenance: dict, splits, summary: dict, h
     np.savez(out / "history.npz", **{f"{m}/{f}": np.asarray(h[f]) for m, h in histories.items()
                                      for f in HISTORY_FIELDS})
     _write_csv(out / "metrics.csv", summary, config.grid_hparams())
-    (out / "table.md").write_text(markdown_table(summary) + "\n")
+    (out / "table.md").write_text(markdown_table(summary) + "\n\n" + misfit_table(summary) + "\n")
+    write_heads(out, heads, best_epochs, summary, provenance, config.grid_hparams(), feature_dim)
     return swap_in(out, final)
 
 
@@ -197,6 +208,31 @@ TABLE_NOTE = ("PGR = (w2s − weak) / (ceiling − weak) from the means over see
               "method's own head (ceiling+lp for LP rows, ceiling+proto for prototype rows, ceiling+tp for TP); "
               "shown only where that ceiling beats the weak model. Hyperparameters, epochs and the best ceiling "
               "are chosen on hold_val; test' is only reported.")
+
+
+MISFIT_NOTE = ("misfit = mean KL(p_student ‖ p_weak) on hold_val (label-free, nats); gain = CE(weak) − CE(student) "
+               "on test' against the ground truth (nats); accuracy gain in points. The theory (Mulgund & Pabbaraju) "
+               "predicts gain ≥ misfit for a convex strong class that contains the truth; the last column says how "
+               "often that held, over seeds.")
+
+
+def misfit_rows(summary: dict) -> list[list[str]]:
+    """(method, misfit, gain, accuracy gain, gain ≥ misfit), means over seeds, for methods that have them."""
+    rows = []
+    for name in method_order(summary["methods"]):
+        m = summary["methods"][name]
+        if m.get("failed") or "misfit" not in m:
+            continue
+        misfit, gain = np.asarray(m["misfit"]), np.asarray(m["gain"])
+        rows.append([name, f"{misfit.mean():.3f}", f"{gain.mean():+.3f}", f"{100 * np.mean(m['acc_gain']):+.2f}",
+                     f"{100 * np.mean(gain >= misfit):.0f}%"])
+    return rows
+
+
+def misfit_table(summary: dict) -> str:
+    header = ("method", "misfit", "gain (CE)", "gain (acc, points)", "gain ≥ misfit")
+    rows = [header, ("---",) * 5, *misfit_rows(summary)]
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n\n" + MISFIT_NOTE
 
 
 def markdown_table(summary: dict) -> str:

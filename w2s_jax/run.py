@@ -12,7 +12,7 @@ from w2s_jax import metrics, outputs, results
 from tqdm.auto import tqdm
 
 from w2s_jax.config import FitConfig, resolve_batch_size
-from w2s_jax.methods import check_methods
+from w2s_jax.methods import METHODS, check_methods
 from w2s_jax.splits import split_sizes, stacked_splits
 from w2s_jax.store import read_store
 
@@ -76,15 +76,17 @@ def _run(cfg: FitConfig, out_dir, log, overwrite) -> tuple[dict, Path]:
     failed = {m: ~np.isfinite(np.asarray(h["train_loss"])).all(axis=-1) for m, h in histories.items()}
     if log and any(f.any() for f in failed.values()):
         log("non-finite training loss (reported as failed): " + ", ".join(m for m, f in failed.items() if f.any()))
-    return finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, data, failed)
+    heads = {m: (METHODS[m].head, o.variables) for m, o in outputs.items()}
+    return finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, heads, data, failed)
 
 
-def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, data=None,
+def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, heads, data=None,
                failed=None) -> tuple[dict, Path]:
     """Shared by w2s-fit and w2s-tp: weak and zero-shot rows, hparam selection, summary, results folder.
 
     evals: method -> {test_acc, agreement, val_score} each ``S x H``; best_epochs: method -> ``S x H``;
-    histories: method -> {field: ``S x H x E``}; data: the FitData already on device, if any.
+    histories: method -> {field: ``S x H x E``}; heads: method -> (head name, best-epoch variables
+    ``S x H x ...``); data: the FitData already on device, if any.
     """
     if data is None:  # w2s-tp has not built it
         test = store.splits["test"]
@@ -92,11 +94,12 @@ def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_d
     jsplits = jax.tree.map(jax.numpy.asarray, splits)
     text = store.text_TxKxD
     zero_shot = None if text is None else metrics.zero_shot(data, jsplits, text, cfg.hparams.logit_scale)
-    summary = results.summarize(evals, best_epochs, cfg.grid_hparams(), metrics.weak_accuracy(data, jsplits), zero_shot,
+    summary = results.summarize(evals, best_epochs, cfg.grid_hparams(), metrics.weak_scores(data, jsplits), zero_shot,
                                 failed)
     provenance = {**dataclasses.asdict(store.provenance), "weak_model": store.weak_info[cfg.weak]}
     timings = {**timings, "backend": jax.default_backend(), "devices": [str(x) for x in jax.devices()]}
     if jax.process_index() == 0:  # on several hosts, every process holds the results; one writes them
         results.write_results(out_dir, config=cfg, provenance=provenance, splits=splits, summary=summary,
-                              histories=histories, timings=timings)
+                              histories=histories, timings=timings, heads=heads, best_epochs=best_epochs,
+                              feature_dim=data.feats_NxD.shape[1])
     return summary, Path(out_dir)

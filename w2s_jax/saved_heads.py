@@ -1,0 +1,128 @@
+"""The learned heads of a results folder: written with every fit, read back by :func:`load_heads`.
+
+Layout, inside the results folder::
+
+    heads/heads.json        what is needed to apply them: encoder id, class names, feature dim, the grid's
+                            hyperparameters, and per method its head, the grid point chosen on hold_val
+                            and the best epoch of every seed x grid point
+    heads/<method>.msgpack  the head's flax variables ({"params": ..., "stats": ...}), every leaf
+                            stacked ``S x H x ...`` (seed, grid point), in flax's msgpack serialization
+
+A head takes the L2-normalised strong features ``r̂ = r / ‖r‖`` of the encoder named in ``heads.json``.
+Prompt-tuning rows (w2s-tp) are saved in their applied form: the class prototypes ``text_enc(prompt_i)``
+of the learned prompts, as a ``prototype`` head.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import serialization
+
+from w2s_jax.config import Hparams
+from w2s_jax.heads import l2_normalize, make_head
+
+FORMAT = "w2s-heads/1"
+FOLDER = "heads"
+
+
+class HeadsError(ValueError):
+    """Saved heads that cannot be read or applied, with the reason and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedHead:
+    """One method's best-epoch heads for every seed and grid point of a fit."""
+
+    method: str  # registry name, e.g. "cpl"
+    head: str  # the head that applies them, a name in heads.HEADS
+    variables_SxH: dict  # flax variables, every leaf ``S x H x ...``
+    hparams_H: Hparams  # the grid, arrays ``H``
+    selected: int  # the grid point chosen on hold_val (what the table reports)
+    best_epoch_SxH: np.ndarray
+    encoder: str  # strong encoder id of the features the head takes
+    class_names: tuple[str, ...]
+    feature_dim: int
+
+    @property
+    def num_seeds(self) -> int:
+        return int(self.best_epoch_SxH.shape[0])
+
+    def variables(self, seed: int = 0, grid_index: int | None = None) -> dict:
+        """The variables of one seed and grid point (default: the one chosen on hold_val)."""
+        s, h = self._index(seed, grid_index)
+        return jax.tree.map(lambda a: a[s, h], self.variables_SxH)
+
+    def hparams(self, grid_index: int | None = None) -> Hparams:
+        _, h = self._index(0, grid_index)
+        return Hparams(*(float(np.asarray(v)[h]) for v in self.hparams_H))
+
+    def logits(self, features_NxD, seed: int = 0, grid_index: int | None = None) -> np.ndarray:
+        """Class logits ``N x K`` of raw (or already normalised) strong features ``N x D``."""
+        features_NxD = np.asarray(features_NxD, np.float32)
+        if features_NxD.ndim != 2 or features_NxD.shape[1] != self.feature_dim:
+            raise HeadsError(f"{self.method}: features of shape {features_NxD.shape}; this head takes "
+                             f"N x {self.feature_dim} features of {self.encoder}")
+        module = make_head(self.head, len(self.class_names))
+        return np.asarray(module.apply(self.variables(seed, grid_index), l2_normalize(features_NxD),
+                                       self.hparams(grid_index)))
+
+    def prototypes(self, seed: int = 0, grid_index: int | None = None) -> np.ndarray:
+        """Unit-norm class weights ``K x D`` of a prototype head: ``logits = logit_scale * r̂ @ prototypes.T``."""
+        if self.head != "prototype":
+            raise HeadsError(f"{self.method} has a {self.head} head, not class prototypes; export a prototype "
+                             "method (cpl, ce+proto, ..., or a TP row)")
+        return np.asarray(l2_normalize(self.variables(seed, grid_index)["params"]["prototypes_KxD"]))
+
+    def _index(self, seed, grid_index) -> tuple[int, int]:
+        num_h = len(np.asarray(self.hparams_H.lr))
+        h = self.selected if grid_index is None else grid_index
+        if not 0 <= seed < self.num_seeds:
+            raise HeadsError(f"{self.method}: seed {seed} not in this fit; seeds are 0..{self.num_seeds - 1}")
+        if not 0 <= h < num_h:
+            raise HeadsError(f"{self.method}: grid point {h} not in this fit; it has {num_h} (0..{num_h - 1})")
+        return seed, h
+
+
+def write_heads(folder: Path, heads: dict, best_epochs: dict, summary: dict, provenance: dict, hps: Hparams,
+                feature_dim: int) -> None:
+    """Write ``heads/`` into the (staging) results ``folder``.
+
+    heads: method -> (head name, variables ``S x H x ...``); best_epochs: method -> ``S x H``.
+    """
+    out = Path(folder) / FOLDER
+    out.mkdir()
+    methods = {}
+    for method, (head, variables) in heads.items():
+        (out / f"{method}.msgpack").write_bytes(serialization.msgpack_serialize(jax.tree.map(np.asarray, variables)))
+        methods[method] = {"head": head, "file": f"{method}.msgpack",
+                           "selected_grid_index": summary["methods"][method]["grid_index"],
+                           "best_epoch": np.asarray(best_epochs[method]).tolist()}
+    index = {"format": FORMAT, "encoder": provenance["encoder"], "class_names": list(provenance["class_names"]),
+             "feature_dim": int(feature_dim), "features": "L2-normalised strong image features r / |r|",
+             "hparams": {f: np.asarray(v).tolist() for f, v in hps._asdict().items()}, "methods": methods}
+    (out / "heads.json").write_text(json.dumps(index, indent=1))
+
+
+def load_heads(results_dir) -> dict[str, SavedHead]:
+    """{method: SavedHead} of a results folder written by w2s-fit or w2s-tp, ready to apply to features."""
+    index_path = Path(results_dir) / FOLDER / "heads.json"
+    if not index_path.is_file():
+        what = "no results folder" if not Path(results_dir).is_dir() else "a results folder without saved heads"
+        raise HeadsError(f"{results_dir}: {what} ({index_path} not found); heads are saved by w2s-fit and w2s-tp "
+                         "since format " + FORMAT + ": rerun the fit with --out " + str(results_dir))
+    index = json.loads(index_path.read_text())
+    if index.get("format") != FORMAT:
+        raise HeadsError(f"{index_path}: format {index.get('format')!r}, this version reads {FORMAT}; refit")
+    hps = Hparams(*(np.asarray(index["hparams"][f], np.float32) for f in Hparams._fields))
+    found = {}
+    for method, m in index["methods"].items():
+        variables = serialization.msgpack_restore((index_path.parent / m["file"]).read_bytes())
+        found[method] = SavedHead(method=method, head=m["head"], variables_SxH=variables, hparams_H=hps,
+                                  selected=int(m["selected_grid_index"]),
+                                  best_epoch_SxH=np.asarray(m["best_epoch"]), encoder=index["encoder"],
+                                  class_names=tuple(index["class_names"]), feature_dim=int(index["feature_dim"]))
+    return found
