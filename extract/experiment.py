@@ -20,12 +20,12 @@ import click
 from extract import pipeline, weak as weaklib
 from extract.datasets import DatasetError, load_dataset
 from w2s_jax.config import FitConfig, Hparams, check_hparams, check_number
-from w2s_jax.methods import jax_methods, TORCH_METHODS, check_methods
+from w2s_jax.methods import METHODS, MULTI_WEAK, TORCH_METHODS, check_methods, jax_methods
 
 SECTIONS = {
     "": {"name", "out", "strong", "data", "fit", "tp", "extract", "report"},
     "data": {"dataset", "domains", "root", "weak", "limit"},
-    "fit": {"methods", "seeds", "epochs", "batch_size", "warmup", "hparams", "grid"},
+    "fit": {"methods", "seeds", "epochs", "batch_size", "warmup", "hparams", "grid", "multi_weak"},
     "tp": {"methods", "seeds", "epochs", "batch_size", "optimizer", "n_ctx", "ctx_init", "hparams"},
     "extract": {"batch_size", "num_workers", "device", "on_corrupt", "weak_epochs", "feature_dtype", "templates"},
     "report": {"curves", "paper"},
@@ -73,6 +73,8 @@ def load_experiment(path) -> dict:
             for w in weaklib.expand_weak(block.get("weak", [])):
                 _check_path_name(weaklib.parse_weak(w).name)
         fit_config(exp.get("fit", {}), "unused", "unused")  # every [fit] value in range, before any work
+        if exp.get("fit", {}).get("multi_weak"):
+            fit_config(exp["fit"], "unused", "a", ensemble=("a", "b"))
         _check_extract(exp.get("extract", {}))
         if "tp" in exp:
             check_methods(exp["tp"].get("methods", TORCH_METHODS), valid=TORCH_METHODS, command="w2s-tp")
@@ -89,10 +91,19 @@ def _check_path_name(name) -> None:
         raise ValueError(f"{name!r} becomes part of a path under out; use a plain name (no '/', '\\' or '..')")
 
 
-def fit_config(fit: dict, store, weak) -> FitConfig:
-    """The FitConfig of one (store, weak model) from the [fit] table; raises ValueError for a bad value."""
-    methods = fit.get("methods", ["all"])
-    return FitConfig(store=str(store), weak=weak, methods=check_methods(jax_methods() if methods == ["all"] else methods),
+def fit_config(fit: dict, store, weak, ensemble=()) -> FitConfig:
+    """The FitConfig of one (store, weak model) from the [fit] table; raises ValueError for a bad value. With an
+    ``ensemble`` (several weak models, ``weak`` first), the methods are [fit]'s ``multi_weak`` list."""
+    methods = fit.get("multi_weak", []) if ensemble else fit.get("methods", ["all"])
+    if ensemble:
+        methods = [m for m in jax_methods(multi_weak=True) if METHODS[m].target in MULTI_WEAK] \
+            if methods == ["all"] else methods
+        wrong = [m for m in methods if m in METHODS and METHODS[m].target not in MULTI_WEAK]
+        if wrong:
+            raise ValueError(f"[fit] multi_weak lists {wrong}, which learn from one weak model; put them in methods")
+    else:
+        methods = jax_methods() if methods == ["all"] else methods
+    return FitConfig(store=str(store), weak=weak, ensemble=tuple(ensemble), methods=check_methods(methods),
                      seeds=fit.get("seeds", 5), epochs=fit.get("epochs", 10), batch_size=fit.get("batch_size", "auto"),
                      warmup=fit.get("warmup", 0.1), hparams=Hparams(**fit.get("hparams", {})),
                      grid=tuple((k, tuple(v)) for k, v in fit.get("grid", {}).items()))
@@ -149,7 +160,9 @@ def run_experiment(exp: dict, *, log=print) -> Path:
     opts = pipeline.Options(**{k: v for k, v in ex.items() if k != "templates"}, log=log)
     fit, tp = exp.get("fit", {}), exp.get("tp")
     num_stores = sum(len(b.get("domains", [None])) for b in exp["data"])
-    num_fits = sum(len(b.get("domains", [None])) * len(weaklib.expand_weak(b.get("weak", ["pixels"])))
+    multi = bool(fit.get("multi_weak"))  # one more fit per store: the multi-weak methods over all its weak models
+    num_fits = sum(len(b.get("domains", [None])) * (len(weaklib.expand_weak(b.get("weak", ["pixels"])))
+                                                    + (multi and len(weaklib.expand_weak(b.get("weak", ["pixels"]))) > 1))
                    for b in exp["data"])
     store_i = fit_j = 0
     current = []  # this experiment file's results folders: the report reads these and no others
@@ -164,14 +177,17 @@ def run_experiment(exp: dict, *, log=print) -> Path:
             pipeline.extract(dataset, strong, weak_specs, store_path, opts, templates)
             store = read_store(store_path)
             store_id = _key([dataclasses.asdict(store.provenance), store.weak_info])
-            for weak in [weaklib.parse_weak(w).name for w in weak_specs]:
+            names = [weaklib.parse_weak(w).name for w in weak_specs]
+            fits = [(weak, ()) for weak in names] + ([(names[0], tuple(names))] if multi and len(names) > 1 else [])
+            for weak, ensemble in fits:
                 fit_j += 1
-                log(f"== fit {fit_j} of {num_fits}: {dataset.name}/{dataset.domain}, weak {weak}")
-                where = out / "results" / f"{dataset.name}-{dataset.domain}" / weak
-                cfg = fit_config(fit, store_path, weak)
+                label = "+".join(ensemble or (weak,))
+                log(f"== fit {fit_j} of {num_fits}: {dataset.name}/{dataset.domain}, weak {label}")
+                where = out / "results" / f"{dataset.name}-{dataset.domain}" / label
+                cfg = fit_config(fit, store_path, weak, ensemble)
                 current.append(_once(where / f"fit-{_key([cfg.to_dict(), store_id])}",
                                      lambda tmp: run(cfg, tmp, log=log), log))
-                if tp is not None and store.text_TxKxD is not None:
+                if tp is not None and store.text_TxKxD is not None and not ensemble:
                     current.append(_run_tp(tp, store_path, strong, weak, store_id, where, opts.device, log))
     report = out / "report"
     rep = exp.get("report", {})

@@ -100,7 +100,7 @@ def main(store, strong, weak, methods, seeds, epochs, batch_size, optimizer, lr,
         summary, path = run_tp(cfg, out or f"results/{Path(store).stem}-{weak}-tp")
     except (StoreError, PromptError, encoders.EncoderError, outputs.OutputError, ValueError) as err:
         raise click.ClickException(str(err)) from None
-    click.echo(results.markdown_table(summary))
+    click.echo(results.all_tables(summary))
     click.echo(f"\nresults in {path}; merge with w2s-fit's: w2s-fit --show FIT_RESULTS --show {path}")
 
 

@@ -15,6 +15,7 @@ limit = 120
 weak = ["pixels@2", "pixels@3"]
 [fit]
 methods = ["cpl", "kd+lp", "ceiling+proto"]
+multi_weak = ["raven+cpl"]
 seeds = 2
 epochs = 2
 batch_size = 32
@@ -36,7 +37,7 @@ def test_runs_skips_and_resumes(tmp_path, monkeypatch):
     real_run = runlib.run
 
     def crashing_run(cfg, out_dir, **kw):
-        calls.append(cfg.weak)
+        calls.append("+".join(cfg.ensemble or (cfg.weak,)))
         if len(calls) == 2:
             raise RuntimeError("simulated crash")
         return real_run(cfg, out_dir, **kw)
@@ -46,32 +47,36 @@ def test_runs_skips_and_resumes(tmp_path, monkeypatch):
         experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
     assert calls == ["pixels@2", "pixels@3"]
     # rerun: only the crashed fit is redone, then the report is written
-    monkeypatch.setattr(runlib, "run", lambda cfg, out, **kw: (calls.append(cfg.weak), real_run(cfg, out, **kw))[1])
+    monkeypatch.setattr(runlib, "run", lambda cfg, out, **kw: (calls.append("+".join(cfg.ensemble or (cfg.weak,))),
+                                                                real_run(cfg, out, **kw))[1])
     lines = []
     report = experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: lines.append(" ".join(a)))
-    assert calls == ["pixels@2", "pixels@3", "pixels@3"]
+    assert calls == ["pixels@2", "pixels@3", "pixels@3", "pixels@2+pixels@3"]  # then the multi-weak fit
     # it says where it is in the grid
-    assert "== store 1 of 1: demo/mnist" in lines and "== fit 2 of 2: demo/mnist, weak pixels@3" in lines
+    assert "== store 1 of 1: demo/mnist" in lines and "== fit 2 of 3: demo/mnist, weak pixels@3" in lines
     assert any(line.startswith("compiled in") for line in lines)
     assert (report / "table2-pixels@2.md").exists() and (report / "table3-demo-mnist.md").exists()
     assert (report / "curves-demo-mnist-pixels@3.png").exists()
+    assert "raven+cpl" in (report / "multi-weak.md").read_text() and (report / "weak-choice.md").exists()
+    assert (report / "misfit-gain-demo-mnist.png").exists()
     # nothing left to do; an edit (more epochs) redoes only the fits
     experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
-    assert len(calls) == 3
+    assert len(calls) == 4
     # a folder from before heads were saved with each fit is fitted again
     import shutil
 
     shutil.rmtree(next((tmp_path / "out" / "results").rglob("heads")))
     experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
-    assert len(calls) == 4
+    assert len(calls) == 5
     write(tmp_path, TOML.format(out=tmp_path / "out").replace("epochs = 2", "epochs = 3"))
     experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
-    assert len(calls) == 6
+    assert len(calls) == 8
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.replace("seeds = 2", "seeds = 2\nlearning_rate = 3"), "unknown key(s) ['learning_rate'] in [fit]"),
     (lambda t: t.replace('"cpl", ', '"cpl", "magic", '), "unknown method(s) ['magic']"),
+    (lambda t: t.replace('multi_weak = ["raven+cpl"]', 'multi_weak = ["kd+lp"]'), "learn from one weak model"),
     (lambda t: t.replace('dataset = "demo"', 'dataset = "domainnet"\nroot = "/nowhere"'), "/nowhere does not exist"),
     (lambda t: t + "\n[fit.grid]\nbogus = [1, 2]\n", "unknown hyperparameter(s) ['bogus']"),
     (lambda t: "typo = 1\n" + t, "unknown key(s) ['typo'] in the top level"),

@@ -93,9 +93,9 @@ def test_report_shows_only_the_current_experiment(tmp_path):
     path.write_text(TOML.format(out=tmp_path / "out").replace("epochs = 2", "epochs = 3"))
     rep = experiment.run_experiment(experiment.load_experiment(path), **quiet)
     fits = sorted((tmp_path / "out" / "results").rglob("fit-*/metrics.json"))
-    assert len(fits) == 4  # the old folders stay on disk for the skip logic ...
+    assert len(fits) == 6  # 3 fits (2 weak models + the multi-weak one) x 2 configs stay on disk for the skip logic ...
     sources = (rep / "sources.md").read_text()
-    assert sources.count("fit-") == 2 and "epochs=3" in sources and "epochs=2" not in sources  # ... but not here
+    assert sources.count("fit-") == 3 and "epochs=3" in sources and "epochs=2" not in sources  # ... but not here
     new = [f.parent for f in fits if json.loads((f.parent / "config.json").read_text())["epochs"] == 3]
     table = (rep / "table2-pixels@2.md").read_text()
     cpl = next(json.loads((f / "metrics.json").read_text())["methods"]["cpl"]["test_acc"]

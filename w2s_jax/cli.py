@@ -52,7 +52,9 @@ def find_store(folder: Path = STORES) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--store", type=click.Path(), help="Feature store written by w2s-extract. [default: the only one under stores/]")
-@click.option("--weak", default=None, help="Weak model in the store. [default: the store's only/first one]")
+@click.option("--weak", default=None,
+              help="Weak model in the store, or several, A,B,...: the multi-weak methods (raven+..., average+...) "
+                   "combine them and the others learn from A. [default: the store's only/first one]")
 @click.option("--methods", default="all", show_default=True, help="Comma-separated method names, or 'all'.")
 @click.option("--seeds", default=5, show_default=True, help="Number of seeds (0..N-1).")
 @click.option("--epochs", default=10, show_default=True)
@@ -69,6 +71,8 @@ def find_store(folder: Path = STORES) -> str:
               help="L2 penalty on the linear head's s·W (scikit-learn's 1/(C·n)).")
 @click.option("--alpha-max", default=DEFAULTS.alpha_max, show_default=True, help="AuxConf alpha_max.")
 @click.option("--tau-a", default=DEFAULTS.tau_a, show_default=True, help="AdaptConf temperature.")
+@click.option("--raven-lr", default=DEFAULTS.raven_lr, show_default=True,
+              help="Adam lr of the weak models' weights in the raven+... methods.")
 @click.option("--grid", multiple=True, help="Sweep a hyperparameter: FIELD=V1,V2 (repeatable; cartesian product).")
 @click.option("--vmap/--no-vmap", default=True, show_default=True, help="One compiled call for the grid, or one per model.")
 @click.option("--out", type=click.Path(), default=None, help="Results folder. [default: results/STORE-WEAK]")
@@ -84,7 +88,7 @@ def find_store(folder: Path = STORES) -> str:
 @click.option("--show", type=click.Path(), multiple=True,
               help="Print the table of existing results folder(s) and exit; several are merged into one table.")
 def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, lp_scale, lp_shrinkage,
-         lp_l2, alpha_max, tau_a, grid,
+         lp_l2, alpha_max, tau_a, raven_lr, grid,
          vmap, out, overwrite, distributed, coordinator, num_processes, process_id, plugins, list_methods, show):
     """Fit CPL and linear-probe heads with CE, KD, AuxConf, AdaptConf (+ ceilings) for every seed."""
     from w2s_jax import results
@@ -103,7 +107,7 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
         return
     if show:
         try:
-            click.echo(results.markdown_table(results.merge([results.load_summary(d) for d in show])))
+            click.echo(results.all_tables(results.merge([results.load_summary(d) for d in show])))
         except (FileNotFoundError, ValueError) as err:
             raise click.ClickException(str(err)) from None
         return
@@ -123,17 +127,20 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
             if not names:
                 raise click.ClickException(f"{store} has no weak model; add one with w2s-extract ... --out {store} --weak NAME")
             weak = names[0]
+        ensemble = tuple(w.strip() for w in weak.split(",") if w.strip())
+        ensemble = ensemble if len(ensemble) > 1 else ()
         cfg = FitConfig(
-            store=str(store), weak=weak,
-            methods=jax_methods() if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip()),
+            store=str(store), weak=weak.split(",")[0].strip(), ensemble=ensemble,
+            methods=jax_methods(multi_weak=bool(ensemble)) if methods == "all"
+            else tuple(m.strip() for m in methods.split(",") if m.strip()),
             seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size), vmap=vmap, grid=_parse_grid(grid),
             hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale, lp_scale=lp_scale,
-                            lp_shrinkage=lp_shrinkage, lp_l2=lp_l2, alpha_max=alpha_max, tau_a=tau_a),
+                            lp_shrinkage=lp_shrinkage, lp_l2=lp_l2, alpha_max=alpha_max, tau_a=tau_a,
+                            raven_lr=raven_lr),
         )
-        out = out or f"results/{Path(store).stem}-{weak}"
+        out = out or f"results/{Path(store).stem}-{'+'.join(ensemble or (cfg.weak,))}"
         summary, path = run(cfg, out, log=click.echo, overwrite=overwrite)
     except (StoreError, GridTooLargeError, ValueError) as err:
         raise click.ClickException(str(err)) from None
-    click.echo(results.markdown_table(summary))
-    click.echo("\n" + results.misfit_table(summary))
+    click.echo(results.all_tables(summary))
     click.echo(f"\nresults in {path} (reprint with: w2s-fit --show {path})")

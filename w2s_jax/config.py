@@ -22,6 +22,7 @@ class Hparams(NamedTuple):
     alpha_max: float = 0.5  # AuxConf's final confidence weight (Burns et al.: 0.5)
     aux_warmup: float = 0.2  # AuxConf's warm-up fraction w of training (Burns et al.: 0.2)
     tau_a: float = 4.0  # AdaptConf's temperature (Guo et al.: 0.5 on CIFAR, 4.0 on ImageNet)
+    raven_lr: float = 0.1  # Adam lr of the weak models' mixture logits (raven+... methods; ours, see README)
 
 
 # valid range of every hyperparameter: (low, high, low inclusive, high inclusive)
@@ -35,6 +36,7 @@ HPARAM_RANGES = {
     "alpha_max": (0.0, 1.0, True, True),
     "aux_warmup": (0.0, 1.0, False, True),
     "tau_a": (0.0, math.inf, False, False),
+    "raven_lr": (0.0, math.inf, True, False),
 }
 
 
@@ -112,6 +114,7 @@ class FitConfig:
     hparams: Hparams = Hparams()  # defaults for every field the grid does not sweep
     grid: tuple = ()  # ((field, (values...)), ...): swept as one vmap axis, cartesian product
     vmap: bool = True  # True: every seed x hparam in one compiled call; False: one call per model
+    ensemble: tuple[str, ...] = ()  # the weak models the multi-weak methods combine (--weak a,b,...; `weak` is a)
 
     def __post_init__(self):
         """Every number in range before any work starts; a ValueError names the field and the valid range."""
@@ -122,6 +125,8 @@ class FitConfig:
             check_number("batch_size", self.batch_size, 1, math.inf, integer=True)
         check_number("warmup", self.warmup, 0.0, 1.0, True, False)
         check_hparams(self.hparams, self.grid)
+        if len(set(self.ensemble)) != len(self.ensemble):
+            raise ValueError(f"--weak {','.join(self.ensemble)}: name each weak model once")
 
     def grid_hparams(self) -> Hparams:
         return hparam_grid(self.hparams, dict(self.grid))

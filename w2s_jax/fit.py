@@ -24,7 +24,7 @@ from w2s_jax import sharding
 from w2s_jax.config import FitConfig, Hparams, resolve_batch_size
 from w2s_jax.heads import Start, get_head, l2_normalize
 from w2s_jax.losses import get_loss
-from w2s_jax.methods import METHODS, Method
+from w2s_jax.methods import METHODS, MULTI_WEAK, Method
 from w2s_jax.splits import SeedSplits
 
 
@@ -32,27 +32,46 @@ class FitData(NamedTuple):
     """The store's ``test`` split on device, shared by every seed."""
 
     feats_NxD: jax.Array  # L2-normalised strong features r̂ (normalised once, outside the loop)
-    weak_NxK: jax.Array  # weak logits
+    weak_NxK: jax.Array  # weak logits (with several weak models: the first one's)
     labels_N: jax.Array  # ground truth
+    weaks_MxNxK: jax.Array | None = None  # the logits of the M weak models the multi-weak methods combine
 
 
 class FitOutput(NamedTuple):
-    variables: dict  # the head's best-epoch variables: {"params": trained, "stats": fixed at the start, if any}
+    variables: dict  # the head's best-epoch variables: {"params": trained, "stats": fixed at the start, if any;
+    #                  "mixture": {"logits_M"}, the weights of the weak models, for the multi-weak methods}
     history: dict  # per-epoch curves, each (E,): train_loss, train_acc (vs. the training target, during the
     #                epoch), val_loss, val_score, test_acc
     best_epoch: jax.Array  # 1-based epoch whose parameters were kept
 
 
-def make_data(feats_NxD, weak_NxK, labels_N) -> FitData:
+def make_data(feats_NxD, weak_NxK, labels_N, weaks_MxNxK=None) -> FitData:
+    weaks = None if weaks_MxNxK is None else jnp.asarray(weaks_MxNxK, jnp.float32)
     return FitData(l2_normalize(jnp.asarray(feats_NxD, jnp.float32)), jnp.asarray(weak_NxK, jnp.float32),
-                   jnp.asarray(labels_N, jnp.int32))
+                   jnp.asarray(labels_N, jnp.int32), weaks)
 
 
-def teacher_logits(method: Method, data: FitData, num_classes: int):
-    """What the loss is trained against: weak logits, or one-hot ground truth for a ceiling."""
+def mixture_weights(variables: dict):
+    """The multi-weak methods' weights ``w_M`` on the simplex: ``softmax`` of the variables' mixture logits."""
+    return jax.nn.softmax(variables["mixture"]["logits_M"])
+
+
+def teacher_logits(method: Method, data: FitData, num_classes: int, rows_B, variables=None):
+    """What the loss is trained against on ``rows_B``, ``B x K`` logits: the weak logits; one-hot ground truth for
+    a ceiling; for a multi-weak method the log of the mixture ``Σ_m w_m softmax(z_m)`` (learned ``w`` for
+    ``raven``, uniform for ``average``)."""
     if method.target == "truth":
-        return jax.nn.one_hot(data.labels_N, num_classes)
-    return data.weak_NxK
+        return jax.nn.one_hot(data.labels_N[rows_B], num_classes)
+    if method.target in MULTI_WEAK:
+        probs_MxBxK = jax.nn.softmax(data.weaks_MxNxK[:, rows_B])
+        return jnp.log(jnp.einsum("m,mbk->bk", mixture_weights(variables), probs_MxBxK) + 1e-12)
+    return data.weak_NxK[rows_B]
+
+
+def consensus(weaks_MxBxK):
+    """The class all M weak models predict, per row; -1 where they disagree (RAVEN's easy samples)."""
+    votes_MxB = jnp.argmax(weaks_MxBxK, axis=-1)
+    return jnp.where(jnp.all(votes_MxB == votes_MxB[0], axis=0), votes_MxB[0], -1)
 
 
 def lr_factor(step, total_steps: int, warmup: float):
@@ -63,11 +82,26 @@ def lr_factor(step, total_steps: int, warmup: float):
     return jnp.clip(jnp.where(step < warm, up, down), 0.0, 1.0)
 
 
+TRAINED = ("params", "mixture")  # the variable collections the optimizer updates
+
+
+def trained(variables: dict) -> dict:
+    return {c: variables[c] for c in TRAINED if c in variables}
+
+
+def mixture_loss(student_logits_BxK, mixture_logits_BxK):
+    """RAVEN-style update of the weak models' weights, per example: the student's cross-entropy under the mixture,
+    ``-Σ_k q_k(w) log sg(p_s,k)`` with ``q(w) = Σ_m w_m p_m``. Its gradient reaches only ``w``; it is linear in
+    ``w``, so it moves weight toward the weak models whose predictions the student already agrees with."""
+    log_student_BxK = jax.lax.stop_gradient(jax.nn.log_softmax(student_logits_BxK))
+    return -jnp.sum(jnp.exp(mixture_logits_BxK) * log_student_BxK, axis=1)
+
+
 class FitState(NamedTuple):
     """What one model carries from epoch to epoch."""
 
     variables: dict  # the head's current variables (flax): "params" are trained, "stats" stay as they started
-    opt_state: tuple  # Adam's moments and step count, for the "params" only
+    opt_state: tuple  # Adam's moments and step count, for the TRAINED collections only
     best: dict  # {"variables", "score", "epoch"}: the best epoch so far by hold_val score
 
 
@@ -93,42 +127,55 @@ def make_trainer(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig) -
     epochs, batch = cfg.epochs, cfg.batch_size
 
     def optimizer(hp, total):
-        return optax.chain(optax.scale_by_adam(),
-                           optax.scale_by_schedule(lambda count: -hp.lr * lr_factor(count, total, cfg.warmup)))
+        """Adam with warmup and linear decay: the head at ``hp.lr``, the multi-weak mixture logits at ``hp.raven_lr``."""
+        def adam(lr):
+            return optax.chain(optax.scale_by_adam(),
+                               optax.scale_by_schedule(lambda count: -lr * lr_factor(count, total, cfg.warmup)))
+
+        return optax.multi_transform({"params": adam(hp.lr), "mixture": adam(hp.raven_lr)},
+                                     lambda trainable: {collection: collection for collection in trainable})
 
     def start(key, hp: Hparams, data: FitData, split: SeedSplits) -> FitState:
-        targets_NxK = teacher_logits(method, data, num_classes)
         total = epochs * math.ceil(split.hold_train.shape[0] / batch)
         init_key, _ = jax.random.split(key)
-        first = Start(jnp.argmax(targets_NxK[split.hold_train], axis=1), text_KxD)
-        variables = module.init(init_key, data.feats_NxD[split.hold_train], hp, first)
+        mixture = {"mixture": {"logits_M": jnp.zeros(data.weaks_MxNxK.shape[0])}} if method.target in MULTI_WEAK else {}
+        if method.target == "raven":  # easy-sample start: only the rows where every weak model agrees
+            targets_N = consensus(data.weaks_MxNxK[:, split.hold_train])
+        else:
+            targets_N = jnp.argmax(teacher_logits(method, data, num_classes, split.hold_train, mixture), axis=1)
+        variables = {**module.init(init_key, data.feats_NxD[split.hold_train], hp, Start(targets_N, text_KxD)),
+                     **mixture}
         best = {"variables": variables, "score": jnp.float32(-1.0), "epoch": jnp.int32(0)}
-        return FitState(variables, optimizer(hp, total).init(variables["params"]), best)
+        return FitState(variables, optimizer(hp, total).init(trained(variables)), best)
 
     def epoch(state: FitState, key, epoch, hp: Hparams, data: FitData, split: SeedSplits):
-        targets_NxK = teacher_logits(method, data, num_classes)
         n_train = split.hold_train.shape[0]
         steps = math.ceil(n_train / batch)
         total = epochs * steps
         tx = optimizer(hp, total)
         _, order_key = jax.random.split(key)
 
-        def apply(params, feats_BxD):
-            return module.apply({**state.variables, "params": params}, feats_BxD, hp)
+        def apply(trainable, feats_BxD):
+            return module.apply({**state.variables, **trainable}, feats_BxD, hp)
 
-        def batch_loss(params, rows_B, mask_B, progress):
-            logits_BxK = apply(params, data.feats_NxD[rows_B])
-            target_BxK = targets_NxK[rows_B]
-            per_example_B = loss_fn(logits_BxK, target_BxK, progress=progress, hp=hp)
+        def batch_loss(trainable, rows_B, mask_B, progress):
+            """-> (loss to minimise, (the head's loss, hits)); ``trainable``: the TRAINED collections."""
+            logits_BxK = apply(trainable, data.feats_NxD[rows_B])
+            target_BxK = teacher_logits(method, data, num_classes, rows_B, trainable)
+            per_example_B = loss_fn(logits_BxK, jax.lax.stop_gradient(target_BxK), progress=progress, hp=hp)
             hits = jnp.sum((jnp.argmax(logits_BxK, 1) == jnp.argmax(target_BxK, 1)) * mask_B)
-            return jnp.sum(per_example_B * mask_B) / jnp.sum(mask_B) + head.penalty(params, hp), hits
+            head_loss = jnp.sum(per_example_B * mask_B) / jnp.sum(mask_B) + head.penalty(trainable["params"], hp)
+            if method.target != "raven":
+                return head_loss, (head_loss, hits)
+            mixture_B = mixture_loss(logits_BxK, target_BxK)
+            return head_loss + jnp.sum(mixture_B * mask_B) / jnp.sum(mask_B), (head_loss, hits)
 
         def train_step(carry, xs):
-            params, opt_state = carry
+            trainable, opt_state = carry
             step, rows_B, mask_B = xs
-            (loss, hits), grads = jax.value_and_grad(batch_loss, has_aux=True)(params, rows_B, mask_B, step / total)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), (loss * jnp.sum(mask_B), hits)
+            grads, (loss, hits) = jax.grad(batch_loss, has_aux=True)(trainable, rows_B, mask_B, step / total)
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            return (optax.apply_updates(trainable, updates), opt_state), (loss * jnp.sum(mask_B), hits)
 
         # --- this epoch's minibatches: a permutation from this seed's key, padded and masked
         perm = jax.random.permutation(jax.random.fold_in(order_key, epoch), n_train)
@@ -136,17 +183,17 @@ def make_trainer(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig) -
         rows_TxB = split.hold_train[perm].reshape(steps, batch)
         mask_TxB = (jnp.arange(steps * batch) < n_train).reshape(steps, batch).astype(jnp.float32)
         step_ids = epoch * steps + jnp.arange(steps)
-        (params, opt_state), (losses, hits) = jax.lax.scan(
-            train_step, (state.variables["params"], state.opt_state), (step_ids, rows_TxB, mask_TxB))
+        (trainable, opt_state), (losses, hits) = jax.lax.scan(
+            train_step, (trained(state.variables), state.opt_state), (step_ids, rows_TxB, mask_TxB))
         # --- end of epoch: hold_val picks the best epoch; test' accuracy is kept for curves only
-        val_logits = apply(params, data.feats_NxD[split.hold_val])
-        val_targets = targets_NxK[split.hold_val]
+        val_logits = apply(trainable, data.feats_NxD[split.hold_val])
+        val_targets = teacher_logits(method, data, num_classes, split.hold_val, trainable)
         val_score = jnp.mean(jnp.argmax(val_logits, 1) == jnp.argmax(val_targets, 1))
         val_loss = jnp.mean(loss_fn(val_logits, val_targets, progress=(epoch + 1) / epochs, hp=hp))
-        test_logits = apply(params, data.feats_NxD[split.test_prime])
+        test_logits = apply(trainable, data.feats_NxD[split.test_prime])
         test_acc = jnp.mean(jnp.argmax(test_logits, 1) == data.labels_N[split.test_prime])
         better = val_score > state.best["score"]
-        variables = {**state.variables, "params": params}
+        variables = {**state.variables, **trainable}
         candidate = {"variables": variables, "score": val_score, "epoch": epoch + 1}
         best = jax.tree.map(lambda new, old: jnp.where(better, new, old), candidate, state.best)
         history = {"train_loss": jnp.sum(losses) / n_train, "train_acc": jnp.sum(hits) / n_train,
@@ -261,7 +308,7 @@ def estimate_bytes(cfg: FitConfig, n: int, d: int, k: int) -> int:
     params = k * d + k
     eval_rows = int(0.36 * n)
     per_model = 6 * params + 4 * cfg.batch_size * (d + k) + eval_rows * (d + 2 * k) + n
-    data = n * (d + k + 1)
+    data = n * (d + k * (1 + len(cfg.ensemble)) + 1)  # features, the weak logits (and the ensemble's), labels
     models = math.ceil(num_models / jax.device_count()) * len(cfg.methods) if cfg.vmap else 1  # per device
     return 4 * (data + models * per_model)
 

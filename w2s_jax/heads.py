@@ -42,7 +42,8 @@ import jax.numpy as jnp
 class Start(NamedTuple):
     """What a head may start from at ``init`` (never passed to ``apply``)."""
 
-    targets_N: jax.Array  # target class of each training row (weak argmax, or the label for a ceiling)
+    targets_N: jax.Array  # target class of each training row (weak argmax, or the label for a ceiling);
+    #                       -1 leaves a row out (multi-weak: the rows where the weak models disagree)
     text_KxD: Any = None  # mean raw text embedding per class, or None without a text tower
 
 
@@ -63,7 +64,7 @@ def zero_shot_prototypes(text_TxKxD):
 
 
 def centroid_prototypes(key, feats_NxD, targets_N, num_classes):
-    """Normalised class means of ``feats`` by ``targets``; a random direction for an empty class."""
+    """Normalised class means of ``feats`` by ``targets`` (-1: left out); a random direction for an empty class."""
     sums_KxD = jax.ops.segment_sum(feats_NxD, targets_N, num_segments=num_classes)
     empty_K = jnp.linalg.norm(sums_KxD, axis=1) == 0
     random_KxD = jax.random.normal(key, sums_KxD.shape, sums_KxD.dtype)
@@ -76,16 +77,19 @@ def shrunk_lda(x_NxD, targets_N, num_classes, shrinkage):
     Logits ``x @ w.T + b`` with ``w_k = Σ⁻¹ m_k``, ``b_k = -m_kᵀ Σ⁻¹ m_k / 2 + log π_k``, the class means
     ``m_k``, Laplace-smoothed priors ``π_k`` (an empty class gets ``w_k = 0`` and a small prior) and the
     within-class covariance shrunk toward a scaled identity, ``Σ = (1-δ) S_w + δ tr(S_w)/D I``, δ = shrinkage.
+    Rows with target -1 are left out.
 
     >>> import jax.numpy as jnp
     >>> w, b = shrunk_lda(jnp.array([[1., 0.], [-1., 0.]]), jnp.array([0, 1]), 2, 1.0)
     >>> w.shape, b.shape
     ((2, 2), (2,))
     """
-    n, d = x_NxD.shape
-    counts_K = jnp.bincount(targets_N, length=num_classes)
+    d = x_NxD.shape[1]
+    kept_N = targets_N >= 0
+    n = jnp.maximum(jnp.sum(kept_N), 1)
+    counts_K = jax.ops.segment_sum(kept_N.astype(x_NxD.dtype), targets_N, num_segments=num_classes)
     means_KxD = jax.ops.segment_sum(x_NxD, targets_N, num_segments=num_classes) / jnp.maximum(counts_K, 1)[:, None]
-    within_NxD = x_NxD - means_KxD[targets_N]
+    within_NxD = jnp.where(kept_N[:, None], x_NxD - means_KxD[jnp.maximum(targets_N, 0)], 0.0)
     cov_DxD = within_NxD.T @ within_NxD / n
     eye_DxD = jnp.eye(d, dtype=x_NxD.dtype)
     cov_DxD = (1.0 - shrinkage) * cov_DxD + shrinkage * jnp.trace(cov_DxD) / d * eye_DxD

@@ -16,13 +16,16 @@ from typing import NamedTuple
 from w2s_jax.heads import HEADS
 
 TORCH_HEADS = ("prompt", "text-encoder")  # need the text encoder: w2s-tp; every head in heads.HEADS is w2s-fit's
+MULTI_WEAK = ("raven", "average")  # targets that combine several weak models (w2s-fit --weak a,b,...)
 
 
 class Method(NamedTuple):
     head: str  # "linear" (LP), "prototype" (CPL), "prompt" (CoOp TP) or "text-encoder" (Table 4 ablation)
     loss: str  # name in w2s_jax.losses.LOSSES
     target: str  # "weak": weak logits on hold_train, model chosen by agreement on hold_val;
-    #              "truth": ground truth on hold_train and hold_val (the strong ceiling)
+    #              "truth": ground truth on hold_train and hold_val (the strong ceiling);
+    #              "raven": a convex combination of several weak models, its weights learned with the head;
+    #              "average": their uniform average
 
 
 METHODS = {
@@ -36,6 +39,11 @@ METHODS = {
     "auxconf+proto": Method("prototype", "auxconf", "weak"),
     "adaptconf+proto": Method("prototype", "adaptconf", "weak"),
     "cpl": Method("prototype", "cpl", "weak"),  # = KD on prototypes under Adam (see above)
+    # several weak models at once (w2s-fit --weak a,b,...): learned weights (RAVEN-style), or the plain average
+    "raven+lp": Method("linear", "kd", "raven"),
+    "raven+cpl": Method("prototype", "cpl", "raven"),
+    "average+lp": Method("linear", "kd", "average"),
+    "average+cpl": Method("prototype", "cpl", "average"),
     # strong ceilings: the same heads trained on ground truth
     "ceiling+lp": Method("linear", "ce", "truth"),
     "ceiling+proto": Method("prototype", "ce", "truth"),
@@ -53,15 +61,16 @@ CEILING_OF_HEAD = {"linear": "ceiling+lp", "prototype": "ceiling+proto", "prompt
 TORCH_METHODS = tuple(m for m, spec in METHODS.items() if spec.head in TORCH_HEADS)
 
 
-def jax_methods() -> tuple[str, ...]:
+def jax_methods(multi_weak: bool = False) -> tuple[str, ...]:
     """The methods w2s-fit runs, in registry order: every method whose head is in ``heads.HEADS``, including
-    heads and methods a user registered after import (README: "Add a head")."""
-    return tuple(m for m, spec in METHODS.items() if spec.head in HEADS)
+    heads and methods a user registered after import (README: "Add a head"); the multi-weak ones only if asked."""
+    return tuple(m for m, spec in METHODS.items()
+                 if spec.head in HEADS and (multi_weak or spec.target not in MULTI_WEAK))
 
 
 def check_methods(names, valid=None, command="w2s-fit") -> tuple[str, ...]:
     """``names`` as a tuple, or a ValueError naming the unknown ones and the valid ones (default: w2s-fit's)."""
-    valid = jax_methods() if valid is None else valid
+    valid = jax_methods(multi_weak=True) if valid is None else valid
     wrong_side = [n for n in names if n in METHODS and n not in valid]
     if wrong_side:
         other = "w2s-tp (PyTorch)" if wrong_side[0] in TORCH_METHODS else "w2s-fit (JAX)"

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from w2s_jax.fit import FitData, FitOutput, teacher_logits
+from w2s_jax.fit import FitData, FitOutput, mixture_weights, teacher_logits
 from w2s_jax.heads import make_head, zero_shot_prototypes
 from w2s_jax.methods import METHODS
 from w2s_jax.splits import SeedSplits
@@ -68,22 +68,25 @@ def pgr(w2s, weak, ceiling):
 def evaluate_method(name: str, out: FitOutput, hps, data: FitData, splits: SeedSplits, num_classes):
     """-> {test_acc, agreement, val_score, misfit, test_ce}, each ``S x H``, for the best-epoch variables.
 
-    misfit: KL(student ‖ weak) on hold_val (label-free); test_ce: the student's cross-entropy on test'.
+    misfit: KL(student ‖ weak) on hold_val (label-free); test_ce: the student's cross-entropy on test'. With
+    several weak models, agreement and misfit are against the first; multi-weak methods add weak_weights, ``S x H x M``.
     """
     method = METHODS[name]
     head = make_head(method.head, num_classes)
-    targets_NxK = teacher_logits(method, data, num_classes)
 
     def one(variables, hp, split):
         test_logits = head.apply(variables, data.feats_NxD[split.test_prime], hp)
         val_logits = head.apply(variables, data.feats_NxD[split.hold_val], hp)
-        return {
+        scores = {
             "test_acc": accuracy(test_logits, data.labels_N[split.test_prime]),
             "agreement": agreement(test_logits, data.weak_NxK[split.test_prime]),
-            "val_score": agreement(val_logits, targets_NxK[split.hold_val]),
+            "val_score": agreement(val_logits, teacher_logits(method, data, num_classes, split.hold_val, variables)),
             "misfit": misfit(val_logits, data.weak_NxK[split.hold_val]),
             "test_ce": cross_entropy(test_logits, data.labels_N[split.test_prime]),
         }
+        if "mixture" in variables:  # a multi-weak method: the weights of its weak models, S x H x M
+            scores["weak_weights"] = mixture_weights(variables)
+        return scores
 
     over = jax.vmap(jax.vmap(one, in_axes=(0, 0, None)), in_axes=(0, None, 0))
     return jax.tree.map(np.asarray, jax.jit(over)(out.variables, hps, splits))

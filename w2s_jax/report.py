@@ -25,7 +25,7 @@ import click
 import numpy as np
 
 from w2s_jax import metrics, paper_numbers, results
-from w2s_jax.methods import CEILING_OF_HEAD, METHODS
+from w2s_jax.methods import CEILING_OF_HEAD, METHODS, MULTI_WEAK
 
 BEST_CEILING = "best ceiling (hold_val)"
 DELTA = "Δ (cpl − best baseline by hold_val)"
@@ -256,6 +256,27 @@ def weak_choice_table(groups: list[Group]) -> Table | None:
                  "misfit marks a good teacher; a student that copies a near-uniform teacher breaks this.")
 
 
+def multi_weak_table(groups: list[Group]) -> Table | None:
+    """The multi-weak rows: accuracy and the learned weights of the weak models beside each one's own accuracy."""
+    rows = []
+    for g in groups:
+        ensemble = g.summary.get("ensemble") or []  # [{weak, test_acc}], in the order of the weights
+        for m in results.method_order(g.summary["methods"]):
+            x = g.summary["methods"][m]
+            if METHODS[m].target not in MULTI_WEAK or x.get("failed") or "weak_weights" not in x:
+                continue
+            weights = np.mean(x["weak_weights"], axis=0)
+            rows.append([f"{g.dataset}/{g.domain}", m, _cell(x["test_acc"]),
+                         ", ".join(f"{e['weak']} {w:.2f}" for e, w in zip(ensemble, weights)),
+                         ", ".join(f"{e['weak']} {_acc(e['test_acc']):.2f}" for e in ensemble)])
+    if not rows:
+        return None
+    return Table("multi-weak", "Several weak models at once: test' accuracy (%) and the weights of the weak models",
+                 ["domain", "method", "test' acc (%)", "weights (mean over seeds)", "each weak model's test' acc (%)"],
+                 rows, "raven+…: weights learned with the head (RAVEN-style); average+…: the uniform average. Single "
+                       "weak-model rows are in the Table 3 analogue; per-seed weights are in each results folder's table.md.")
+
+
 def _by_domain(groups: list[Group]) -> dict:
     found = {}
     for g in groups:
@@ -324,7 +345,15 @@ def plot_curves(g: Group, methods, path: Path) -> Path:
         ax.axhline(_acc(g.summary["methods"][c]["test_acc"]), color="black", ls=style, label=c)
     ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{g.dataset}/{g.domain}, weak {g.weak}")
     ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
+    return _save(fig, ax, path)
+
+
+def _save(fig, ax, path: Path) -> Path:
+    """Grid lines (on ``ax``, if given), tight layout, write the PNG, free the figure."""
+    import matplotlib.pyplot as plt
+
+    if ax is not None:
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -347,10 +376,7 @@ def plot_pgr(t: Table, path: Path) -> Path:
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="PGR")
     ax.set_title("PGR by method and domain", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, None, path)
 
 
 def plot_misfit_gain(gs: list[Group], path: Path) -> Path:
@@ -362,17 +388,18 @@ def plot_misfit_gain(gs: list[Group], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.2, 5.0), dpi=120)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = plt.get_cmap("tab20").colors
     markers = "osD^v<>"
     names = results.method_order({m for g in gs for m, x in g.summary["methods"].items() if "misfit" in x})
     top = 0.0
     for i, m in enumerate(names):
+        drawn = [g.summary["methods"][m] for g in gs if m in g.summary["methods"]]
         for j, g in enumerate(gs):
             x = g.summary["methods"].get(m)
             if not x or x.get("failed") or "misfit" not in x:
                 continue
             ax.scatter(x["misfit"], x["gain"], s=18, color=colors[i % len(colors)], marker=markers[j % len(markers)],
-                       label=m if j == 0 else None, alpha=0.8)
+                       label=m if x is drawn[0] else None, alpha=0.8)
             top = max(top, *x["misfit"], *x["gain"])
     ax.plot([0, top], [0, top], color="black", lw=1, ls="--", label="gain = misfit")
     ax.axhline(0, color="gray", lw=0.5)
@@ -382,11 +409,7 @@ def plot_misfit_gain(gs: list[Group], path: Path) -> Path:
            title=f"Gain vs misfit, {gs[0].dataset}/{gs[0].domain} (a point per method, seed and weak model)")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=6, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 # ------------------------------------------------------------------------------ main
@@ -402,7 +425,8 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
             tables.append(table3(groups, dataset, domain))
     pgr = pgr_table(groups)
     compare = (paper_table(groups), paper_table3(groups)) if paper else ()
-    tables += [t for t in (table4(groups), pgr, misfit_gain_table(groups), weak_choice_table(groups), *compare,
+    tables += [t for t in (table4(groups), pgr, multi_weak_table(groups), misfit_gain_table(groups),
+                           weak_choice_table(groups), *compare,
                            sources_table(groups)) if t is not None]
     for t in tables:
         (out / f"{t.name}.md").write_text(to_markdown(t) + "\n")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from w2s_jax.methods import CEILING_OF_HEAD, METHODS
+from w2s_jax.methods import CEILING_OF_HEAD, METHODS, MULTI_WEAK
 from w2s_jax.metrics import pgr
 from w2s_jax.outputs import OutputError, staging_folder, swap_in
 from w2s_jax.saved_heads import write_heads
@@ -41,7 +41,8 @@ def summarize(evals: dict, best_epochs: dict, hps, weak: dict, zero_shot, failed
             "failed": bool(bad_SxH[:, h].any()),
             "grid_index": h,
             "hparams": {f: float(np.asarray(v)[h]) for f, v in hps._asdict().items()},
-            **{k: ev[k][:, h].tolist() for k in ("test_acc", "agreement", "val_score", "misfit", "test_ce")},
+            **{k: ev[k][:, h].tolist() for k in ("test_acc", "agreement", "val_score", "misfit", "test_ce",
+                                                 "weak_weights") if k in ev},
             "best_epoch": np.asarray(best_epochs[name])[:, h].tolist(),
             "grid": {k: v.tolist() for k, v in ev.items()},
         }
@@ -66,7 +67,7 @@ def with_ceilings_and_pgr(summary: dict) -> dict:
     ok = {name: m for name, m in methods.items() if not m.get("failed")}
     for name, m in ok.items():
         ceiling = CEILING_OF_HEAD.get(METHODS[name].head)
-        if METHODS[name].target == "weak" and ceiling in ok:
+        if METHODS[name].target != "truth" and ceiling in ok:
             acc, ceil = np.asarray(m["test_acc"]), np.asarray(methods[ceiling]["test_acc"])
             summary["pgr"][name] = {"ceiling": ceiling, "per_seed": pgr(acc, weak, ceil).tolist(),
                                     "of_means": float(pgr(acc.mean(), weak.mean(), ceil.mean()))}
@@ -75,6 +76,23 @@ def with_ceilings_and_pgr(summary: dict) -> dict:
         best = max(ceilings, key=lambda m: np.mean(methods[m]["val_score"]))  # first best on ties
         summary["best_ceiling"] = {"method": best, "test_acc": methods[best]["test_acc"], "selected_on": "hold_val"}
     return summary
+
+
+def weights_table(summary: dict) -> str:
+    """Markdown: each multi-weak method's weights of the weak models, mean and per seed, under each weak model's
+    own test' accuracy; "" for a fit without several weak models."""
+    ensemble = summary.get("ensemble") or []  # [{weak, test_acc}], in the order of the weights
+    names = [e["weak"] for e in ensemble]
+    methods = [m for m in method_order(summary["methods"]) if "weak_weights" in summary["methods"][m]]
+    if not names or not methods:
+        return ""
+    rows = [["weak model's own test' acc (%)", *[f"{100 * np.mean(e['test_acc']):.2f}" for e in ensemble]]]
+    for m in methods:
+        weights_SxM = np.asarray(summary["methods"][m]["weak_weights"])
+        rows.append([f"{m}: weights, mean over seeds", *[f"{w:.3f}" for w in weights_SxM.mean(axis=0)]])
+        rows += [[f"{m}: weights, seed {s}", *[f"{w:.3f}" for w in ws]] for s, ws in enumerate(weights_SxM)]
+    lines = [["", *names], ["---"] * (len(names) + 1), *rows]
+    return "\n".join("| " + " | ".join(r) + " |" for r in lines)
 
 
 def merge(summaries: list[dict]) -> dict:
@@ -86,7 +104,9 @@ def merge(summaries: list[dict]) -> dict:
                              "store with the same --weak and --seeds")
     methods = {name: m for s in summaries for name, m in s["methods"].items()}
     zero_shot = next((s["zero_shot"] for s in summaries if s["zero_shot"]), None)
-    return with_ceilings_and_pgr({"weak": first["weak"], "zero_shot": zero_shot, "methods": methods})
+    merged = with_ceilings_and_pgr({"weak": first["weak"], "zero_shot": zero_shot, "methods": methods})
+    ensembles = [s["ensemble"] for s in summaries if s.get("ensemble")]
+    return {**merged, "ensemble": ensembles[0]} if ensembles else merged
 
 
 def check_replace(out_dir, config, overwrite: bool) -> None:
@@ -125,7 +145,7 @@ def write_results(out_dir, *, config, provenance: dict, splits, summary: dict, h
     np.savez(out / "history.npz", **{f"{m}/{f}": np.asarray(h[f]) for m, h in histories.items()
                                      for f in HISTORY_FIELDS})
     _write_csv(out / "metrics.csv", summary, config.grid_hparams())
-    (out / "table.md").write_text(markdown_table(summary) + "\n\n" + misfit_table(summary) + "\n")
+    (out / "table.md").write_text(all_tables(summary) + "\n")
     write_heads(out, heads, best_epochs, summary, provenance, config.grid_hparams(), feature_dim)
     return swap_in(out, final)
 
@@ -177,9 +197,10 @@ def _mean_std(values) -> str:
 
 
 def method_order(names) -> list[str]:
-    """The paper's row order: W2S baselines (registry order), then CPL, then the ceilings."""
+    """The paper's row order: W2S baselines (registry order), then CPL, then the multi-weak rows, then the ceilings."""
     present = [m for m in METHODS if m in names]
     return ([m for m in present if METHODS[m].target == "weak" and m != "cpl"] + [m for m in present if m == "cpl"]
+            + [m for m in present if METHODS[m].target in MULTI_WEAK]
             + [m for m in present if METHODS[m].target == "truth"])
 
 
@@ -233,6 +254,13 @@ def misfit_table(summary: dict) -> str:
     header = ("method", "misfit", "gain (CE)", "gain (acc, points)", "gain ≥ misfit")
     rows = [header, ("---",) * 5, *misfit_rows(summary)]
     return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n\n" + MISFIT_NOTE
+
+
+def all_tables(summary: dict) -> str:
+    """Markdown: the results table, the misfit table and, for a multi-weak fit, the learned weights."""
+    weights = weights_table(summary)
+    return "\n\n".join([markdown_table(summary), misfit_table(summary)]
+                        + (["Learned weights of the weak models:\n\n" + weights] if weights else []))
 
 
 def markdown_table(summary: dict) -> str:

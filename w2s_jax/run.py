@@ -12,7 +12,7 @@ from w2s_jax import metrics, outputs, results
 from tqdm.auto import tqdm
 
 from w2s_jax.config import FitConfig, resolve_batch_size
-from w2s_jax.methods import METHODS, check_methods
+from w2s_jax.methods import METHODS, MULTI_WEAK, check_methods
 from w2s_jax.splits import split_sizes, stacked_splits
 from w2s_jax.store import read_store
 
@@ -31,7 +31,8 @@ def run(cfg: FitConfig, out_dir, log=None, overwrite: bool = False) -> tuple[dic
 
 def _run(cfg: FitConfig, out_dir, log, overwrite) -> tuple[dict, Path]:
     check_methods(cfg.methods)
-    store = read_store(cfg.store, need_weak=(cfg.weak,))
+    check_ensemble(cfg)
+    store = read_store(cfg.store, need_weak=(cfg.weak, *cfg.ensemble))
     test = store.splits["test"]
     n, d = test.features_NxD.shape
     k = store.num_classes
@@ -47,12 +48,13 @@ def _run(cfg: FitConfig, out_dir, log, overwrite) -> tuple[dict, Path]:
             f"use fewer seeds, methods or grid values, or --no-vmap"
         )
     splits = stacked_splits(n, cfg.seeds)  # raises ValueError for too few rows
-    data = fitlib.make_data(test.features_NxD, test.weak_logits[cfg.weak], test.labels_N)
+    weaks = np.stack([test.weak_logits[w] for w in cfg.ensemble]) if cfg.ensemble else None
+    data = fitlib.make_data(test.features_NxD, test.weak_logits[cfg.weak], test.labels_N, weaks)
     text = store.text_TxKxD
     num_models = len(cfg.methods) * cfg.seeds * num_h
     if log:
         log(f"fitting {len(cfg.methods)} methods x {cfg.seeds} seeds x {num_h} grid point(s) = {num_models} models "
-            f"on {cfg.store} (weak {cfg.weak})\n"
+            f"on {cfg.store} (weak {','.join(cfg.ensemble or (cfg.weak,))})\n"
             f"  rows: hold_train {n_train:,}, hold_val {n_val:,}, test' {n_test:,} of {n:,}; {d}-d features, {k} classes\n"
             f"  batch size {cfg.batch_size}" + (f" ({cfg.batch_size_rule})" if cfg.batch_size_rule else "") + "; "
             f"{cfg.epochs} epochs\n  memory: about {need / 2**30:.2f} GiB of {have / 2**30:.1f} GiB available\n"
@@ -80,6 +82,15 @@ def _run(cfg: FitConfig, out_dir, log, overwrite) -> tuple[dict, Path]:
     return finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, heads, data, failed)
 
 
+def check_ensemble(cfg: FitConfig) -> None:
+    """A multi-weak method needs two or more weak models, and the first of them is ``weak``."""
+    multi = [m for m in cfg.methods if METHODS[m].target in MULTI_WEAK]
+    if multi and len(cfg.ensemble) < 2:
+        raise ValueError(f"{', '.join(multi)} combine several weak models; name two or more: --weak A,B")
+    if cfg.ensemble and cfg.ensemble[0] != cfg.weak:
+        raise ValueError(f"the first weak model of the ensemble ({cfg.ensemble[0]}) must be --weak's first ({cfg.weak})")
+
+
 def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, heads, data=None,
                failed=None) -> tuple[dict, Path]:
     """Shared by w2s-fit and w2s-tp: weak and zero-shot rows, hparam selection, summary, results folder.
@@ -96,6 +107,9 @@ def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_d
     zero_shot = None if text is None else metrics.zero_shot(data, jsplits, text, cfg.hparams.logit_scale)
     summary = results.summarize(evals, best_epochs, cfg.grid_hparams(), metrics.weak_scores(data, jsplits), zero_shot,
                                 failed)
+    if getattr(cfg, "ensemble", ()):  # each weak model's own test' accuracy, beside the learned weights (in order)
+        summary["ensemble"] = [{"weak": name, "test_acc": metrics.weak_accuracy(
+            data._replace(weak_NxK=data.weaks_MxNxK[m]), jsplits).tolist()} for m, name in enumerate(cfg.ensemble)]
     provenance = {**dataclasses.asdict(store.provenance), "weak_model": store.weak_info[cfg.weak]}
     timings = {**timings, "backend": jax.default_backend(), "devices": [str(x) for x in jax.devices()]}
     if jax.process_index() == 0:  # on several hosts, every process holds the results; one writes them
