@@ -16,6 +16,17 @@ from w2s_jax.heads import shrunk_lda
 from w2s_jax.methods import METHODS
 
 
+def _fused_adam_works() -> bool:
+    try:
+        torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], fused=True).step()
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+FUSED_ADAM = _fused_adam_works()  # torch.optim.Adam(fused=True) where this build has it (CPU: torch >= 2.4)
+
+
 def fit_one(method, feats_NxD, weak_NxK, labels_N, text_KxD, split, *, seed, epochs, batch, warmup, hp):
     """Returns test' accuracy of the best-epoch model for one seed."""
     spec = METHODS[method]
@@ -39,7 +50,7 @@ def fit_one(method, feats_NxD, weak_NxK, labels_N, text_KxD, split, *, seed, epo
         params = [protos]
         forward = lambda x: hp.logit_scale * x @ F.normalize(protos, dim=1).T  # noqa: E731
     steps = math.ceil(len(train) / batch)
-    opt = torch.optim.Adam(params, lr=hp.lr)
+    opt = torch.optim.Adam(params, lr=hp.lr, fused=FUSED_ADAM)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(epochs * steps, warmup))
     gen = torch.Generator().manual_seed(seed)
     best_score, best_state = -1.0, None
@@ -61,7 +72,10 @@ def fit_one(method, feats_NxD, weak_NxK, labels_N, text_KxD, split, *, seed, epo
         return float((forward(r[test]).argmax(1) == labels[test]).float().mean())
 
 
-def fit_all(methods, feats, weak, labels, text, splits, *, seeds, epochs, batch, warmup, hp):
-    """{method: test' accuracies per seed}."""
-    return {m: np.array([fit_one(m, feats, weak, labels, text, [a[s] for a in splits], seed=s, epochs=epochs,
-                                 batch=batch, warmup=warmup, hp=hp) for s in range(seeds)]) for m in methods}
+def fit_all(methods, feats, weak, labels, text, splits, *, seeds, epochs, batch, warmup, hp, lrs=None):
+    """{method: test' accuracies per seed, at the first learning rate}; every lr of ``lrs`` is fitted (the grid)."""
+    lrs = lrs or [hp.lr]
+    accs = {m: np.array([[fit_one(m, feats, weak, labels, text, [a[s] for a in splits], seed=s, epochs=epochs,
+                                  batch=batch, warmup=warmup, hp=hp._replace(lr=lr)) for lr in lrs]
+                         for s in range(seeds)]) for m in methods}
+    return {m: a[:, 0] for m, a in accs.items()}

@@ -215,7 +215,9 @@ def _run_tp(tp: dict, store_path, strong, weak, store_id, where: Path, device, l
 def main(experiment):
     """Run an experiment file: extract missing stores, fit what is not done, write the report."""
     from extract.cli import USER_ERRORS
+    from w2s_jax import compile_cache
 
+    compile_cache.enable()  # a rerun after an edit compiles only the programs whose shapes changed
     try:
         report = run_experiment(load_experiment(experiment), log=click.echo)
     except (ExperimentError, *USER_ERRORS) as err:

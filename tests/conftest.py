@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import tempfile
 import threading
 import zipfile
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("W2S_CACHE", tempfile.mkdtemp(prefix="w2s-test-cache-"))  # never the user's compile cache
 
 TINY_CLIP = "w2s-tiny-test"
 TINY_CLIP_CONFIG = {

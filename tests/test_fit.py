@@ -1,5 +1,6 @@
 """The vmapped fit: agreement with the sequential run, end to end on a synthetic store, repeatability, errors."""
 import json
+import tempfile
 
 import jax
 import numpy as np
@@ -145,3 +146,15 @@ def test_store_without_text_starts_prototypes_from_weak_centroids(tmp_path):
 def test_list_methods():
     r = CliRunner().invoke(cli.main, ["--list-methods"])
     assert r.exit_code == 0 and all(m in r.output for m in METHODS)
+
+
+def test_the_cli_keeps_compiled_programs_on_disk(store_path, tmp_path):
+    """w2s-fit turns on JAX's persistent compilation cache (here in the tests' own folder, conftest.py)."""
+    from w2s_jax import compile_cache
+
+    folder = compile_cache.cache_folder()
+    assert str(folder).startswith(tempfile.gettempdir())  # the tests never write the user's cache
+    r = CliRunner().invoke(cli.main, ["--store", str(store_path), "--methods", "cpl", "--seeds", "1", "--epochs", "1",
+                                      "--batch-size", "64", "--out", str(tmp_path / "res")])
+    assert r.exit_code == 0, r.output
+    assert folder.is_dir() and any(folder.iterdir())

@@ -75,6 +75,9 @@ def find_store(folder: Path = STORES) -> str:
               help="Adam lr of the weak models' weights in the raven+... methods.")
 @click.option("--grid", multiple=True, help="Sweep a hyperparameter: FIELD=V1,V2 (repeatable; cartesian product).")
 @click.option("--vmap/--no-vmap", default=True, show_default=True, help="One compiled call for the grid, or one per model.")
+@click.option("--compile-cache/--no-compile-cache", default=True, show_default=True,
+              help="Keep compiled programs on disk ($W2S_CACHE/jax or ~/.cache/w2s/jax): a rerun of the same grid "
+                   "does not compile again.")
 @click.option("--out", type=click.Path(), default=None, help="Results folder. [default: results/STORE-WEAK]")
 @click.option("--overwrite", is_flag=True, help="Replace a results folder that holds another config.")
 @click.option("--distributed", is_flag=True,
@@ -89,7 +92,7 @@ def find_store(folder: Path = STORES) -> str:
               help="Print the table of existing results folder(s) and exit; several are merged into one table.")
 def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, lp_scale, lp_shrinkage,
          lp_l2, alpha_max, tau_a, raven_lr, grid,
-         vmap, out, overwrite, distributed, coordinator, num_processes, process_id, plugins, list_methods, show):
+         vmap, compile_cache, out, overwrite, distributed, coordinator, num_processes, process_id, plugins, list_methods, show):
     """Fit CPL and linear-probe heads with CE, KD, AuxConf, AdaptConf (+ ceilings) for every seed."""
     from w2s_jax import results
 
@@ -112,6 +115,10 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
             raise click.ClickException(str(err)) from None
         return
     store = store or find_store()
+    if compile_cache:
+        from w2s_jax import compile_cache as cache
+
+        cache.enable()
 
     from w2s_jax.run import GridTooLargeError, run
 
