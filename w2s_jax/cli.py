@@ -34,6 +34,7 @@ def _parse_grid(items) -> tuple:
     return tuple(grid)
 
 
+TARGET_WORDS = {"raven": "a learned mix of weak models (--weak A,B)", "average": "the average of weak models (--weak A,B)"}
 STORES = Path("stores")  # where w2s-extract writes by default
 
 
@@ -103,8 +104,8 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
 
     if list_methods:
         for name, m in METHODS.items():
-            where = "" if name in jax_methods() else "  (PyTorch: w2s-tp)"
-            click.echo(f"{name:16s} head={m.head:12s} loss={m.loss:9s} trained on {m.target}{where}")
+            where = "" if name in jax_methods(multi_weak=True) else "  (PyTorch: w2s-tp)"
+            click.echo(f"{name:16s} head={m.head:12s} loss={m.loss:9s} trained on {TARGET_WORDS.get(m.target, m.target)}{where}")
         click.echo("\ncpl is the paper's KL loss on text-initialised prototypes; under Adam it equals KD on that head "
                    "(the T² factor cancels), so kd+proto and cpl+lp (= kd+lp) are not registered.")
         return
