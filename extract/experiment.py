@@ -161,9 +161,8 @@ def run_experiment(exp: dict, *, log=print) -> Path:
     fit, tp = exp.get("fit", {}), exp.get("tp")
     num_stores = sum(len(b.get("domains", [None])) for b in exp["data"])
     multi = bool(fit.get("multi_weak"))  # one more fit per store: the multi-weak methods over all its weak models
-    num_fits = sum(len(b.get("domains", [None])) * (len(weaklib.expand_weak(b.get("weak", ["pixels"])))
-                                                    + (multi and len(weaklib.expand_weak(b.get("weak", ["pixels"]))) > 1))
-                   for b in exp["data"])
+    weak_counts = [len(weaklib.expand_weak(b.get("weak", ["pixels"]))) for b in exp["data"]]
+    num_fits = sum(len(b.get("domains", [None])) * (n + (multi and n > 1)) for b, n in zip(exp["data"], weak_counts))
     store_i = fit_j = 0
     current = []  # this experiment file's results folders: the report reads these and no others
     for block in exp["data"]:

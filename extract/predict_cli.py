@@ -35,9 +35,10 @@ class Predictions(NamedTuple):
 
 
 def choose_head(results_dir, method: str) -> SavedHead:
-    heads = load_heads(results_dir)
+    heads = load_heads(results_dir, methods=(method,))
     if method not in heads:
-        raise HeadsError(f"{results_dir} has no saved {method!r} head; saved: {', '.join(heads)} (--method)")
+        saved = json.loads((Path(results_dir) / "heads" / "heads.json").read_text())["methods"]
+        raise HeadsError(f"{results_dir} has no saved {method!r} head; saved: {', '.join(saved)} (--method)")
     return heads[method]
 
 

@@ -125,8 +125,7 @@ class FitConfig:
             check_number("batch_size", self.batch_size, 1, math.inf, integer=True)
         check_number("warmup", self.warmup, 0.0, 1.0, True, False)
         check_hparams(self.hparams, self.grid)
-        if len(set(self.ensemble)) != len(self.ensemble):
-            raise ValueError(f"--weak {','.join(self.ensemble)}: name each weak model once")
+        check_ensemble(self)
 
     def grid_hparams(self) -> Hparams:
         return hparam_grid(self.hparams, dict(self.grid))
@@ -135,6 +134,19 @@ class FitConfig:
         d = dataclasses.asdict(self)
         d["hparams"] = self.hparams._asdict()
         return d
+
+
+def check_ensemble(cfg: FitConfig) -> None:
+    """Several weak models are named once each, ``weak`` first; a multi-weak method needs two or more."""
+    from w2s_jax.methods import METHODS, MULTI_WEAK  # imported here: the registry imports flax
+
+    if len(set(cfg.ensemble)) != len(cfg.ensemble):
+        raise ValueError(f"--weak {','.join(cfg.ensemble)}: name each weak model once")
+    if cfg.ensemble and cfg.ensemble[0] != cfg.weak:
+        raise ValueError(f"the first weak model of the ensemble ({cfg.ensemble[0]}) must be --weak's first ({cfg.weak})")
+    multi = [m for m in cfg.methods if m in METHODS and METHODS[m].target in MULTI_WEAK]
+    if multi and len(cfg.ensemble) < 2:
+        raise ValueError(f"{', '.join(multi)} combine several weak models; name two or more: --weak A,B")
 
 
 def resolve_batch_size(cfg: FitConfig, n_train: int) -> FitConfig:

@@ -278,6 +278,7 @@ def multi_weak_table(groups: list[Group]) -> Table | None:
 
 
 def _by_domain(groups: list[Group]) -> dict:
+    """(dataset, domain) -> its groups, in the order of ``groups`` (discover sorts them)."""
     found = {}
     for g in groups:
         found.setdefault((g.dataset, g.domain), []).append(g)
@@ -420,9 +421,7 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tables = [table2(groups, w) for w in sorted({g.weak for g in groups})]
-    for dataset, domain in sorted({(g.dataset, g.domain) for g in groups}):
-        if sum((g.dataset, g.domain) == (dataset, domain) for g in groups) > 1:
-            tables.append(table3(groups, dataset, domain))
+    tables += [table3(groups, *domain) for domain, gs in _by_domain(groups).items() if len(gs) > 1]
     pgr = pgr_table(groups)
     compare = (paper_table(groups), paper_table3(groups)) if paper else ()
     tables += [t for t in (table4(groups), pgr, multi_weak_table(groups), misfit_gain_table(groups),

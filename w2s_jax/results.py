@@ -45,10 +45,10 @@ def summarize(evals: dict, best_epochs: dict, hps, weak: dict, zero_shot, failed
                                                  "weak_weights") if k in ev},
             "best_epoch": np.asarray(best_epochs[name])[:, h].tolist(),
             "grid": {k: v.tolist() for k, v in ev.items()},
+            # misfit-gain diagnostics, per seed (metrics.misfit)
+            "gain": (np.asarray(weak["test_ce"]) - ev["test_ce"][:, h]).tolist(),
+            "acc_gain": (ev["test_acc"][:, h] - np.asarray(weak["test_acc"])).tolist(),
         }
-    for m in methods.values():  # misfit-gain diagnostics, per seed (metrics.misfit)
-        m["gain"] = (np.asarray(weak["test_ce"]) - np.asarray(m["test_ce"])).tolist()
-        m["acc_gain"] = (np.asarray(m["test_acc"]) - np.asarray(weak["test_acc"])).tolist()
     summary = {"weak": {k: np.asarray(v).tolist() for k, v in weak.items()},
                "zero_shot": None if zero_shot is None else {k: np.asarray(v).tolist() for k, v in zero_shot.items()},
                "methods": methods}

@@ -12,7 +12,7 @@ from w2s_jax import metrics, outputs, results
 from tqdm.auto import tqdm
 
 from w2s_jax.config import FitConfig, resolve_batch_size
-from w2s_jax.methods import METHODS, MULTI_WEAK, check_methods
+from w2s_jax.methods import METHODS, check_methods
 from w2s_jax.splits import split_sizes, stacked_splits
 from w2s_jax.store import read_store
 
@@ -31,7 +31,6 @@ def run(cfg: FitConfig, out_dir, log=None, overwrite: bool = False) -> tuple[dic
 
 def _run(cfg: FitConfig, out_dir, log, overwrite) -> tuple[dict, Path]:
     check_methods(cfg.methods)
-    check_ensemble(cfg)
     store = read_store(cfg.store, need_weak=(cfg.weak, *cfg.ensemble))
     test = store.splits["test"]
     n, d = test.features_NxD.shape
@@ -80,15 +79,6 @@ def _run(cfg: FitConfig, out_dir, log, overwrite) -> tuple[dict, Path]:
         log("non-finite training loss (reported as failed): " + ", ".join(m for m, f in failed.items() if f.any()))
     heads = {m: (METHODS[m].head, o.variables) for m, o in outputs.items()}
     return finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, heads, data, failed)
-
-
-def check_ensemble(cfg: FitConfig) -> None:
-    """A multi-weak method needs two or more weak models, and the first of them is ``weak``."""
-    multi = [m for m in cfg.methods if METHODS[m].target in MULTI_WEAK]
-    if multi and len(cfg.ensemble) < 2:
-        raise ValueError(f"{', '.join(multi)} combine several weak models; name two or more: --weak A,B")
-    if cfg.ensemble and cfg.ensemble[0] != cfg.weak:
-        raise ValueError(f"the first weak model of the ensemble ({cfg.ensemble[0]}) must be --weak's first ({cfg.weak})")
 
 
 def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, heads, data=None,

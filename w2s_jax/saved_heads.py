@@ -107,8 +107,9 @@ def write_heads(folder: Path, heads: dict, best_epochs: dict, summary: dict, pro
     (out / "heads.json").write_text(json.dumps(index, indent=1))
 
 
-def load_heads(results_dir) -> dict[str, SavedHead]:
-    """{method: SavedHead} of a results folder written by w2s-fit or w2s-tp, ready to apply to features."""
+def load_heads(results_dir, methods=None) -> dict[str, SavedHead]:
+    """{method: SavedHead} of a results folder written by w2s-fit or w2s-tp, ready to apply to features;
+    ``methods``: read only these (default: all)."""
     index_path = Path(results_dir) / FOLDER / "heads.json"
     if not index_path.is_file():
         what = "no results folder" if not Path(results_dir).is_dir() else "a results folder without saved heads"
@@ -120,6 +121,8 @@ def load_heads(results_dir) -> dict[str, SavedHead]:
     hps = Hparams(*(np.asarray(index["hparams"][f], np.float32) for f in Hparams._fields))
     found = {}
     for method, m in index["methods"].items():
+        if methods is not None and method not in methods:
+            continue
         variables = serialization.msgpack_restore((index_path.parent / m["file"]).read_bytes())
         found[method] = SavedHead(method=method, head=m["head"], variables_SxH=variables, hparams_H=hps,
                                   selected=int(m["selected_grid_index"]),
