@@ -1,4 +1,5 @@
-"""Fit throughput at DomainNet scale: w2s-fit vmapped (a) vs --no-vmap (b) vs a plain PyTorch loop (c),
+"""Fit throughput at DomainNet scale: w2s-fit (a, the fused step per seed) vs --no-fuse (a') vs --no-vmap (b) vs
+a plain PyTorch loop (c),
 plus the fraction of this machine's best float32 GEMM rate (large square matrices) that the fit reaches.
 Every time is a median over clean runs (benchmarks/_common.measure); compile time is reported apart.
 
@@ -46,6 +47,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3, help="clean runs wanted per figure")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--skip-novmap", action="store_true")
+    ap.add_argument("--skip-unfused", action="store_true")
     args = ap.parse_args()
     methods = jax_methods() if args.methods == "all" else tuple(args.methods.split(","))
     grid = (("lr", tuple(float(x) for x in args.grid_lr.split(","))),) if args.grid_lr else ()
@@ -70,7 +72,13 @@ def main():
              for m, o in out_a.items()}
     weak_acc = metrics.weak_accuracy(data, jsplits).mean()
     print(f"weak test' acc {100 * weak_acc:.2f}")
-    print(f"(a) vmapped:  compile {t_first['compile_s']:.2f} s; run {run_a}")
+    print(f"(a) vmapped, fused:  compile {t_first['compile_s']:.2f} s; run {run_a}")
+    # (a') the same program with each model's logits computed on its own (--no-fuse)
+    if not args.skip_unfused:
+        unfused = FitConfig(**{**base.__dict__, "fuse": False})
+        _, t_unfused = fitlib.fit_methods(unfused, data, splits, text, args.k)
+        run_u = measure(lambda: fitlib.fit_methods(unfused, data, splits, text, args.k)[1]["run_s"], clean=args.runs)
+        print(f"(a') vmapped, unfused: compile {t_unfused['compile_s']:.2f} s; run {run_u}")
     # (b) the same fit, model by model (compile included: one jit per method, called per model)
     if not args.skip_novmap:
         novmap = FitConfig(**{**base.__dict__, "vmap": False})
@@ -100,6 +108,9 @@ def main():
         both = t_first["compile_s"] + run_a.median
         print(f"ratios, medians: PyTorch / ours = {run_c.median / run_a.median:.2f}x run only, "
               f"{run_c.median / both:.2f}x counting our compile time")
+    if not args.skip_unfused:
+        print(f"unfused / fused = {run_u.median / run_a.median:.2f}x run only, "
+              f"{(t_unfused['compile_s'] + run_u.median) / (t_first['compile_s'] + run_a.median):.2f}x with compile")
     if not args.skip_novmap:
         print(f"no-vmap / vmapped (run only) = {run_b.median / run_a.median:.2f}x")
 

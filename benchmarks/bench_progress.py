@@ -10,34 +10,35 @@ import argparse
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from _common import clustered, machine
 from w2s_jax import fit as fitlib
-from w2s_jax import sharding
 from w2s_jax.config import FitConfig
 from w2s_jax.methods import jax_methods, METHODS
 from w2s_jax.splits import stacked_splits
 
 
 def single_call(cfg, data, splits, text, k):
-    """The whole run of every method x model as one compiled program; returns (compile_s, run fn)."""
+    """The whole run of every method x seed x hparam as one compiled program; returns (compile_s, run fn)."""
     trainers = {m: fitlib.make_trainer(METHODS[m], k, text, cfg) for m in cfg.methods}
     keys = jax.random.key_data(fitlib.seed_keys(cfg.root_seed, cfg.seeds))
-    key_data_M, hps_M, splits_M = sharding.flatten_grid(keys, cfg.grid_hparams(), splits)
+    hps = jax.tree.map(jnp.asarray, cfg.grid_hparams())
+    splits = jax.tree.map(jnp.asarray, splits)
 
-    def whole_run(t, kd, hp, state, sp):
+    def whole_run(states, kd, split):
         key = jax.random.wrap_key_data(kd)
-        return jax.lax.scan(lambda st, e: t.epoch(st, key, e, hp, data, sp), state, jax.numpy.arange(cfg.epochs))
+        return jax.lax.scan(lambda st, e: fitlib.seed_epoch(trainers, st, key, e, hps, data, split, cfg), states,
+                            jnp.arange(cfg.epochs))
 
-    def program(key_data_M, hps_M, data, splits_M):
-        states = {m: fitlib.start_models(t, key_data_M, hps_M, data, splits_M) for m, t in trainers.items()}
-        return {m: jax.vmap(lambda kd, hp, st, sp: whole_run(t, kd, hp, st, sp))(key_data_M, hps_M, states[m], splits_M)
-                for m, t in trainers.items()}
+    def program(keys, data, splits):
+        states = {m: fitlib.start_seeds(t, keys, hps, data, splits) for m, t in trainers.items()}
+        return jax.vmap(whole_run)(states, keys, splits)
 
     t0 = time.perf_counter()
-    compiled = jax.jit(program).lower(key_data_M, hps_M, data, splits_M).compile()
-    return time.perf_counter() - t0, lambda: jax.block_until_ready(compiled(key_data_M, hps_M, data, splits_M))
+    compiled = jax.jit(program).lower(keys, data, splits).compile()
+    return time.perf_counter() - t0, lambda: jax.block_until_ready(compiled(keys, data, splits))
 
 
 def main():

@@ -1,10 +1,12 @@
-"""Where one epoch's time goes, at DomainNet shape: the real vmapped epoch of one method against its parts.
+"""Where one epoch's time goes, at DomainNet shape: the real fused epoch of every method against its parts.
 
-For M models of one method (kd+lp or cpl), vmapped as w2s-fit does, time one epoch (66 steps of 512), then its
-parts in isolation, each jitted and vmapped the same way: the per-step gather ``feats[rows]``, the two GEMMs of a
-step (forward ``x Aᵀ`` and weight gradient ``dZᵀ x``), and the end-of-epoch evaluation (hold_val + test' forward).
-XLA fuses differently in isolation, so the parts are estimates, not a partition.
-Usage: python benchmarks/bench_step_profile.py [--method kd+lp] [--models 5]
+For S seeds x every JAX method (one hparam point), seed after seed as w2s-fit runs them on one device
+(``fit.over_seeds``), time one epoch (66 steps of 512) fused and model by model (``--no-fuse``'s path), and fused
+with the seeds vmapped instead; then the fused epoch's parts in isolation, each jitted and mapped over seeds the
+same way: the per-step gather ``feats[rows]`` (once per seed), the step's two wide
+GEMMs (forward ``x [A_1 … A_J]ᵀ`` and weight gradient ``dZᵀ x``) and the end-of-epoch evaluation (hold_val and
+test' through the same wide GEMM). XLA fuses differently in isolation, so the parts are estimates, not a partition.
+Usage: python benchmarks/bench_step_profile.py [--seeds 5] [--methods all]
 """
 from __future__ import annotations
 
@@ -18,65 +20,82 @@ import numpy as np
 from _common import clustered, machine, measure
 from w2s_jax import fit as fitlib
 from w2s_jax.config import FitConfig
-from w2s_jax.methods import METHODS
+from w2s_jax.methods import METHODS, jax_methods
 from w2s_jax.splits import stacked_splits
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--method", default="kd+lp")
-    ap.add_argument("--models", type=int, default=5)
+    ap.add_argument("--methods", default="all", help="comma-separated, or all JAX methods")
+    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--n", type=int, default=52041)
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--k", type=int, default=345)
     ap.add_argument("--batch", type=int, default=512)
     args = ap.parse_args()
     print(f"machine: {machine()}")
-    m, b, d, k = args.models, args.batch, args.d, args.k
+    s, b, d, k = args.seeds, args.batch, args.d, args.k
+    methods = jax_methods() if args.methods == "all" else tuple(args.methods.split(","))
+    j = len(methods)  # heads per seed (one hparam point)
     feats, weak, labels, text = clustered(args.n, d, k, np.random.default_rng(0))
     data = fitlib.make_data(feats, weak, labels)
-    splits = jax.tree.map(jnp.asarray, stacked_splits(args.n, m))
-    cfg = FitConfig(store="s", weak="w", methods=(args.method,), seeds=m, epochs=10, batch_size=b)
-    trainer = fitlib.make_trainer(METHODS[args.method], k, text, cfg)
-    keys = fitlib.seed_keys(0, m)
-    hps = jax.tree.map(lambda a: jnp.repeat(jnp.asarray(a), m), cfg.grid_hparams())
-    states = jax.jit(jax.vmap(lambda kd, hp, sp: trainer.start(jax.random.wrap_key_data(kd), hp, data, sp)))(
-        jax.random.key_data(keys), hps, splits)
-    epoch = jax.jit(jax.vmap(lambda st, kd, hp, sp: trainer.epoch(st, jax.random.wrap_key_data(kd), 0, hp, data, sp)))
-    args_e = (states, jax.random.key_data(keys), hps, splits)
-    jax.block_until_ready(epoch(*args_e))
+    splits = jax.tree.map(jnp.asarray, stacked_splits(args.n, s))
+    cfg = FitConfig(store="s", weak="w", methods=methods, seeds=s, epochs=10, batch_size=b)
+    trainers = {m: fitlib.make_trainer(METHODS[m], k, text, cfg) for m in methods}
+    keys = jax.random.key_data(fitlib.seed_keys(0, s))
+    hps = jax.tree.map(jnp.asarray, cfg.grid_hparams())
+    # the data goes in as arguments: captured as constants, XLA would fold the whole start at compile time
+    states = jax.jit(lambda data, splits: {m: fitlib.start_seeds(t, keys, hps, data, splits)
+                                           for m, t in trainers.items()})(data, splits)
+
+    def epoch_of(fuse, seeds_vmapped=False):
+        def one_seed(args, data):
+            state, key_data, split = args
+            return fitlib.seed_epoch(trainers, state, jax.random.wrap_key_data(key_data), 0, hps, data, split, cfg, fuse)
+
+        def program(states, data, splits):
+            if seeds_vmapped:
+                return jax.vmap(lambda *args: one_seed(args, data))(states, keys, splits)
+            return fitlib.over_seeds(lambda args: one_seed(args, data), (states, keys, splits), 1)
+
+        compiled = jax.jit(program)
+        return lambda: jax.block_until_ready(compiled(states, data, splits))
+
+    feats = data.feats_NxD
+    by_seed = lambda fn: jax.jit(lambda f, *args: jax.lax.map(lambda a: fn(*a, f), args))  # seed after seed
     steps = math.ceil(splits.hold_train.shape[1] / b)
+    rows_SxTxB = jax.random.randint(jax.random.key(1), (s, steps, b), 0, args.n)
+    a_SxJKxD = jax.random.normal(jax.random.key(2), (s, j * k, d)) * 0.01
+    x_SxTxBxD = jax.vmap(lambda r: data.feats_NxD[r])(rows_SxTxB)
+    gather = by_seed(lambda r, f: jnp.sum(f[r], axis=(0, 1)))  # summed: keep the gather alive
 
-    rows_MxTxB = jax.random.randint(jax.random.key(1), (m, steps, b), 0, args.n)
-    w_MxKxD = jax.random.normal(jax.random.key(2), (m, k, d)) * 0.01
-    x_MxTxBxD = jax.vmap(lambda r: data.feats_NxD[r])(rows_MxTxB)
-    gather = jax.jit(jax.vmap(lambda r: jnp.sum(data.feats_NxD[r], axis=(0, 1))))  # summed: keep the gather alive
+    def gemms_one(x_TxBxD, a_JKxD, _):
+        def step(a, x_BxD):
+            z_BxJK = x_BxD @ a.T
+            return a - 1e-3 * (jax.nn.softmax(z_BxJK) - 1.0 / k).T @ x_BxD, None
+        return jax.lax.scan(step, a_JKxD, x_TxBxD)[0]
 
-    def gemms_one(x_TxBxD, w_KxD):
-        def step(w, x_BxD):
-            z_BxK = x_BxD @ w.T
-            return w - 1e-3 * (jax.nn.softmax(z_BxK) - 1.0 / k).T @ x_BxD, None
-        return jax.lax.scan(step, w_KxD, x_TxBxD)[0]
-
-    gemms = jax.jit(jax.vmap(gemms_one))
-    evaluate = jax.jit(jax.vmap(lambda w, v, t: jnp.sum(data.feats_NxD[v] @ w.T) + jnp.sum(data.feats_NxD[t] @ w.T)))
+    gemms = by_seed(gemms_one)
+    evaluate = by_seed(lambda a, v, t, f: jnp.sum(f[v] @ a.T) + jnp.sum(f[t] @ a.T))
     parts = {
-        "one epoch, as w2s-fit runs it": lambda: jax.block_until_ready(epoch(*args_e)),
-        "gathers feats[rows], every step": lambda: jax.block_until_ready(gather(rows_MxTxB)),
-        "the step's two GEMMs (+ softmax), every step": lambda: jax.block_until_ready(gemms(x_MxTxBxD, w_MxKxD)),
+        "one fused epoch, as w2s-fit runs it": epoch_of(True),
+        "the same epoch model by model (--no-fuse)": epoch_of(False),
+        "fused, the seeds vmapped instead of mapped": epoch_of(True, seeds_vmapped=True),
+        "gathers feats[rows], once per seed and step": lambda: jax.block_until_ready(gather(feats, rows_SxTxB)),
+        "the step's two wide GEMMs (+ softmax)": lambda: jax.block_until_ready(gemms(None, x_SxTxBxD, a_SxJKxD)),
         "end-of-epoch evaluation (hold_val + test')": lambda: jax.block_until_ready(
-            evaluate(w_MxKxD, splits.hold_val, splits.test_prime)),
+            evaluate(feats, a_SxJKxD, splits.hold_val, splits.test_prime)),
     }
     for fn in parts.values():
         fn()
-    flops_step = 2 * 2 * b * d * k * m * steps
-    print(f"{args.method}, {m} models vmapped, {steps} steps of {b}, d={d}, k={k}")
+    flops_step = 2 * 2 * b * d * k * j * s * steps
+    print(f"{j} methods x {s} seeds, one wide GEMM {j * k} columns per seed; {steps} steps of {b}, d={d}, k={k}")
     total = None
     for name, fn in parts.items():
         t = measure(fn)
         total = total or t.median
         extra = f", {flops_step / t.median / 1e9:.1f} GFLOP/s" if "GEMM" in name else ""
-        print(f"  {name:46s} {t}  = {100 * t.median / total:.0f}% of the epoch{extra}")
+        print(f"  {name:46s} {t}  = {100 * t.median / total:.0f}% of the fused epoch{extra}")
 
 
 if __name__ == "__main__":

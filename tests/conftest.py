@@ -94,6 +94,19 @@ def tiny_resnet_dir(tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.fixture
+def registries():
+    """Put the registries back after a test registers its own head and methods."""
+    from w2s_jax import heads, methods
+
+    registries = (heads.HEADS, methods.METHODS, methods.CEILING_OF_HEAD)
+    saved = [dict(d) for d in registries]
+    yield
+    for d, items in zip(registries, saved):
+        d.clear()
+        d.update(items)
+
+
 def synthetic_store(path, *, n_test=600, n_train=60, d=16, k=5, weak_noise=1.6, text=True, seed=0,
                     encoder="synthetic", text_TxKxD=None):
     """A store with class clusters and noisy weak logits (the weak model is right ~60% of the time)."""
@@ -134,11 +147,11 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         start = int(self.headers.get("Range", "bytes=0-")[6:].rstrip("-") or 0)
         if start >= len(data) and start:
             return self.send_error(416)
+        self.server.requests.append((self.path, start))  # before replying: the client may check it at once
         self.send_response(206 if start else 200)
         self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
         self.wfile.write(data[start:])
-        self.server.requests.append((self.path, start))
 
     def log_message(self, *args):
         pass

@@ -1,17 +1,20 @@
 """The vmapped fit: agreement with the sequential run, end to end on a synthetic store, repeatability, errors."""
+import dataclasses
 import json
 import tempfile
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from conftest import synthetic_store
-from w2s_jax import cli
+from w2s_jax import cli, heads
 from w2s_jax import fit as fitlib
 from w2s_jax.config import FitConfig, Hparams
-from w2s_jax.methods import jax_methods, METHODS
+from w2s_jax.methods import jax_methods, Method, METHODS
 from w2s_jax.run import GridTooLargeError, run
 from w2s_jax.splits import seed_splits, split_sizes, stacked_splits
 from w2s_jax.store import read_store
@@ -160,3 +163,69 @@ def test_the_cli_keeps_compiled_programs_on_disk(store_path, tmp_path):
                                       "--batch-size", "64", "--out", str(tmp_path / "res")])
     assert r.exit_code == 0, r.output
     assert folder.is_dir() and any(folder.iterdir())
+
+
+class TanhHead(nn.Module):
+    """A head that is not linear in r̂ (no ``linear_form``): the fused step must apply it model by model."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, feats_BxD, hp, start=None):
+        return nn.Dense(self.num_classes)(jnp.tanh(hp.lp_scale * feats_BxD))
+
+
+def test_fused_step_equals_model_by_model(store_path, registries):
+    """Every method (multi-weak and a non-linear head included), 2 seeds x 2 lrs: the fused step (one gather and one
+    wide GEMM per seed) gives the parameters, best epochs and curves of the model-by-model step, to 1e-5."""
+    heads.HEADS["tanh"] = heads.Head(TanhHead)
+    METHODS["kd+tanh"] = Method("tanh", "kd", "weak")
+    store = read_store(store_path)
+    test = store.splits["test"]
+    weak = test.weak_logits["noisy"]
+    other = weak + np.random.default_rng(0).normal(size=weak.shape).astype(np.float32)
+    data = fitlib.make_data(test.features_NxD, weak, test.labels_N, np.stack([weak, other]))
+    methods = (*jax_methods(multi_weak=True), "kd+tanh")
+    cfg = FitConfig(store=str(store_path), weak="noisy", ensemble=("noisy", "other"), methods=methods, seeds=2,
+                    grid=(("lr", (1e-2, 3e-3)),), **FAST)
+    splits = stacked_splits(len(test.ids_N), 2)
+    fused, _ = fitlib.fit_methods(cfg, data, splits, store.text_TxKxD, store.num_classes)
+    unfused, _ = fitlib.fit_methods(dataclasses.replace(cfg, fuse=False), data, splits, store.text_TxKxD,
+                                    store.num_classes)
+    for m in methods:
+        np.testing.assert_array_equal(fused[m].best_epoch, unfused[m].best_epoch)
+        for a, b in zip(jax.tree.leaves(fused[m]), jax.tree.leaves(unfused[m])):
+            assert a.shape[:2] == (2, 2)
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=m)
+
+
+def test_fused_logits_of_a_seed_are_one_gemm(store_path):
+    """Fused, the linear heads of all methods x hparams of a seed take one product with the batch, J*K wide;
+    model by model, one per method (vmapped over the hparams)."""
+    store = read_store(store_path)
+    test = store.splits["test"]
+    data = fitlib.make_data(test.features_NxD, test.weak_logits["noisy"], test.labels_N)
+    methods = ("kd+lp", "cpl", "ceiling+lp")
+    cfg = FitConfig(store=str(store_path), weak="noisy", methods=methods, seeds=1, grid=(("lr", (1e-2, 3e-3)),),
+                    **FAST)
+    trainers = {m: fitlib.make_trainer(METHODS[m], store.num_classes, store.text_TxKxD, cfg) for m in methods}
+    hps = jax.tree.map(jnp.asarray, cfg.grid_hparams())
+    splits = jax.tree.map(jnp.asarray, stacked_splits(len(test.ids_N), 1))
+    keys = jax.random.key_data(fitlib.seed_keys(0, 1))
+    variables = {m: jax.tree.map(lambda a: a[0], fitlib.start_seeds(t, keys, hps, data, splits).variables)
+                 for m, t in trainers.items()}
+    batch = data.feats_NxD[:64]
+
+    def dots(fuse):
+        jaxpr = jax.make_jaxpr(lambda v: fitlib.heads_logits(trainers, v, batch, hps, fuse))(variables)
+        shapes = [e.outvars[0].aval.shape for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+        return [shape for shape in shapes if 64 in shape]  # the products with the batch (not A·mu)
+
+    k = store.num_classes
+    assert dots(fuse=True) == [(64, len(methods) * 2 * k)]
+    assert len(dots(fuse=False)) == len(methods)
+    got = fitlib.heads_logits(trainers, variables, batch, hps, fuse=True)
+    want = fitlib.heads_logits(trainers, variables, batch, hps, fuse=False)
+    for m in methods:
+        assert got[m].shape == (2, 64, k)
+        np.testing.assert_allclose(got[m], want[m], rtol=1e-5, atol=1e-5)

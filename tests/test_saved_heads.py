@@ -92,17 +92,6 @@ def test_bad_requests_are_refused_by_name(fitted, tmp_path):
         w2s_jax.load_heads(tmp_path / "old")
 
 
-@pytest.fixture
-def registries():
-    """Put the registries back after a test registers its own head and methods."""
-    registries = (heads.HEADS, methods.METHODS, methods.CEILING_OF_HEAD)
-    saved = [dict(d) for d in registries]
-    yield
-    for d, items in zip(registries, saved):
-        d.clear()
-        d.update(items)
-
-
 def readme_block(first_line: str) -> str:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     return next(b for b in blocks if b.startswith(first_line))

@@ -76,6 +76,8 @@ def find_store(folder: Path = STORES) -> str:
               help="Adam lr of the weak models' weights in the raven+... methods.")
 @click.option("--grid", multiple=True, help="Sweep a hyperparameter: FIELD=V1,V2 (repeatable; cartesian product).")
 @click.option("--vmap/--no-vmap", default=True, show_default=True, help="One compiled call for the grid, or one per model.")
+@click.option("--fuse/--no-fuse", default=True, show_default=True,
+              help="Compute all linear heads of a seed in one wide GEMM per step, or model by model (same numbers).")
 @click.option("--compile-cache/--no-compile-cache", default=True, show_default=True,
               help="Keep compiled programs on disk ($W2S_CACHE/jax or ~/.cache/w2s/jax): a rerun of the same grid "
                    "does not compile again.")
@@ -93,7 +95,7 @@ def find_store(folder: Path = STORES) -> str:
               help="Print the table of existing results folder(s) and exit; several are merged into one table.")
 def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, lp_scale, lp_shrinkage,
          lp_l2, alpha_max, tau_a, raven_lr, grid,
-         vmap, compile_cache, out, overwrite, distributed, coordinator, num_processes, process_id, plugins, list_methods, show):
+         vmap, fuse, compile_cache, out, overwrite, distributed, coordinator, num_processes, process_id, plugins, list_methods, show):
     """Fit CPL and linear-probe heads with CE, KD, AuxConf, AdaptConf (+ ceilings) for every seed."""
     from w2s_jax import results
 
@@ -141,7 +143,7 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
             store=str(store), weak=weak.split(",")[0].strip(), ensemble=ensemble,
             methods=jax_methods(multi_weak=bool(ensemble)) if methods == "all"
             else tuple(m.strip() for m in methods.split(",") if m.strip()),
-            seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size), vmap=vmap, grid=_parse_grid(grid),
+            seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size), vmap=vmap, fuse=fuse, grid=_parse_grid(grid),
             hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale, lp_scale=lp_scale,
                             lp_shrinkage=lp_shrinkage, lp_l2=lp_l2, alpha_max=alpha_max, tau_a=tau_a,
                             raven_lr=raven_lr),

@@ -114,6 +114,7 @@ class FitConfig:
     hparams: Hparams = Hparams()  # defaults for every field the grid does not sweep
     grid: tuple = ()  # ((field, (values...)), ...): swept as one vmap axis, cartesian product
     vmap: bool = True  # True: every seed x hparam in one compiled call; False: one call per model
+    fuse: bool = True  # True: a seed's linear heads share one wide GEMM per step (fit.heads_logits); False: model by model
     ensemble: tuple[str, ...] = ()  # the weak models the multi-weak methods combine (--weak a,b,...; `weak` is a)
 
     def __post_init__(self):

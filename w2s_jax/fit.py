@@ -1,12 +1,17 @@
-"""One pure ``fit`` for a single model; seeds and hyperparameters are vmap axes added by the caller.
+"""Training heads: one model's pure functions (:class:`Trainer`), and one fused epoch for all models of a seed.
 
-Axis order everywhere: (seed S, hparam H, ...). ``fit(key, hp, data, split)`` trains one head
-with Adam (linear warmup, then linear decay), epochs and minibatches as nested ``lax.scan``
-over on-device arrays, and keeps the parameters of the epoch with the best ``hold_val`` score
-(agreement with the weak labels, or ground-truth accuracy for a ceiling).
+Axis order everywhere: (seed S, hparam H, ...). Each model is trained with Adam (linear warmup, then linear
+decay), minibatches as ``lax.scan`` over on-device arrays, and keeps the parameters of the epoch with the best
+``hold_val`` score (agreement with the weak labels, or ground-truth accuracy for a ceiling).
+
+All methods and hparams of a seed share its minibatch order, so :func:`seed_epoch` trains them together: one
+gather per step, and, fused, every head that is linear in ``r̂`` (``linear_form``: LP ``s·W``, CPL
+``s·normalize(C)``) in one wide GEMM forward and one back. ``fuse=False`` computes each model's logits on its
+own (the reference the fused step is tested against); :func:`make_fit` is one model alone.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -106,16 +111,23 @@ class FitState(NamedTuple):
 
 
 class Trainer(NamedTuple):
-    """One model's training as pure functions: ``fit`` = ``start``, then ``epoch`` for e = 0..E-1 (lax.scan).
+    """One method's training as pure functions of one model (one seed, one hparam setting); callers vmap them.
 
     start(key, hp, data, split) -> FitState
-    epoch(state, key, e, hp, data, split) -> (FitState, history_e), history_e a dict of scalars
-    fit(key, hp, data, split) -> FitOutput, the whole run in one call
+    logits(variables, feats_BxD, hp) -> logits_BxK, the head's forward pass
+    linear_form(variables, hp) -> (A_KxD, c_K) with logits ``r̂ Aᵀ + c``; None for a head without one (an MLP)
+    loss(trainable, logits_BxK, rows_B, mask_B, progress, hp, data) -> (loss to minimise, (the head's loss, hits))
+    optimizer(hp, total_steps) -> the optax transformation of the TRAINED collections
+    end_epoch(state, trainable, opt_state, val_logits, test_logits, epoch, train, hp, data, split)
+        -> (FitState, history_e): the hold_val choice of the best epoch, and the epoch's curves
     """
 
     start: Callable
-    epoch: Callable
-    fit: Callable
+    logits: Callable
+    linear_form: Callable | None
+    loss: Callable
+    optimizer: Callable
+    end_epoch: Callable
 
 
 def make_trainer(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig) -> Trainer:
@@ -124,7 +136,7 @@ def make_trainer(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig) -
     module = head.module(num_classes)
     text_KxD = None if text_TxKxD is None else jnp.mean(jnp.asarray(text_TxKxD, jnp.float32), axis=0)
     loss_fn = get_loss(method.loss)
-    epochs, batch = cfg.epochs, cfg.batch_size
+    epochs = cfg.epochs
 
     def optimizer(hp, total):
         """Adam with warmup and linear decay: the head at ``hp.lr``, the multi-weak mixture logits at ``hp.raven_lr``."""
@@ -136,7 +148,6 @@ def make_trainer(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig) -
                                      lambda trainable: {collection: collection for collection in trainable})
 
     def start(key, hp: Hparams, data: FitData, split: SeedSplits) -> FitState:
-        total = epochs * math.ceil(split.hold_train.shape[0] / batch)
         init_key, _ = jax.random.split(key)
         mixture = {"mixture": {"logits_M": jnp.zeros(data.weaks_MxNxK.shape[0])}} if method.target in MULTI_WEAK else {}
         if method.target == "raven":  # easy-sample start: only the rows where every weak model agrees
@@ -146,66 +157,130 @@ def make_trainer(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig) -
         variables = {**module.init(init_key, data.feats_NxD[split.hold_train], hp, Start(targets_N, text_KxD)),
                      **mixture}
         best = {"variables": variables, "score": jnp.float32(-1.0), "epoch": jnp.int32(0)}
-        return FitState(variables, optimizer(hp, total).init(trained(variables)), best)
+        return FitState(variables, optimizer(hp, total_steps(cfg, split)).init(trained(variables)), best)
 
-    def epoch(state: FitState, key, epoch, hp: Hparams, data: FitData, split: SeedSplits):
-        n_train = split.hold_train.shape[0]
-        steps = math.ceil(n_train / batch)
-        total = epochs * steps
-        tx = optimizer(hp, total)
-        _, order_key = jax.random.split(key)
+    def logits(variables, feats_BxD, hp):
+        return module.apply(variables, feats_BxD, hp)
 
-        def apply(trainable, feats_BxD):
-            return module.apply({**state.variables, **trainable}, feats_BxD, hp)
+    def linear_form(variables, hp):
+        return module.apply(variables, hp, method="linear_form")
 
-        def batch_loss(trainable, rows_B, mask_B, progress):
-            """-> (loss to minimise, (the head's loss, hits)); ``trainable``: the TRAINED collections."""
-            logits_BxK = apply(trainable, data.feats_NxD[rows_B])
-            target_BxK = teacher_logits(method, data, num_classes, rows_B, trainable)
-            per_example_B = loss_fn(logits_BxK, jax.lax.stop_gradient(target_BxK), progress=progress, hp=hp)
-            hits = jnp.sum((jnp.argmax(logits_BxK, 1) == jnp.argmax(target_BxK, 1)) * mask_B)
-            head_loss = jnp.sum(per_example_B * mask_B) / jnp.sum(mask_B) + head.penalty(trainable["params"], hp)
-            if method.target != "raven":
-                return head_loss, (head_loss, hits)
-            mixture_B = mixture_loss(logits_BxK, target_BxK)
-            return head_loss + jnp.sum(mixture_B * mask_B) / jnp.sum(mask_B), (head_loss, hits)
+    def loss(trainable, logits_BxK, rows_B, mask_B, progress, hp, data):
+        target_BxK = teacher_logits(method, data, num_classes, rows_B, trainable)
+        per_example_B = loss_fn(logits_BxK, jax.lax.stop_gradient(target_BxK), progress=progress, hp=hp)
+        hits = jnp.sum((jnp.argmax(logits_BxK, 1) == jnp.argmax(target_BxK, 1)) * mask_B)
+        head_loss = jnp.sum(per_example_B * mask_B) / jnp.sum(mask_B) + head.penalty(trainable["params"], hp)
+        if method.target != "raven":
+            return head_loss, (head_loss, hits)
+        mixture_B = mixture_loss(logits_BxK, target_BxK)
+        return head_loss + jnp.sum(mixture_B * mask_B) / jnp.sum(mask_B), (head_loss, hits)
 
-        def train_step(carry, xs):
-            trainable, opt_state = carry
-            step, rows_B, mask_B = xs
-            grads, (loss, hits) = jax.grad(batch_loss, has_aux=True)(trainable, rows_B, mask_B, step / total)
-            updates, opt_state = tx.update(grads, opt_state, trainable)
-            return (optax.apply_updates(trainable, updates), opt_state), (loss * jnp.sum(mask_B), hits)
-
-        # --- this epoch's minibatches: a permutation from this seed's key, padded and masked
-        perm = jax.random.permutation(jax.random.fold_in(order_key, epoch), n_train)
-        perm = jnp.concatenate([perm, jnp.zeros(steps * batch - n_train, perm.dtype)])
-        rows_TxB = split.hold_train[perm].reshape(steps, batch)
-        mask_TxB = (jnp.arange(steps * batch) < n_train).reshape(steps, batch).astype(jnp.float32)
-        step_ids = epoch * steps + jnp.arange(steps)
-        (trainable, opt_state), (losses, hits) = jax.lax.scan(
-            train_step, (trained(state.variables), state.opt_state), (step_ids, rows_TxB, mask_TxB))
-        # --- end of epoch: hold_val picks the best epoch; test' accuracy is kept for curves only
-        val_logits = apply(trainable, data.feats_NxD[split.hold_val])
+    def end_epoch(state: FitState, trainable, opt_state, val_logits, test_logits, epoch, train, hp, data, split):
+        """hold_val picks the best epoch; test' accuracy is kept for curves only. ``train``: (loss, accuracy)."""
         val_targets = teacher_logits(method, data, num_classes, split.hold_val, trainable)
         val_score = jnp.mean(jnp.argmax(val_logits, 1) == jnp.argmax(val_targets, 1))
         val_loss = jnp.mean(loss_fn(val_logits, val_targets, progress=(epoch + 1) / epochs, hp=hp))
-        test_logits = apply(trainable, data.feats_NxD[split.test_prime])
         test_acc = jnp.mean(jnp.argmax(test_logits, 1) == data.labels_N[split.test_prime])
         better = val_score > state.best["score"]
         variables = {**state.variables, **trainable}
         candidate = {"variables": variables, "score": val_score, "epoch": epoch + 1}
         best = jax.tree.map(lambda new, old: jnp.where(better, new, old), candidate, state.best)
-        history = {"train_loss": jnp.sum(losses) / n_train, "train_acc": jnp.sum(hits) / n_train,
-                   "val_loss": val_loss, "val_score": val_score, "test_acc": test_acc}
+        history = {"train_loss": train[0], "train_acc": train[1], "val_loss": val_loss, "val_score": val_score,
+                   "test_acc": test_acc}
         return FitState(variables, opt_state, best), history
 
-    def fit(key, hp: Hparams, data: FitData, split: SeedSplits) -> FitOutput:
-        state = start(key, hp, data, split)
-        state, history = jax.lax.scan(lambda st, e: epoch(st, key, e, hp, data, split), state, jnp.arange(epochs))
-        return finish(state, history)
+    return Trainer(start, logits, linear_form if hasattr(module, "linear_form") else None, loss, optimizer, end_epoch)
 
-    return Trainer(start, epoch, fit)
+
+def total_steps(cfg: FitConfig, split: SeedSplits) -> int:
+    """Optimizer steps of a whole fit: epochs x minibatches per epoch (the lr schedule's length)."""
+    return cfg.epochs * math.ceil(split.hold_train.shape[-1] / cfg.batch_size)
+
+
+def minibatches(key, epoch, hold_train_N, batch: int):
+    """This epoch's rows ``T x B`` (a permutation of ``hold_train`` from the seed's key, padded) and their mask.
+
+    The order depends on the seed's key and the epoch only, so every method and hparam of a seed shares it."""
+    n_train = hold_train_N.shape[0]
+    steps = math.ceil(n_train / batch)
+    _, order_key = jax.random.split(key)
+    perm = jax.random.permutation(jax.random.fold_in(order_key, epoch), n_train)
+    perm = jnp.concatenate([perm, jnp.zeros(steps * batch - n_train, perm.dtype)])
+    mask_TxB = (jnp.arange(steps * batch) < n_train).reshape(steps, batch).astype(jnp.float32)
+    return hold_train_N[perm].reshape(steps, batch), mask_TxB
+
+
+def heads_logits(trainers: dict, variables: dict, feats_BxD, hps_H: Hparams, fuse: bool) -> dict:
+    """Every model's logits on one shared batch, ``{method: H x B x K}``, from ``{method: variables}`` (leading H).
+
+    Fused, the heads with a linear form are computed in one wide GEMM ``feats · [A_1 … A_J]ᵀ`` over all J of
+    them (methods x H; the gradient is one wide GEMM back). Heads without one (an MLP), and every head when not
+    fused, are applied model by model (vmapped). Both compute ``feats Aᵀ + c`` for a linear head.
+    """
+    fused = [m for m, t in trainers.items() if fuse and t.linear_form is not None]
+    out = {m: jax.vmap(t.logits, in_axes=(0, None, 0))(variables[m], feats_BxD, hps_H)
+           for m, t in trainers.items() if m not in fused}
+    if fused:
+        forms = [jax.vmap(trainers[m].linear_form)(variables[m], hps_H) for m in fused]  # (H x K x D, H x K) each
+        a_JxKxD = jnp.concatenate([a for a, _ in forms])
+        c_JxK = jnp.concatenate([c for _, c in forms])
+        j, k, d = a_JxKxD.shape
+        wide_BxJxK = (feats_BxD @ a_JxKxD.reshape(j * k, d).T).reshape(-1, j, k) + c_JxK
+        per_method = jnp.split(jnp.moveaxis(wide_BxJxK, 1, 0), len(fused))
+        out.update(zip(fused, per_method))
+    return out
+
+
+def optimizer_step(optimizer, total: int, grad, opt_state, trainable, hp):
+    """One update of one model's TRAINED collections -> (trainable, opt_state)."""
+    updates, opt_state = optimizer(hp, total).update(grad, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state
+
+
+def seed_epoch(trainers: dict, states: dict, key, epoch, hps_H: Hparams, data: FitData, split: SeedSplits,
+               cfg: FitConfig, fuse: bool = True):
+    """One epoch of all models of one seed: every method's H models, ``{method: FitState}`` with a leading H axis.
+
+    The models share the seed's minibatches. Each step gathers its rows once, computes every model's logits
+    (:func:`heads_logits`) and differentiates the sum of the models' losses, which gives each model its own
+    gradient, as they share no parameters. At the end, hold_val and test' are gathered once for all models.
+    Returns ``({method: FitState}, {method: history_e})``.
+    """
+    total = total_steps(cfg, split)
+    rows_TxB, mask_TxB = minibatches(key, epoch, split.hold_train, cfg.batch_size)
+
+    def logits_of(trainables, feats_BxD):
+        variables = {m: {**states[m].variables, **trainables[m]} for m in trainers}
+        return heads_logits(trainers, variables, feats_BxD, hps_H, fuse)
+
+    def summed_loss(trainables, rows_B, mask_B, progress):
+        logits = logits_of(trainables, data.feats_NxD[rows_B])  # one gather for every model of the seed
+        out = {m: jax.vmap(t.loss, in_axes=(0, 0, None, None, None, 0, None))(
+            trainables[m], logits[m], rows_B, mask_B, progress, hps_H, data) for m, t in trainers.items()}
+        return sum(jnp.sum(loss_H) for loss_H, _ in out.values()), {m: aux for m, (_, aux) in out.items()}
+
+    def train_step(carry, xs):
+        trainables, opt_states = carry
+        step, rows_B, mask_B = xs
+        grads, aux = jax.grad(summed_loss, has_aux=True)(trainables, rows_B, mask_B, step / total)
+        new = {m: jax.vmap(functools.partial(optimizer_step, t.optimizer, total))(
+            grads[m], opt_states[m], trainables[m], hps_H) for m, t in trainers.items()}
+        count = jnp.sum(mask_B)
+        sums = {m: (head_loss * count, hits) for m, (head_loss, hits) in aux.items()}
+        return ({m: n[0] for m, n in new.items()}, {m: n[1] for m, n in new.items()}), sums
+
+    steps = rows_TxB.shape[0]
+    first = ({m: trained(st.variables) for m, st in states.items()}, {m: st.opt_state for m, st in states.items()})
+    (trainables, opt_states), sums = jax.lax.scan(
+        train_step, first, (epoch * steps + jnp.arange(steps), rows_TxB, mask_TxB))
+    val = logits_of(trainables, data.feats_NxD[split.hold_val])
+    test = logits_of(trainables, data.feats_NxD[split.test_prime])
+    n_train = split.hold_train.shape[0]
+    out = {m: jax.vmap(t.end_epoch, in_axes=(0, 0, 0, 0, 0, None, 0, 0, None, None))(
+        states[m], trainables[m], opt_states[m], val[m], test[m], epoch,
+        (jnp.sum(sums[m][0], 0) / n_train, jnp.sum(sums[m][1], 0) / n_train), hps_H, data, split)
+        for m, t in trainers.items()}
+    return {m: o[0] for m, o in out.items()}, {m: o[1] for m, o in out.items()}
 
 
 def finish(state: FitState, history: dict) -> FitOutput:
@@ -213,19 +288,43 @@ def finish(state: FitState, history: dict) -> FitOutput:
 
 
 def make_fit(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig):
-    """-> ``fit(key, hp, data, split) -> FitOutput`` for one model (one seed, one hparam setting)."""
-    return make_trainer(method, num_classes, text_TxKxD, cfg).fit
+    """-> ``fit(key, hp, data, split) -> FitOutput`` for one model (one seed, one hparam setting), unfused:
+    :func:`seed_epoch` with a single model, epochs as ``lax.scan``."""
+    trainers = {"model": make_trainer(method, num_classes, text_TxKxD, cfg)}
+
+    def fit(key, hp: Hparams, data: FitData, split: SeedSplits) -> FitOutput:
+        one = lambda tree: jax.tree.map(lambda a: jnp.asarray(a)[None], tree)  # an H axis of 1
+        states = {"model": one(trainers["model"].start(key, hp, data, split))}
+        run_epoch = lambda st, e: seed_epoch(trainers, st, key, e, one(hp), data, split, cfg, fuse=False)
+        states, history = jax.lax.scan(run_epoch, states, jnp.arange(cfg.epochs))
+        return finish(jax.tree.map(lambda a: a[0], states["model"]), jax.tree.map(lambda a: a[:, 0], history["model"]))
+
+    return fit
 
 
-def start_models(trainer: Trainer, key_data_M, hps_M, data: FitData, splits_M) -> FitState:
-    """``trainer.start`` for each of M models, one after the other (``lax.map``), stacked.
+def start_seeds(trainer: Trainer, key_data_S, hps_H: Hparams, data: FitData, splits_S) -> FitState:
+    """``trainer.start`` for every seed x hparam, one model after the other (``lax.map``): a state with leading S x H.
 
     Not vmapped on purpose: the linear head's start solves a D x D system, and on XLA's CPU runtime (jax 0.10)
     several *batched* LAPACK solves running at once in one program can deadlock its thread pool
     (benchmarks/RESULTS.md). Model by model, the solves are unbatched; the start is a small part of a fit.
     """
-    return jax.lax.map(lambda args: trainer.start(jax.random.wrap_key_data(args[0]), args[1], data, args[2]),
-                       (key_data_M, hps_M, splits_M))
+    num_s, num_h = key_data_S.shape[0], hps_H.lr.shape[0]
+    per_model = functools.partial(jnp.repeat, repeats=num_h, axis=0)  # seed-major: model s*H + h
+    models = (per_model(key_data_S), jax.tree.map(lambda a: jnp.tile(a, num_s), hps_H), jax.tree.map(per_model, splits_S))
+    states_M = jax.lax.map(lambda args: trainer.start(jax.random.wrap_key_data(args[0]), args[1], data, args[2]), models)
+    return jax.tree.map(lambda a: a.reshape(num_s, num_h, *a.shape[1:]), states_M)
+
+
+def over_seeds(fn, tree_S, num_devices: int):
+    """``fn`` for each seed of ``tree_S`` (leading axis S, a multiple of ``num_devices``), results stacked.
+
+    The seeds of a device run one after the other (``lax.map``), the devices in parallel (``vmap`` over the
+    sharded axis). Each seed's step is already one wide GEMM; vmapping the seeds as well made the fused epoch
+    slower on CPU (a batched GEMM with strided operands; benchmarks/RESULTS.md)."""
+    per_device = jax.tree.map(lambda a: a.reshape(num_devices, -1, *a.shape[1:]), tree_S)
+    out = jax.vmap(lambda seeds: jax.lax.map(fn, seeds))(per_device)
+    return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), out)
 
 
 def seed_keys(root_seed: int, num_seeds: int):
@@ -237,10 +336,12 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
                 on_compiled=None):
     """Fit every method of ``cfg`` for every seed x hparam; returns ({method: FitOutput}, timings).
 
-    With ``cfg.vmap`` all methods, seeds and hparams form one jit-compiled epoch program whose model axis
-    is sharded over every device (:mod:`w2s_jax.sharding`), called once per epoch from a short loop so
-    that ``progress(models_done_epochs)`` can report; the state stays on device between calls. Without it,
-    the same ``fit`` is compiled per method and called model by model on one device. Outputs are ``S x H``.
+    With ``cfg.vmap`` all methods, seeds and hparams form one jit-compiled epoch program: per seed one
+    :func:`seed_epoch` for all its models (fused unless ``cfg.fuse`` is False), the seeds sharded over every
+    device (:mod:`w2s_jax.sharding`) and run one after the other on each (:func:`over_seeds`). It is called once
+    per epoch from a short loop so that ``progress(models_done_epochs)`` can report; the state stays on device
+    between calls. Without it, :func:`make_fit` is compiled per method and called model by model on one device.
+    Outputs are ``S x H``.
     ``on_compiled(seconds)`` is called once the program is compiled.
     """
     cfg = resolve_batch_size(cfg, splits.hold_train.shape[-1])
@@ -251,26 +352,29 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
     report = progress or (lambda done: None)
     t0 = time.perf_counter()
     if cfg.vmap:
-        # every method, vmapped over M = S*H models sharded across all devices
-        mesh = sharding.model_mesh()
-        per_model = sharding.pad_models(sharding.flatten_grid(jax.random.key_data(keys), hps, splits), mesh.size)
-        key_data_M, hps_M, splits_M = sharding.place(per_model, mesh, P("models"))
-        shared = sharding.place(data, mesh, P())
+        # every method and hparam of a seed in one fused epoch, vmapped over the seeds, sharded across all devices
+        mesh = sharding.seed_mesh()
+        key_data_S, splits_S = sharding.place(sharding.pad_seeds((jax.random.key_data(keys), splits), mesh.size),
+                                              mesh, P("seeds"))
+        hps_H, shared = sharding.place((hps, data), mesh, P())
 
-        def start_program(key_data_M, hps_M, data, splits_M):
-            return {m: start_models(t, key_data_M, hps_M, data, splits_M) for m, t in trainers.items()}
+        def start_program(key_data_S, hps_H, data, splits_S):
+            return {m: start_seeds(t, key_data_S, hps_H, data, splits_S) for m, t in trainers.items()}
 
-        def epoch_program(states, e, key_data_M, hps_M, data, splits_M):
-            out = {m: jax.vmap(lambda st, kd, hp, sp: t.epoch(st, jax.random.wrap_key_data(kd), e, hp, data, sp))(
-                states[m], key_data_M, hps_M, splits_M) for m, t in trainers.items()}
-            return {m: o[0] for m, o in out.items()}, {m: o[1] for m, o in out.items()}
+        def epoch_program(states, e, key_data_S, hps_H, data, splits_S):
+            def one_seed(args):
+                state, key_data, split = args
+                return seed_epoch(trainers, state, jax.random.wrap_key_data(key_data), e, hps_H, data, split, cfg,
+                                  cfg.fuse)
 
-        args = (key_data_M, hps_M, shared, splits_M)
-        by_model = NamedSharding(mesh, P("models"))  # every state and history leaf has the model axis first
-        start = jax.jit(start_program, out_shardings=by_model).lower(*args).compile()
-        state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_model),
+            return over_seeds(one_seed, (states, key_data_S, splits_S), mesh.size)
+
+        args = (key_data_S, hps_H, shared, splits_S)
+        by_seed = NamedSharding(mesh, P("seeds"))  # every state and history leaf has the seed axis first
+        start = jax.jit(start_program, out_shardings=by_seed).lower(*args).compile()
+        state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_seed),
                                     jax.eval_shape(start_program, *args))
-        step = jax.jit(epoch_program, out_shardings=(by_model, by_model)).lower(state_shapes, jnp.int32(0), *args)
+        step = jax.jit(epoch_program, out_shardings=(by_seed, by_seed)).lower(state_shapes, jnp.int32(0), *args)
         step = step.compile()
         t1 = time.perf_counter()  # both programs compiled (or loaded from the compilation cache); nothing run yet
         if on_compiled:
@@ -283,11 +387,11 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
             report(cfg.seeds * num_h * len(trainers))  # the padding copies are not counted
         history = jax.tree.map(lambda *per_epoch: jnp.stack(per_epoch, axis=-1), *history)
         outputs = {m: finish(states[m], history[m]) for m in trainers}
-        outputs = sharding.unflatten(sharding.to_host(outputs), cfg.seeds, num_h)
+        outputs = jax.tree.map(lambda a: a[: cfg.seeds], sharding.to_host(outputs))  # S x H, the padding trimmed
     else:
         hps = jax.tree.map(jnp.asarray, hps)
         splits = jax.tree.map(jnp.asarray, splits)
-        compiled = {m: jax.jit(t.fit) for m, t in trainers.items()}
+        compiled = {m: jax.jit(make_fit(METHODS[m], num_classes, text_TxKxD, cfg)) for m in trainers}
         outputs = {}
         t1 = time.perf_counter()
         for m, f in compiled.items():
@@ -304,17 +408,21 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
 
 
 def estimate_bytes(cfg: FitConfig, n: int, d: int, k: int) -> int:
-    """Rough memory per device of the vmapped fit, in bytes (float32): the shared data, plus per model on
-    that device its params, Adam moments, grads and best copy (6 x params), one minibatch's features and
-    logits, and the end-of-epoch evaluation's gathered hold_val/test' features and logits (36% of n rows).
-    Checked against measured peak RSS in benchmarks/bench_scaling.py (runtime overhead not included)."""
-    num_models = cfg.seeds * int(np.prod([len(v) for _, v in cfg.grid] or [1]))
+    """Rough memory per device of the vmapped fit, in bytes (float32): the shared data; per model on that device
+    its params, Adam moments, grads and best copy (6 x params); and, for the one seed running at a time, its J
+    models' step (one minibatch's features and J logits, twice for the gradient) and end-of-epoch evaluation
+    (hold_val and test' features and J logits, 36% of n rows). Checked against measured peak RSS in
+    benchmarks/bench_scaling.py (runtime overhead not included)."""
+    num_h = int(np.prod([len(v) for _, v in cfg.grid] or [1]))
     params = k * d + k
+    j = num_h * len(cfg.methods)  # models of one seed
     eval_rows = int(0.36 * n)
-    per_model = 6 * params + 4 * cfg.batch_size * (d + k) + eval_rows * (d + 2 * k) + n
+    running = lambda models: (4 * cfg.batch_size + eval_rows) * (d + 2 * models * k) + n  # one seed's step + eval
     data = n * (d + k * (1 + len(cfg.ensemble)) + 1)  # features, the weak logits (and the ensemble's), labels
-    models = math.ceil(num_models / jax.device_count()) * len(cfg.methods) if cfg.vmap else 1  # per device
-    return 4 * (data + models * per_model)
+    if not cfg.vmap:  # one model at a time
+        return 4 * (data + 6 * params + running(1))
+    seeds_here = math.ceil(cfg.seeds / jax.device_count())
+    return 4 * (data + seeds_here * j * 6 * params + running(j))
 
 
 def available_bytes() -> int:

@@ -54,6 +54,11 @@ class Head(NamedTuple):
     penalty: Callable = lambda params, hp: 0.0  # (params, hp) -> scalar added to the mean training loss
 
 
+def linear_logits(feats_BxD, a_KxD, c_K):
+    """``feats Aᵀ + c``: every head that is linear in ``r̂`` computes its logits this way."""
+    return feats_BxD @ a_KxD.T + c_K
+
+
 def l2_normalize(x, axis=-1):
     return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
@@ -110,8 +115,13 @@ class PrototypeHead(nn.Module):
                 return jnp.asarray(start.text_KxD, feats_BxD.dtype)
             return centroid_prototypes(self.make_rng("params"), feats_BxD, start.targets_N, self.num_classes)
 
-        prototypes_KxD = self.variable("params", "prototypes_KxD", first_prototypes).value
-        return hp.logit_scale * feats_BxD @ l2_normalize(prototypes_KxD).T
+        self.variable("params", "prototypes_KxD", first_prototypes)
+        return linear_logits(feats_BxD, *self.linear_form(hp))
+
+    def linear_form(self, hp):
+        """``(A_KxD, c_K)``: the logits are ``r̂ Aᵀ + c`` with ``A = s * normalize(C)``, ``c = 0``."""
+        prototypes_KxD = self.get_variable("params", "prototypes_KxD")
+        return hp.logit_scale * l2_normalize(prototypes_KxD), jnp.zeros(self.num_classes, prototypes_KxD.dtype)
 
 
 class LinearHead(nn.Module):
@@ -122,11 +132,16 @@ class LinearHead(nn.Module):
     @nn.compact
     def __call__(self, feats_BxD, hp, start: Start | None = None):
         center_D = self.variable("stats", "center_D", jnp.mean, feats_BxD, 0).value  # computed at init only
-        centred_BxD = feats_BxD - center_D
-        first = shrunk_lda(centred_BxD, start.targets_N, self.num_classes, hp.lp_shrinkage) if start else None
-        w_KxD = self.variable("params", "w_KxD", lambda: first[0] / hp.lp_scale).value
-        b_K = self.variable("params", "b_K", lambda: first[1]).value
-        return hp.lp_scale * centred_BxD @ w_KxD.T + b_K
+        if start is not None:
+            first = shrunk_lda(feats_BxD - center_D, start.targets_N, self.num_classes, hp.lp_shrinkage)
+            self.variable("params", "w_KxD", lambda: first[0] / hp.lp_scale)
+            self.variable("params", "b_K", lambda: first[1])
+        return linear_logits(feats_BxD, *self.linear_form(hp))
+
+    def linear_form(self, hp):
+        """``(A_KxD, c_K)``: the logits are ``r̂ Aᵀ + c`` with ``A = s * W``, ``c = b - A mu``."""
+        a_KxD = hp.lp_scale * self.get_variable("params", "w_KxD")
+        return a_KxD, self.get_variable("params", "b_K") - a_KxD @ self.get_variable("stats", "center_D")
 
 
 def linear_l2(params, hp):

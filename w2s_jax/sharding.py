@@ -1,14 +1,14 @@
-"""Laying the model axis (seeds x hparams, flattened) over every visible device, on one or many hosts.
+"""Laying the seed axis over every visible device, on one or many hosts.
 
-The grid (S seeds x H hparams) is flattened seed-major into M = S*H models, padded to a multiple
-of the device count by repeating the last model, sharded over a 1-D ``Mesh`` axis "models" with
-``NamedSharding``; the shared data is replicated. One device is the same code path with a mesh of 1.
+The fit's unit of work is a seed: all methods x hparams of a seed share its minibatches and run as one fused
+step (:func:`w2s_jax.fit.seed_epoch`). The S seeds are padded to a multiple of the device count by repeating
+the last seed and sharded over a 1-D ``Mesh`` axis "seeds" with ``NamedSharding``; the hparams and the shared
+data are replicated. One device is the same code path with a mesh of 1.
 Multi-host: call :func:`initialize_distributed` first (``w2s-fit --distributed``); every host
 holds the full (small) inputs and results are all-gathered.
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import numpy as np
@@ -22,22 +22,14 @@ def initialize_distributed(coordinator=None, num_processes=None, process_id=None
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
 
 
-def model_mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()), ("models",))
+def seed_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()), ("seeds",))
 
 
-def flatten_grid(keys_S, hps, splits_S):
-    """(keys S, hparams H, splits S) -> the same inputs per model, M = S*H, seed-major (m = s*H + h)."""
-    num_s, num_h = len(keys_S), len(np.asarray(hps[0]))
-    keys_M = np.repeat(np.asarray(keys_S), num_h, axis=0)
-    hps_M = jax.tree.map(lambda a: np.tile(np.asarray(a), num_s), hps)
-    splits_M = jax.tree.map(lambda a: np.repeat(np.asarray(a), num_h, axis=0), splits_S)
-    return keys_M, hps_M, splits_M
-
-
-def pad_models(tree, multiple: int):
-    """Pad the leading (model) axis to a multiple of ``multiple`` by repeating the last model."""
+def pad_seeds(tree, multiple: int):
+    """Pad the leading (seed) axis to a multiple of ``multiple`` by repeating the last seed."""
     def pad(a):
+        a = np.asarray(a)
         extra = (-a.shape[0]) % multiple
         return np.concatenate([a, np.repeat(a[-1:], extra, axis=0)]) if extra else a
     return jax.tree.map(pad, tree)
@@ -57,12 +49,3 @@ def to_host(tree):
 
         return multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree.map(np.asarray, tree)
-
-
-def unflatten(tree_M, num_s: int, num_h: int):
-    """Trim padding and reshape the model axis back to ``S x H``."""
-    return jax.tree.map(lambda a: a[: num_s * num_h].reshape(num_s, num_h, *a.shape[1:]), tree_M)
-
-
-def padded_size(num_models: int) -> int:
-    return math.ceil(num_models / jax.device_count()) * jax.device_count()
