@@ -6,6 +6,7 @@ Every time is a median over clean runs (benchmarks/_common.measure); compile tim
 Synthetic data shaped like DomainNet "real" (test = 52,041 rows, d = 512, k = 345), with class
 clusters and noisy weak logits so accuracies mean something.
 Usage: python benchmarks/bench_fit.py [--methods all] [--seeds 5] [--epochs 10] [--n 52041] [--grid-lr 1e-2,3e-3]
+       [--bf16] [--skip-unfused] [--skip-novmap] [--skip-torch]
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def main():
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--skip-novmap", action="store_true")
     ap.add_argument("--skip-unfused", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="also run the fused step with bfloat16 GEMM inputs")
     args = ap.parse_args()
     methods = jax_methods() if args.methods == "all" else tuple(args.methods.split(","))
     grid = (("lr", tuple(float(x) for x in args.grid_lr.split(","))),) if args.grid_lr else ()
@@ -79,6 +81,17 @@ def main():
         _, t_unfused = fitlib.fit_methods(unfused, data, splits, text, args.k)
         run_u = measure(lambda: fitlib.fit_methods(unfused, data, splits, text, args.k)[1]["run_s"], clean=args.runs)
         print(f"(a') vmapped, unfused: compile {t_unfused['compile_s']:.2f} s; run {run_u}")
+    # (a-bf16) the fused step's GEMMs with bfloat16 inputs, float32 accumulation: time and accuracy against (a)
+    if args.bf16:
+        bf16 = FitConfig(**{**base.__dict__, "matmul_dtype": "bfloat16"})
+        out_bf, t_bf = fitlib.fit_methods(bf16, data, splits, text, args.k)
+        run_bf = measure(lambda: fitlib.fit_methods(bf16, data, splits, text, args.k)[1]["run_s"], clean=args.runs)
+        print(f"(a-bf16) fused, bfloat16 GEMM inputs: compile {t_bf['compile_s']:.2f} s; run {run_bf}; "
+              f"float32 / bfloat16 = {run_a.median / run_bf.median:.2f}x run only")
+        for m, o in out_bf.items():
+            acc = metrics.evaluate_method(m, o, hps, data, jsplits, args.k)["test_acc"][:, 0]
+            print(f"    {m:16s} test' acc  float32 {100 * acc_a[m].mean():.2f}  bfloat16 {100 * acc.mean():.2f}  "
+                  f"(max seed difference {100 * np.abs(acc - acc_a[m]).max():.2f} points)")
     # (b) the same fit, model by model (compile included: one jit per method, called per model)
     if not args.skip_novmap:
         novmap = FitConfig(**{**base.__dict__, "vmap": False})

@@ -19,6 +19,7 @@ import numpy as np
 
 from _common import clustered, machine, measure
 from w2s_jax import fit as fitlib
+from w2s_jax import sharding
 from w2s_jax.config import FitConfig
 from w2s_jax.methods import METHODS, jax_methods
 from w2s_jax.splits import stacked_splits
@@ -56,7 +57,7 @@ def main():
         def program(states, data, splits):
             if seeds_vmapped:
                 return jax.vmap(lambda *args: one_seed(args, data))(states, keys, splits)
-            return fitlib.over_seeds(lambda args: one_seed(args, data), (states, keys, splits), 1)
+            return fitlib.over_seeds(one_seed, (states, keys, splits), data, sharding.seed_mesh())
 
         compiled = jax.jit(program)
         return lambda: jax.block_until_ready(compiled(states, data, splits))

@@ -229,3 +229,23 @@ def test_fused_logits_of_a_seed_are_one_gemm(store_path):
     for m in methods:
         assert got[m].shape == (2, 64, k)
         np.testing.assert_allclose(got[m], want[m], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_gemm_inputs_change_little_and_need_the_fused_step(store_path, tmp_path):
+    """--matmul-dtype bfloat16 rounds the fused GEMM's inputs (the parameters move) but keeps the accuracy; it is
+    refused, with the fix named, where there is no fused GEMM to apply it to."""
+    store = read_store(store_path)
+    test = store.splits["test"]
+    data = fitlib.make_data(test.features_NxD, test.weak_logits["noisy"], test.labels_N)
+    splits = stacked_splits(len(test.ids_N), 2)
+    cfg = FitConfig(store=str(store_path), weak="noisy", methods=("kd+lp", "cpl"), seeds=2, **FAST)
+    f32, _ = fitlib.fit_methods(cfg, data, splits, store.text_TxKxD, store.num_classes)
+    bf16, _ = fitlib.fit_methods(dataclasses.replace(cfg, matmul_dtype="bfloat16"), data, splits, store.text_TxKxD,
+                                 store.num_classes)
+    for m in cfg.methods:
+        a, b = jax.tree.leaves(f32[m].variables["params"]), jax.tree.leaves(bf16[m].variables["params"])
+        assert max(float(np.abs(x - y).max()) for x, y in zip(a, b)) > 1e-4  # bf16 was used
+        np.testing.assert_allclose(bf16[m].history["test_acc"], f32[m].history["test_acc"], atol=0.05)
+    r = CliRunner().invoke(cli.main, ["--store", str(store_path), "--matmul-dtype", "bfloat16", "--no-fuse",
+                                      "--out", str(tmp_path / "r")])
+    assert r.exit_code != 0 and "drop --no-fuse" in r.output and "Traceback" not in r.output

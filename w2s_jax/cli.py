@@ -78,6 +78,8 @@ def find_store(folder: Path = STORES) -> str:
 @click.option("--vmap/--no-vmap", default=True, show_default=True, help="One compiled call for the grid, or one per model.")
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="Compute all linear heads of a seed in one wide GEMM per step, or model by model (same numbers).")
+@click.option("--matmul-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Inputs of the fused GEMM; bfloat16 accumulates in float32 (pays on GPUs with bf16 units, not on CPU).")
 @click.option("--compile-cache/--no-compile-cache", default=True, show_default=True,
               help="Keep compiled programs on disk ($W2S_CACHE/jax or ~/.cache/w2s/jax): a rerun of the same grid "
                    "does not compile again.")
@@ -95,7 +97,7 @@ def find_store(folder: Path = STORES) -> str:
               help="Print the table of existing results folder(s) and exit; several are merged into one table.")
 def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, lp_scale, lp_shrinkage,
          lp_l2, alpha_max, tau_a, raven_lr, grid,
-         vmap, fuse, compile_cache, out, overwrite, distributed, coordinator, num_processes, process_id, plugins, list_methods, show):
+         vmap, fuse, matmul_dtype, compile_cache, out, overwrite, distributed, coordinator, num_processes, process_id, plugins, list_methods, show):
     """Fit CPL and linear-probe heads with CE, KD, AuxConf, AdaptConf (+ ceilings) for every seed."""
     from w2s_jax import results
 
@@ -143,7 +145,8 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
             store=str(store), weak=weak.split(",")[0].strip(), ensemble=ensemble,
             methods=jax_methods(multi_weak=bool(ensemble)) if methods == "all"
             else tuple(m.strip() for m in methods.split(",") if m.strip()),
-            seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size), vmap=vmap, fuse=fuse, grid=_parse_grid(grid),
+            seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size), vmap=vmap, fuse=fuse, matmul_dtype=matmul_dtype,
+            grid=_parse_grid(grid),
             hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale, lp_scale=lp_scale,
                             lp_shrinkage=lp_shrinkage, lp_l2=lp_l2, alpha_max=alpha_max, tau_a=tau_a,
                             raven_lr=raven_lr),

@@ -84,6 +84,7 @@ def hparam_grid(base: Hparams, grid: dict) -> Hparams:
 
 
 PAPER_BATCH_SIZE = 512
+MATMUL_DTYPES = ("float32", "bfloat16")
 MIN_STEPS_PER_EPOCH = 16
 
 
@@ -115,6 +116,7 @@ class FitConfig:
     grid: tuple = ()  # ((field, (values...)), ...): swept as one vmap axis, cartesian product
     vmap: bool = True  # True: every seed x hparam in one compiled call; False: one call per model
     fuse: bool = True  # True: a seed's linear heads share one wide GEMM per step (fit.heads_logits); False: model by model
+    matmul_dtype: str = "float32"  # "bfloat16": the fused GEMM's inputs rounded to bf16, accumulated in float32
     ensemble: tuple[str, ...] = ()  # the weak models the multi-weak methods combine (--weak a,b,...; `weak` is a)
 
     def __post_init__(self):
@@ -126,6 +128,10 @@ class FitConfig:
             check_number("batch_size", self.batch_size, 1, math.inf, integer=True)
         check_number("warmup", self.warmup, 0.0, 1.0, True, False)
         check_hparams(self.hparams, self.grid)
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise ValueError(f"matmul_dtype {self.matmul_dtype!r}: use one of {', '.join(MATMUL_DTYPES)}")
+        if self.matmul_dtype != "float32" and not (self.fuse and self.vmap):
+            raise ValueError(f"matmul_dtype {self.matmul_dtype} applies to the fused step; drop --no-fuse and --no-vmap")
         check_ensemble(self)
 
     def grid_hparams(self) -> Hparams:

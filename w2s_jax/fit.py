@@ -210,12 +210,14 @@ def minibatches(key, epoch, hold_train_N, batch: int):
     return hold_train_N[perm].reshape(steps, batch), mask_TxB
 
 
-def heads_logits(trainers: dict, variables: dict, feats_BxD, hps_H: Hparams, fuse: bool) -> dict:
+def heads_logits(trainers: dict, variables: dict, feats_BxD, hps_H: Hparams, fuse: bool,
+                 matmul_dtype: str = "float32") -> dict:
     """Every model's logits on one shared batch, ``{method: H x B x K}``, from ``{method: variables}`` (leading H).
 
     Fused, the heads with a linear form are computed in one wide GEMM ``feats · [A_1 … A_J]ᵀ`` over all J of
     them (methods x H; the gradient is one wide GEMM back). Heads without one (an MLP), and every head when not
     fused, are applied model by model (vmapped). Both compute ``feats Aᵀ + c`` for a linear head.
+    ``matmul_dtype="bfloat16"`` rounds the wide GEMM's inputs to bfloat16 and accumulates in float32.
     """
     fused = [m for m, t in trainers.items() if fuse and t.linear_form is not None]
     out = {m: jax.vmap(t.logits, in_axes=(0, None, 0))(variables[m], feats_BxD, hps_H)
@@ -225,7 +227,9 @@ def heads_logits(trainers: dict, variables: dict, feats_BxD, hps_H: Hparams, fus
         a_JxKxD = jnp.concatenate([a for a, _ in forms])
         c_JxK = jnp.concatenate([c for _, c in forms])
         j, k, d = a_JxKxD.shape
-        wide_BxJxK = (feats_BxD @ a_JxKxD.reshape(j * k, d).T).reshape(-1, j, k) + c_JxK
+        wide_BxJK = jnp.dot(feats_BxD.astype(matmul_dtype), a_JxKxD.reshape(j * k, d).T.astype(matmul_dtype),
+                            preferred_element_type=jnp.float32)
+        wide_BxJxK = wide_BxJK.reshape(-1, j, k) + c_JxK
         per_method = jnp.split(jnp.moveaxis(wide_BxJxK, 1, 0), len(fused))
         out.update(zip(fused, per_method))
     return out
@@ -251,7 +255,7 @@ def seed_epoch(trainers: dict, states: dict, key, epoch, hps_H: Hparams, data: F
 
     def logits_of(trainables, feats_BxD):
         variables = {m: {**states[m].variables, **trainables[m]} for m in trainers}
-        return heads_logits(trainers, variables, feats_BxD, hps_H, fuse)
+        return heads_logits(trainers, variables, feats_BxD, hps_H, fuse, cfg.matmul_dtype)
 
     def summed_loss(trainables, rows_B, mask_B, progress):
         logits = logits_of(trainables, data.feats_NxD[rows_B])  # one gather for every model of the seed
@@ -316,15 +320,14 @@ def start_seeds(trainer: Trainer, key_data_S, hps_H: Hparams, data: FitData, spl
     return jax.tree.map(lambda a: a.reshape(num_s, num_h, *a.shape[1:]), states_M)
 
 
-def over_seeds(fn, tree_S, num_devices: int):
-    """``fn`` for each seed of ``tree_S`` (leading axis S, a multiple of ``num_devices``), results stacked.
+def over_seeds(fn, seeded, shared, mesh):
+    """``fn(seed_args, shared)`` for each seed of ``seeded`` (leading axis S, sharded over ``mesh``), stacked.
 
-    The seeds of a device run one after the other (``lax.map``), the devices in parallel (``vmap`` over the
-    sharded axis). Each seed's step is already one wide GEMM; vmapping the seeds as well made the fused epoch
-    slower on CPU (a batched GEMM with strided operands; benchmarks/RESULTS.md)."""
-    per_device = jax.tree.map(lambda a: a.reshape(num_devices, -1, *a.shape[1:]), tree_S)
-    out = jax.vmap(lambda seeds: jax.lax.map(fn, seeds))(per_device)
-    return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), out)
+    Each device runs its own seeds one after the other (``shard_map`` of ``lax.map``). A seed's step is already
+    one wide GEMM; batching the seeds as well (a vmap, even of size 1) made XLA's CPU GEMMs batched and the fused
+    epoch about 25% slower (benchmarks/RESULTS.md)."""
+    local = lambda seeded, shared: jax.lax.map(lambda args: fn(args, shared), seeded)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P("seeds"), P()), out_specs=P("seeds"))(seeded, shared)
 
 
 def seed_keys(root_seed: int, num_seeds: int):
@@ -362,12 +365,12 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
             return {m: start_seeds(t, key_data_S, hps_H, data, splits_S) for m, t in trainers.items()}
 
         def epoch_program(states, e, key_data_S, hps_H, data, splits_S):
-            def one_seed(args):
-                state, key_data, split = args
+            def one_seed(seeded, shared):
+                (state, key_data, split), (e, hps_H, data) = seeded, shared
                 return seed_epoch(trainers, state, jax.random.wrap_key_data(key_data), e, hps_H, data, split, cfg,
                                   cfg.fuse)
 
-            return over_seeds(one_seed, (states, key_data_S, splits_S), mesh.size)
+            return over_seeds(one_seed, (states, key_data_S, splits_S), (e, hps_H, data), mesh)
 
         args = (key_data_S, hps_H, shared, splits_S)
         by_seed = NamedSharding(mesh, P("seeds"))  # every state and history leaf has the seed axis first
