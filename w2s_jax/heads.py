@@ -9,6 +9,10 @@ Every head is called as ``head(feats_BxD, hp, start=None) -> logits_BxK``:
   (``self.param`` also runs its initialiser at apply, abstractly, to check the shape).
 - ``head.apply(variables, feats_BxD, hp)`` is the forward pass. Both are pure, so ``fit`` vmaps them.
 - Hyperparameters arrive in ``hp`` (arrays, so a grid sweeps them); fields of the module are its shape.
+- A head whose logits are linear in ``r̂`` may also define ``linear_form(self, hp) -> (A_KxD, c_K)``, the logits
+  being ``r̂ Aᵀ + c``. The fit then computes it with every other such head of the seed in one wide GEMM
+  (``fit.heads_logits``); a head without one is applied on its own. Both built-in heads define it and compute
+  their forward pass through it, so the two paths do the same arithmetic.
 
 The two built-in heads:
 
