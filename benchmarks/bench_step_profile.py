@@ -11,6 +11,7 @@ Usage: python benchmarks/bench_step_profile.py [--seeds 5] [--methods all]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 import jax
@@ -52,7 +53,8 @@ def main():
     def epoch_of(fuse, seeds_vmapped=False):
         def one_seed(args, data):
             state, key_data, split = args
-            return fitlib.seed_epoch(trainers, state, jax.random.wrap_key_data(key_data), 0, hps, data, split, cfg, fuse)
+            return fitlib.seed_epoch(trainers, state, jax.random.wrap_key_data(key_data), 0, hps, data, split,
+                                     dataclasses.replace(cfg, fuse=fuse))
 
         def program(states, data, splits):
             if seeds_vmapped:

@@ -6,8 +6,8 @@ decay), minibatches as ``lax.scan`` over on-device arrays, and keeps the paramet
 
 All methods and hparams of a seed share its minibatch order, so :func:`seed_epoch` trains them together: one
 gather per step, and, fused, every head that is linear in ``r̂`` (``linear_form``: LP ``s·W``, CPL
-``s·normalize(C)``) in one wide GEMM forward and one back. ``fuse=False`` computes each model's logits on its
-own (the reference the fused step is tested against); :func:`make_fit` is one model alone.
+``s·normalize(C)``) in one wide GEMM forward and one back. ``cfg.fuse=False`` computes each model's logits on
+its own (the reference the fused step is tested against); :func:`make_fit` is one model alone.
 """
 from __future__ import annotations
 
@@ -242,7 +242,7 @@ def optimizer_step(optimizer, total: int, grad, opt_state, trainable, hp):
 
 
 def seed_epoch(trainers: dict, states: dict, key, epoch, hps_H: Hparams, data: FitData, split: SeedSplits,
-               cfg: FitConfig, fuse: bool = True):
+               cfg: FitConfig):
     """One epoch of all models of one seed: every method's H models, ``{method: FitState}`` with a leading H axis.
 
     The models share the seed's minibatches. Each step gathers its rows once, computes every model's logits
@@ -255,7 +255,7 @@ def seed_epoch(trainers: dict, states: dict, key, epoch, hps_H: Hparams, data: F
 
     def logits_of(trainables, feats_BxD):
         variables = {m: {**states[m].variables, **trainables[m]} for m in trainers}
-        return heads_logits(trainers, variables, feats_BxD, hps_H, fuse, cfg.matmul_dtype)
+        return heads_logits(trainers, variables, feats_BxD, hps_H, cfg.fuse, cfg.matmul_dtype)
 
     def summed_loss(trainables, rows_B, mask_B, progress):
         logits = logits_of(trainables, data.feats_NxD[rows_B])  # one gather for every model of the seed
@@ -270,8 +270,8 @@ def seed_epoch(trainers: dict, states: dict, key, epoch, hps_H: Hparams, data: F
         new = {m: jax.vmap(functools.partial(optimizer_step, t.optimizer, total))(
             grads[m], opt_states[m], trainables[m], hps_H) for m, t in trainers.items()}
         count = jnp.sum(mask_B)
-        sums = {m: (head_loss * count, hits) for m, (head_loss, hits) in aux.items()}
-        return ({m: n[0] for m, n in new.items()}, {m: n[1] for m, n in new.items()}), sums
+        per_step = {m: (head_loss * count, hits) for m, (head_loss, hits) in aux.items()}
+        return ({m: n[0] for m, n in new.items()}, {m: n[1] for m, n in new.items()}), per_step
 
     steps = rows_TxB.shape[0]
     first = ({m: trained(st.variables) for m, st in states.items()}, {m: st.opt_state for m, st in states.items()})
@@ -292,14 +292,14 @@ def finish(state: FitState, history: dict) -> FitOutput:
 
 
 def make_fit(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig):
-    """-> ``fit(key, hp, data, split) -> FitOutput`` for one model (one seed, one hparam setting), unfused:
+    """-> ``fit(key, hp, data, split) -> FitOutput`` for one model (one seed, one hparam setting):
     :func:`seed_epoch` with a single model, epochs as ``lax.scan``."""
     trainers = {"model": make_trainer(method, num_classes, text_TxKxD, cfg)}
 
     def fit(key, hp: Hparams, data: FitData, split: SeedSplits) -> FitOutput:
         one = lambda tree: jax.tree.map(lambda a: jnp.asarray(a)[None], tree)  # an H axis of 1
         states = {"model": one(trainers["model"].start(key, hp, data, split))}
-        run_epoch = lambda st, e: seed_epoch(trainers, st, key, e, one(hp), data, split, cfg, fuse=False)
+        run_epoch = lambda st, e: seed_epoch(trainers, st, key, e, one(hp), data, split, cfg)
         states, history = jax.lax.scan(run_epoch, states, jnp.arange(cfg.epochs))
         return finish(jax.tree.map(lambda a: a[0], states["model"]), jax.tree.map(lambda a: a[:, 0], history["model"]))
 
@@ -355,7 +355,7 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
     report = progress or (lambda done: None)
     t0 = time.perf_counter()
     if cfg.vmap:
-        # every method and hparam of a seed in one fused epoch, vmapped over the seeds, sharded across all devices
+        # every method and hparam of a seed in one fused epoch; the seeds sharded across all devices, mapped on each
         mesh = sharding.seed_mesh()
         key_data_S, splits_S = sharding.place(sharding.pad_seeds((jax.random.key_data(keys), splits), mesh.size),
                                               mesh, P("seeds"))
@@ -367,8 +367,7 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
         def epoch_program(states, e, key_data_S, hps_H, data, splits_S):
             def one_seed(seeded, shared):
                 (state, key_data, split), (e, hps_H, data) = seeded, shared
-                return seed_epoch(trainers, state, jax.random.wrap_key_data(key_data), e, hps_H, data, split, cfg,
-                                  cfg.fuse)
+                return seed_epoch(trainers, state, jax.random.wrap_key_data(key_data), e, hps_H, data, split, cfg)
 
             return over_seeds(one_seed, (states, key_data_S, splits_S), (e, hps_H, data), mesh)
 
