@@ -1,9 +1,11 @@
-"""Compile time with and without JAX's persistent compilation cache (w2s_jax.compile_cache), side by side.
+"""Compile time with and without JAX's persistent compilation cache (w2s_jax.compile_cache), side by side, and
+how compile time grows with the number of methods (one method against every built-in one, cache off).
 
 Each fit runs in a fresh process (the in-memory jit cache would hide the disk cache otherwise): first with an
 empty cache folder (cold), then again with the folder it filled (warm), then with the cache off. Shape: the demo's
 (n=2,500, d=1,280, k=10, batch 64, 10 epochs, every method x 5 seeds), synthetic data.
 Usage: python benchmarks/bench_compile_cache.py [--n 2500 --d 1280 --k 10 --epochs 10 --seeds 5 --repeats 3]
+       python benchmarks/bench_compile_cache.py --methods-scaling [--seeds 2 --epochs 1]   (#21's target: <= 1.5x)
 """
 from __future__ import annotations
 
@@ -28,15 +30,16 @@ from w2s_jax.splits import stacked_splits
 if {cache!r}:
     compile_cache.enable({cache!r})
 feats, weak, labels, text = clustered({n}, {d}, {k}, np.random.default_rng(0))
-cfg = FitConfig(store="synthetic", weak="noisy", methods=jax_methods(), seeds={seeds}, epochs={epochs}, batch_size={batch})
+methods = {methods!r} or jax_methods()
+cfg = FitConfig(store="synthetic", weak="noisy", methods=methods, seeds={seeds}, epochs={epochs}, batch_size={batch})
 _, t = fitlib.fit_methods(cfg, fitlib.make_data(feats, weak, labels), stacked_splits({n}, {seeds}), text, {k})
 print(json.dumps(t))
 """
 
 
-def run_child(args, cache) -> dict:
+def run_child(args, cache, methods=()) -> dict:
     code = CHILD.format(bench=str(Path(__file__).parent), cache=cache, n=args.n, d=args.d, k=args.k,
-                        seeds=args.seeds, epochs=args.epochs, batch=args.batch)
+                        seeds=args.seeds, epochs=args.epochs, batch=args.batch, methods=tuple(methods))
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -50,10 +53,14 @@ def main():
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods-scaling", action="store_true",
+                    help="compile time of one method (ce+lp) against every built-in method, cache off")
     args = ap.parse_args()
     from _common import machine
 
     print(f"machine: {machine()}")
+    if args.methods_scaling:
+        return methods_scaling(args)
     rows = {"cache off": [], "cold cache": [], "warm cache": []}
     for _ in range(args.repeats):
         rows["cache off"].append(run_child(args, ""))
@@ -68,6 +75,26 @@ def main():
         c = np.array([t["compile_s"] for t in timings])
         r = np.array([t["run_s"] for t in timings])
         print(f"| {name} | {np.median(c):.2f} [{c.min():.2f}-{c.max():.2f}] | {np.median(r):.2f} |")
+
+
+def methods_scaling(args) -> None:
+    """Cache off, fresh processes, interleaved: compile time of ``ce+lp`` alone and of every built-in method."""
+    from w2s_jax.methods import jax_methods
+
+    rows = {"ce+lp alone": [], f"all {len(jax_methods())} built-in methods": []}
+    for _ in range(args.repeats):
+        rows["ce+lp alone"].append(run_child(args, "", ("ce+lp",)))
+        rows[f"all {len(jax_methods())} built-in methods"].append(run_child(args, ""))
+    print(f"shape: n={args.n} d={args.d} k={args.k}, batch {args.batch}, {args.epochs} epochs, {args.seeds} seeds, "
+          f"cache off; {args.repeats} fresh processes each, interleaved")
+    print("| methods | compile (s), median [min-max] | run (s), median |")
+    print("|---|---|---|")
+    medians = []
+    for name, timings in rows.items():
+        c = np.array([t["compile_s"] for t in timings])
+        medians.append(np.median(c))
+        print(f"| {name} | {np.median(c):.2f} [{c.min():.2f}-{c.max():.2f}] | {np.median([t['run_s'] for t in timings]):.2f} |")
+    print(f"compile time, all methods / one method: {medians[1] / medians[0]:.2f}x (target <= 1.5x)")
 
 
 if __name__ == "__main__":

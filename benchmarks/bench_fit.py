@@ -100,14 +100,20 @@ def main():
     # (c) plain PyTorch, per seed, method and grid point
     if not args.skip_torch:
         acc_c = {}
+        device = torch_reference.reference_device()
+        precision = torch_reference.match_jax_precision(device)
 
         def torch_all():
             acc_c.update(torch_reference.fit_all(methods, feats, weak, labels, text[0], splits, seeds=args.seeds,
                                                  epochs=args.epochs, batch=args.batch, warmup=base.warmup,
-                                                 hp=base.hparams, lrs=hps.lr.tolist()))
+                                                 hp=base.hparams, lrs=hps.lr.tolist(), device=device))
+            if device == "cuda":
+                import torch
+
+                torch.cuda.synchronize()
 
         run_c = measure(torch_all, clean=args.runs)
-        print(f"(c) PyTorch:  run {run_c}")
+        print(f"(c) PyTorch on {device} ({precision}):  run {run_c}")
         for m in methods:
             print(f"    {m:16s} test' acc  w2s-fit {100 * acc_a[m].mean():.2f} ± {100 * acc_a[m].std():.2f}   "
                   f"torch {100 * acc_c[m].mean():.2f} ± {100 * acc_c[m].std():.2f}")

@@ -16,25 +16,25 @@ import numpy as np
 from _common import clustered, machine
 from w2s_jax import fit as fitlib
 from w2s_jax.config import FitConfig
-from w2s_jax.methods import jax_methods, METHODS
+from w2s_jax.methods import jax_methods
 from w2s_jax.splits import stacked_splits
 
 
 def single_call(cfg, data, splits, text, k):
     """The whole run of every method x seed x hparam as one compiled program; returns (compile_s, run fn)."""
-    trainers = {m: fitlib.make_trainer(METHODS[m], k, text, cfg) for m in cfg.methods}
+    groups = fitlib.make_groups(cfg.methods, k, text)
+    rows = {g: fitlib.group_rows(grp, cfg.grid_hparams()) for g, grp in groups.items()}
     keys = jax.random.key_data(fitlib.seed_keys(cfg.root_seed, cfg.seeds))
-    hps = jax.tree.map(jnp.asarray, cfg.grid_hparams())
     splits = jax.tree.map(jnp.asarray, splits)
 
     def whole_run(states, kd, split):
         key = jax.random.wrap_key_data(kd)
-        return jax.lax.scan(lambda st, e: fitlib.seed_epoch(trainers, st, key, e, hps, data, split, cfg), states,
+        return jax.lax.scan(lambda st, e: fitlib.seed_epoch(groups, st, key, e, rows, data, split, cfg), states,
                             jnp.arange(cfg.epochs))
 
     def program(keys, data, splits):
-        states = {m: fitlib.start_seeds(t, keys, hps, data, splits) for m, t in trainers.items()}
-        return jax.vmap(whole_run)(states, keys, splits)
+        states = {g: fitlib.start_seeds(grp, cfg, keys, rows[g], data, splits) for g, grp in groups.items()}
+        return jax.lax.map(lambda args: whole_run(*args), (states, keys, splits))
 
     t0 = time.perf_counter()
     compiled = jax.jit(program).lower(keys, data, splits).compile()

@@ -1,6 +1,8 @@
 """An idiomatic PyTorch reference for the fit, written plainly as a researcher would: a Python loop over
 seeds, torch.optim.Adam, the same losses, batch size, schedule, epochs, splits and best-epoch rule.
-Kept in benchmarks/ only, to compare speed and accuracy with w2s-fit."""
+Kept in benchmarks/ only, to compare speed and accuracy with w2s-fit. It runs on the device the JAX fit uses
+(:func:`reference_device`: CUDA when JAX runs on a GPU and torch sees one), so that a ratio compares like with
+like; on CUDA its matmuls use TF32, as JAX's default float32 precision does there (:func:`match_jax_precision`)."""
 from __future__ import annotations
 
 import math
@@ -27,26 +29,43 @@ def _fused_adam_works() -> bool:
 FUSED_ADAM = _fused_adam_works()  # torch.optim.Adam(fused=True) where this build has it (CPU: torch >= 2.4)
 
 
-def fit_one(method, feats_NxD, weak_NxK, labels_N, text_KxD, split, *, seed, epochs, batch, warmup, hp):
-    """Returns test' accuracy of the best-epoch model for one seed."""
+def reference_device() -> str:
+    """"cuda" where JAX runs on a GPU and torch can use one too, else "cpu": the reference runs where the fit does."""
+    import jax
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def match_jax_precision(device: str) -> str:
+    """On CUDA, let torch's float32 matmuls use TF32 as JAX's default precision does there; says which."""
+    if device != "cuda":
+        return "float32 (CPU)"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return "TF32 matmuls, as JAX's default float32 precision on this GPU"
+
+
+def fit_one(method, feats_NxD, weak_NxK, labels_N, text_KxD, split, *, seed, epochs, batch, warmup, hp,
+            device="cpu"):
+    """Returns test' accuracy of the best-epoch model for one seed, trained on ``device``."""
     spec = METHODS[method]
     torch.manual_seed(seed)
-    r = F.normalize(torch.as_tensor(feats_NxD), dim=1)
-    labels = torch.as_tensor(labels_N)
-    weak = torch.as_tensor(weak_NxK)
+    r = F.normalize(torch.as_tensor(feats_NxD, device=device), dim=1)
+    labels = torch.as_tensor(labels_N, device=device)
+    weak = torch.as_tensor(weak_NxK, device=device)
     k = weak.shape[1]
     targets = F.one_hot(labels, k).float() if spec.target == "truth" else weak
-    train, val, test = (torch.as_tensor(a) for a in split)
+    train, val, test = (torch.as_tensor(a, device=device) for a in split)
     if spec.head == "linear":  # zs = s W (r̂ - mu) + b from the shrunk discriminant, as w2s-fit (heads.py)
         center = r[train].mean(0)
-        w, b = shrunk_lda(jnp.asarray((r[train] - center).numpy()), jnp.asarray(targets[train].argmax(1).numpy()), k,
-                          hp.lp_shrinkage)
-        weight = torch.nn.Parameter(torch.as_tensor(np.asarray(w)) / hp.lp_scale)
-        bias = torch.nn.Parameter(torch.as_tensor(np.asarray(b)))
+        w, b = shrunk_lda(jnp.asarray((r[train] - center).cpu().numpy()),
+                          jnp.asarray(targets[train].argmax(1).cpu().numpy()), k, hp.lp_shrinkage)
+        weight = torch.nn.Parameter(torch.as_tensor(np.asarray(w), device=device) / hp.lp_scale)
+        bias = torch.nn.Parameter(torch.as_tensor(np.asarray(b), device=device))
         params = [weight, bias]
         forward = lambda x: hp.lp_scale * (x - center) @ weight.T + bias  # noqa: E731
     else:
-        protos = torch.nn.Parameter(torch.as_tensor(text_KxD).clone())  # raw text embedding, as w2s-fit
+        protos = torch.nn.Parameter(torch.as_tensor(text_KxD, device=device).clone())  # raw text embedding, as w2s-fit
         params = [protos]
         forward = lambda x: hp.logit_scale * x @ F.normalize(protos, dim=1).T  # noqa: E731
     steps = math.ceil(len(train) / batch)
@@ -56,7 +75,7 @@ def fit_one(method, feats_NxD, weak_NxK, labels_N, text_KxD, split, *, seed, epo
     best_score, best_state = -1.0, None
     loss_fn = LOSSES[spec.loss]
     for epoch in range(epochs):
-        for b, rows in enumerate(train[torch.randperm(len(train), generator=gen)].split(batch)):
+        for b, rows in enumerate(train[torch.randperm(len(train), generator=gen).to(device)].split(batch)):
             loss = loss_fn(forward(r[rows]), targets[rows], progress=(epoch * steps + b) / (epochs * steps), hp=hp)
             opt.zero_grad()
             loss.mean().backward()
@@ -72,10 +91,10 @@ def fit_one(method, feats_NxD, weak_NxK, labels_N, text_KxD, split, *, seed, epo
         return float((forward(r[test]).argmax(1) == labels[test]).float().mean())
 
 
-def fit_all(methods, feats, weak, labels, text, splits, *, seeds, epochs, batch, warmup, hp, lrs=None):
+def fit_all(methods, feats, weak, labels, text, splits, *, seeds, epochs, batch, warmup, hp, lrs=None, device="cpu"):
     """{method: test' accuracies per seed, at the first learning rate}; every lr of ``lrs`` is fitted (the grid)."""
     lrs = lrs or [hp.lr]
     accs = {m: np.array([[fit_one(m, feats, weak, labels, text, [a[s] for a in splits], seed=s, epochs=epochs,
-                                  batch=batch, warmup=warmup, hp=hp._replace(lr=lr)) for lr in lrs]
+                                  batch=batch, warmup=warmup, hp=hp._replace(lr=lr), device=device) for lr in lrs]
                          for s in range(seeds)]) for m in methods}
     return {m: a[:, 0] for m, a in accs.items()}

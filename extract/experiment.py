@@ -20,12 +20,12 @@ import click
 from extract import pipeline, weak as weaklib
 from extract.datasets import DatasetError, load_dataset
 from w2s_jax.config import FitConfig, Hparams, check_hparams, check_number
-from w2s_jax.methods import METHODS, MULTI_WEAK, TORCH_METHODS, check_methods, jax_methods
+from w2s_jax.methods import METHODS, MULTI_WEAK, TORCH_METHODS, check_methods, jax_methods, restore_methods
 
 SECTIONS = {
-    "": {"name", "out", "strong", "data", "fit", "tp", "extract", "report"},
+    "": {"name", "out", "strong", "data", "fit", "tp", "extract", "report", "methods"},
     "data": {"dataset", "domains", "root", "weak", "limit"},
-    "fit": {"methods", "seeds", "epochs", "batch_size", "warmup", "hparams", "grid", "multi_weak"},
+    "fit": {"methods", "seeds", "epochs", "batch_size", "warmup", "hparams", "grid", "multi_weak", "seed_axis"},
     "tp": {"methods", "seeds", "epochs", "batch_size", "optimizer", "n_ctx", "ctx_init", "hparams"},
     "extract": {"batch_size", "num_workers", "device", "on_corrupt", "weak_epochs", "feature_dtype", "templates"},
     "report": {"curves", "paper"},
@@ -64,6 +64,7 @@ def load_experiment(path) -> dict:
     if not exp.get("data"):
         raise ExperimentError(f"{path}: no [[data]] tables; add one with dataset, domains and weak")
     try:
+        define_methods(exp.get("methods", {}))
         for block in exp["data"]:
             _check_keys(path, "data", block)
             for domain in block.get("domains", [None]):
@@ -83,6 +84,21 @@ def load_experiment(path) -> dict:
         raise ExperimentError(f"{path}: {err}") from None
     exp.setdefault("out", f"experiments-out/{path.stem}")
     return exp
+
+
+def define_methods(tables: dict) -> None:
+    """Register the file's ``[methods.NAME]`` tables: each a head and a row of the loss family
+    (``w2s_jax.losses.Coeffs`` fields), e.g. ``[methods.half+lp]`` ``head = "linear"``, ``weak_soft = 0.5``,
+    ``weak_hard = 0.5``. A ValueError names the method and the field."""
+    if not isinstance(tables, dict):
+        raise ValueError("[methods] holds one table per method: [methods.NAME] with head = ... and the loss "
+                         "family's weights")
+    for name, table in tables.items():
+        if not isinstance(table, dict) or "head" not in table:
+            raise ValueError(f"[methods.{name}] needs head = \"linear\" or \"prototype\" (or a head you "
+                             "registered) and the loss family's weights, e.g. weak_soft = 0.5, weak_hard = 0.5")
+        fields = {k: v for k, v in table.items() if k != "head"}
+        restore_methods([(name, table["head"], fields)])
 
 
 def _check_path_name(name) -> None:
@@ -106,6 +122,7 @@ def fit_config(fit: dict, store, weak, ensemble=()) -> FitConfig:
     return FitConfig(store=str(store), weak=weak, ensemble=tuple(ensemble), methods=check_methods(methods),
                      seeds=fit.get("seeds", 5), epochs=fit.get("epochs", 10), batch_size=fit.get("batch_size", "auto"),
                      warmup=fit.get("warmup", 0.1), hparams=Hparams(**fit.get("hparams", {})),
+                     seed_axis=fit.get("seed_axis", "auto"),
                      grid=tuple((k, tuple(v)) for k, v in fit.get("grid", {}).items()))
 
 

@@ -1,7 +1,7 @@
-"""The W2S losses in PyTorch for prompt tuning; same names, formulas and signature as ``w2s_jax.losses``.
+"""The W2S losses in PyTorch for prompt tuning: the rows of ``w2s_jax.losses.LOSSES`` of the same names, written out.
 
-``loss(student_BxK, teacher_BxK, *, progress, hp) -> per_example_B``. A test checks each against
-the JAX loss of the same name, so the two families cannot drift apart.
+``loss(student_BxK, teacher_BxK, *, progress, hp) -> per_example_B``. A test checks each against the JAX loss
+family with the row of the same name, so the two cannot drift apart.
 """
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ def cpl(student_BxK, teacher_BxK, *, progress, hp):
 
 
 def auxconf(student_BxK, teacher_BxK, *, progress, hp):
+    """(1-a_t) KL(softmax(zw) || softmax(zs)) + a_t CE(zs, argmax zs): CE against the mixed target less the
+    teacher's entropy, a constant (the JAX family's value)."""
     alpha = hp.alpha_max * min(1.0, progress / hp.aux_warmup)
-    self_BxK = F.one_hot(student_BxK.detach().argmax(1), student_BxK.shape[1]).to(student_BxK.dtype)
-    target_BxK = (1.0 - alpha) * F.softmax(teacher_BxK, dim=1) + alpha * self_BxK
-    return -torch.sum(target_BxK * F.log_softmax(student_BxK, dim=1), dim=1)
+    return (1.0 - alpha) * _kl(teacher_BxK, student_BxK, 1.0) + alpha * _ce_hard(student_BxK, student_BxK.detach().argmax(1))
 
 
 def adaptconf(student_BxK, teacher_BxK, *, progress, hp):
@@ -47,4 +47,9 @@ def adaptconf(student_BxK, teacher_BxK, *, progress, hp):
     return (1.0 - alpha) * kd(student_BxK, teacher_BxK, progress=progress, hp=hp) + alpha * self_ce
 
 
-LOSSES = {"ce": ce, "kd": kd, "cpl": cpl, "auxconf": auxconf, "adaptconf": adaptconf}
+def truth(student_BxK, teacher_BxK, *, progress, hp):
+    """The ceilings' row: CE against ground truth, passed in as a one-hot teacher."""
+    return _ce_hard(student_BxK, teacher_BxK.argmax(1))
+
+
+LOSSES = {"ce": ce, "kd": kd, "cpl": cpl, "auxconf": auxconf, "adaptconf": adaptconf, "truth": truth}

@@ -96,10 +96,10 @@ def tiny_resnet_dir(tmp_path_factory) -> str:
 
 @pytest.fixture
 def registries():
-    """Put the registries back after a test registers its own head and methods."""
-    from w2s_jax import heads, methods
+    """Put the registries back after a test registers its own head, methods and loss rows."""
+    from w2s_jax import heads, losses, methods
 
-    registries = (heads.HEADS, methods.METHODS, methods.CEILING_OF_HEAD)
+    registries = (heads.HEADS, methods.METHODS, methods.CEILING_OF_HEAD, losses.LOSSES)
     saved = [dict(d) for d in registries]
     yield
     for d, items in zip(registries, saved):

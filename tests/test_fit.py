@@ -64,7 +64,7 @@ def test_seed_i_equals_single_run_with_key_i(store_path):
     data = fitlib.make_data(test.features_NxD, test.weak_logits["noisy"], test.labels_N)
     cfg = FitConfig(store=str(store_path), weak="noisy", methods=("cpl",), seeds=2, **FAST)
     out, _ = fitlib.fit_methods(cfg, data, stacked_splits(len(test.ids_N), 2), store.text_TxKxD, store.num_classes)
-    fit = jax.jit(fitlib.make_fit(METHODS["cpl"], store.num_classes, store.text_TxKxD, cfg))
+    fit = jax.jit(fitlib.make_fit("cpl", store.num_classes, store.text_TxKxD, cfg))
     hp = jax.tree.map(lambda a: a[0], cfg.grid_hparams())
     single = fit(fitlib.seed_keys(0, 2)[1], hp, data, jax.tree.map(np.asarray, seed_splits(len(test.ids_N), 1)))
     np.testing.assert_allclose(out["cpl"].variables["params"]["prototypes_KxD"][1, 0],
@@ -175,9 +175,9 @@ class TanhHead(nn.Module):
         return nn.Dense(self.num_classes)(jnp.tanh(hp.lp_scale * feats_BxD))
 
 
-def test_fused_step_equals_model_by_model(store_path, registries):
-    """Every method (multi-weak and a non-linear head included), 2 seeds x 2 lrs: the fused step (one gather and one
-    wide GEMM per seed) gives the parameters, best epochs and curves of the model-by-model step, to 1e-5."""
+def every_method(store_path):
+    """Every method, multi-weak (a second, noisier weak model) and a non-linear head included, 2 seeds x 2 lrs:
+    (store, data, cfg, splits). Registers the head and its method (use with the ``registries`` fixture)."""
     heads.HEADS["tanh"] = heads.Head(TanhHead)
     METHODS["kd+tanh"] = Method("tanh", "kd", "weak")
     store = read_store(store_path)
@@ -185,10 +185,16 @@ def test_fused_step_equals_model_by_model(store_path, registries):
     weak = test.weak_logits["noisy"]
     other = weak + np.random.default_rng(0).normal(size=weak.shape).astype(np.float32)
     data = fitlib.make_data(test.features_NxD, weak, test.labels_N, np.stack([weak, other]))
-    methods = (*jax_methods(multi_weak=True), "kd+tanh")
-    cfg = FitConfig(store=str(store_path), weak="noisy", ensemble=("noisy", "other"), methods=methods, seeds=2,
-                    grid=(("lr", (1e-2, 3e-3)),), **FAST)
-    splits = stacked_splits(len(test.ids_N), 2)
+    cfg = FitConfig(store=str(store_path), weak="noisy", ensemble=("noisy", "other"), seeds=2,
+                    methods=(*jax_methods(multi_weak=True), "kd+tanh"), grid=(("lr", (1e-2, 3e-3)),), **FAST)
+    return store, data, cfg, stacked_splits(len(test.ids_N), 2)
+
+
+def test_fused_step_equals_model_by_model(store_path, registries):
+    """Every method (multi-weak and a non-linear head included), 2 seeds x 2 lrs: the fused step (one gather and one
+    wide GEMM per seed) gives the parameters, best epochs and curves of the model-by-model step, to 1e-5."""
+    store, data, cfg, splits = every_method(store_path)
+    methods = cfg.methods
     fused, _ = fitlib.fit_methods(cfg, data, splits, store.text_TxKxD, store.num_classes)
     unfused, _ = fitlib.fit_methods(dataclasses.replace(cfg, fuse=False), data, splits, store.text_TxKxD,
                                     store.num_classes)
@@ -199,36 +205,81 @@ def test_fused_step_equals_model_by_model(store_path, registries):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=m)
 
 
-def test_fused_logits_of_a_seed_are_one_gemm(store_path):
-    """Fused, the linear heads of all methods x hparams of a seed take one product with the batch, J*K wide;
-    model by model, one per method (vmapped over the hparams)."""
+def test_fused_logits_of_a_seed_are_one_gemm_per_head(store_path):
+    """Fused, the models of all methods x hparams of a seed that share a head take one product with the batch,
+    J*K wide, whatever the number of methods; model by model, one batched product per head."""
     store = read_store(store_path)
     test = store.splits["test"]
     data = fitlib.make_data(test.features_NxD, test.weak_logits["noisy"], test.labels_N)
-    methods = ("kd+lp", "cpl", "ceiling+lp")
+    methods = ("kd+lp", "ce+lp", "cpl", "ceiling+lp", "adaptconf+proto")
     cfg = FitConfig(store=str(store_path), weak="noisy", methods=methods, seeds=1, grid=(("lr", (1e-2, 3e-3)),),
                     **FAST)
-    trainers = {m: fitlib.make_trainer(METHODS[m], store.num_classes, store.text_TxKxD, cfg) for m in methods}
-    hps = jax.tree.map(jnp.asarray, cfg.grid_hparams())
+    groups = fitlib.make_groups(methods, store.num_classes, store.text_TxKxD)
+    assert {g: grp.methods for g, grp in groups.items()} == {"linear": ("kd+lp", "ce+lp", "ceiling+lp"),
+                                                              "prototype": ("cpl", "adaptconf+proto")}
+    rows = {g: fitlib.group_rows(grp, cfg.grid_hparams()) for g, grp in groups.items()}
     splits = jax.tree.map(jnp.asarray, stacked_splits(len(test.ids_N), 1))
     keys = jax.random.key_data(fitlib.seed_keys(0, 1))
-    variables = {m: jax.tree.map(lambda a: a[0], fitlib.start_seeds(t, keys, hps, data, splits).variables)
-                 for m, t in trainers.items()}
+    variables = {g: jax.tree.map(lambda a: a[0], fitlib.start_seeds(grp, cfg, keys, rows[g], data, splits).variables)
+                 for g, grp in groups.items()}
     batch = data.feats_NxD[:64]
 
     def dots(fuse):
-        jaxpr = jax.make_jaxpr(lambda v: fitlib.heads_logits(trainers, v, batch, hps, fuse))(variables)
+        jaxpr = jax.make_jaxpr(lambda v: fitlib.heads_logits(groups, v, batch, rows, fuse))(variables)
         shapes = [e.outvars[0].aval.shape for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
-        return [shape for shape in shapes if 64 in shape]  # the products with the batch (not A·mu)
+        return sorted(shape for shape in shapes if 64 in shape)  # the products with the batch (not A·mu)
 
     k = store.num_classes
-    assert dots(fuse=True) == [(64, len(methods) * 2 * k)]
-    assert len(dots(fuse=False)) == len(methods)
-    got = fitlib.heads_logits(trainers, variables, batch, hps, fuse=True)
-    want = fitlib.heads_logits(trainers, variables, batch, hps, fuse=False)
-    for m in methods:
-        assert got[m].shape == (2, 64, k)
-        np.testing.assert_allclose(got[m], want[m], rtol=1e-5, atol=1e-5)
+    assert dots(fuse=True) == [(64, 2 * 2 * k), (64, 3 * 2 * k)]
+    assert len(dots(fuse=False)) == len(groups)
+    got = fitlib.heads_logits(groups, variables, batch, rows, fuse=True)
+    want = fitlib.heads_logits(groups, variables, batch, rows, fuse=False)
+    for g, grp in groups.items():
+        assert got[g].shape == (len(grp.methods) * 2, 64, k)
+        np.testing.assert_allclose(got[g], want[g], rtol=1e-5, atol=1e-5)
+
+
+
+
+def test_methods_as_data_keep_every_builtin_methods_numbers(store_path, registries):
+    """Every method (multi-weak and a non-linear head included), 2 seeds x 2 lrs, against a snapshot of the fit
+    before methods became rows of one loss family (commit e29a82a, where each method had its own loss code), made
+    on this synthetic store by the script in tests/data/README.md. Trained parameters within 1e-5 (float32
+    round-off; 2.4e-7 measured), best epochs and every accuracy curve identical. The loss curves too, except
+    AuxConf's: the family reports its soft part as a KL, without the teacher's entropy (constant for the
+    gradient), so its loss values differ by that constant."""
+    import pathlib
+
+    store, data, cfg, splits = every_method(store_path)  # the store the snapshot was made on (conftest's default)
+    methods = cfg.methods
+    out, _ = fitlib.fit_methods(cfg, data, splits, store.text_TxKxD, store.num_classes)
+    before = np.load(pathlib.Path(__file__).parent / "data" / "fit_before_methods_as_data.npz")
+    assert {key.split("|")[0] for key in before.files} == set(methods)
+    for m, o in out.items():
+        for keypath, leaf in jax.tree_util.tree_flatten_with_path(o._asdict())[0]:
+            where = jax.tree_util.keystr(keypath)
+            want, got = before[f"{m}|{where}"], np.asarray(leaf)
+            if "_acc" in where or "score" in where or "best_epoch" in where:
+                np.testing.assert_array_equal(got, want, err_msg=f"{m} {where}")
+            elif "loss" not in where or not m.startswith("auxconf"):
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{m} {where}")
+
+
+def test_seeds_mapped_and_vmapped_are_equal(store_path):
+    """--seed-axis map (the CPU default) and vmap (the GPU default) give the same fit."""
+    store = read_store(store_path)
+    test = store.splits["test"]
+    data = fitlib.make_data(test.features_NxD, test.weak_logits["noisy"], test.labels_N)
+    cfg = FitConfig(store=str(store_path), weak="noisy", methods=("kd+lp", "cpl", "ceiling+proto"), seeds=3,
+                    grid=(("lr", (1e-2, 3e-3)),), seed_axis="map", **FAST)
+    splits = stacked_splits(len(test.ids_N), 3)
+    mapped, _ = fitlib.fit_methods(cfg, data, splits, store.text_TxKxD, store.num_classes)
+    vmapped, _ = fitlib.fit_methods(dataclasses.replace(cfg, seed_axis="vmap"), data, splits, store.text_TxKxD,
+                                    store.num_classes)
+    for m in cfg.methods:
+        np.testing.assert_array_equal(mapped[m].best_epoch, vmapped[m].best_epoch)
+        for a, b in zip(jax.tree.leaves(mapped[m]), jax.tree.leaves(vmapped[m])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=m)
 
 
 def test_bfloat16_gemm_inputs_change_little_and_need_the_fused_step(store_path, tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from w2s_jax.config import FitConfig, Hparams
+from w2s_jax.losses import LOSSES, Coeffs
 from w2s_jax.methods import METHODS, import_plugins, jax_methods
 
 DEFAULTS = Hparams()
@@ -32,6 +33,13 @@ def _parse_grid(items) -> tuple:
                 f"{item!r}: expected FIELD=V1,V2,... with FIELD one of {', '.join(Hparams._fields)}", param_hint="--grid")
         grid.append((name, parsed))
     return tuple(grid)
+
+
+def row_text(row) -> str:
+    """A loss row's fields that differ from the defaults of :class:`w2s_jax.losses.Coeffs`."""
+    if row is None:
+        return "PyTorch loss of that name"
+    return ", ".join(f"{f}={v:g}" for f, v in row._asdict().items() if v != getattr(Coeffs(), f))
 
 
 TARGET_WORDS = {"raven": "a learned mix of weak models (--weak A,B)", "average": "the average of weak models (--weak A,B)"}
@@ -80,6 +88,9 @@ def find_store(folder: Path = STORES) -> str:
               help="Compute all linear heads of a seed in one wide GEMM per step, or model by model (same numbers).")
 @click.option("--matmul-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Inputs of the fused GEMM; bfloat16 accumulates in float32 (pays on GPUs with bf16 units, not on CPU).")
+@click.option("--seed-axis", type=click.Choice(["auto", "map", "vmap"]), default="auto", show_default=True,
+              help="A device's seeds one after the other (map) or batched (vmap); auto: vmap on a GPU/TPU, map on "
+                   "the CPU, where each is faster (same numbers).")
 @click.option("--compile-cache/--no-compile-cache", default=True, show_default=True,
               help="Keep compiled programs on disk ($W2S_CACHE/jax or ~/.cache/w2s/jax): a rerun of the same grid "
                    "does not compile again.")
@@ -97,7 +108,7 @@ def find_store(folder: Path = STORES) -> str:
               help="Print the table of existing results folder(s) and exit; several are merged into one table.")
 def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, lp_scale, lp_shrinkage,
          lp_l2, alpha_max, tau_a, raven_lr, grid,
-         vmap, fuse, matmul_dtype, compile_cache, out, overwrite, distributed, coordinator, num_processes, process_id, plugins, list_methods, show):
+         vmap, fuse, matmul_dtype, seed_axis, compile_cache, out, overwrite, distributed, coordinator, num_processes, process_id, plugins, list_methods, show):
     """Fit CPL and linear-probe heads with CE, KD, AuxConf, AdaptConf (+ ceilings) for every seed."""
     from w2s_jax import results
 
@@ -109,8 +120,11 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
     if list_methods:
         for name, m in METHODS.items():
             where = "" if name in jax_methods(multi_weak=True) else "  (PyTorch: w2s-tp)"
-            click.echo(f"{name:16s} head={m.head:12s} loss={m.loss:9s} trained on {TARGET_WORDS.get(m.target, m.target)}{where}")
-        click.echo("\ncpl is the paper's KL loss on text-initialised prototypes; under Adam it equals KD on that head "
+            click.echo(f"{name:16s} head={m.head:12s} loss={m.loss:9s} trained on "
+                       f"{TARGET_WORDS.get(m.target, m.target):8s} [{row_text(LOSSES.get(m.loss))}]{where}")
+        click.echo("\nA method is a head plus a row of the loss family [its nonzero coefficients]; add your own with "
+                   "[methods.NAME] in an experiment file or w2s_jax.define_method (README: Define a method).\n"
+                   "cpl is the paper's KL loss on text-initialised prototypes; under Adam it equals KD on that head "
                    "(the T² factor cancels), so kd+proto and cpl+lp (= kd+lp) are not registered.")
         return
     if show:
@@ -145,7 +159,8 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
             store=str(store), weak=weak.split(",")[0].strip(), ensemble=ensemble,
             methods=jax_methods(multi_weak=bool(ensemble)) if methods == "all"
             else tuple(m.strip() for m in methods.split(",") if m.strip()),
-            seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size), vmap=vmap, fuse=fuse, matmul_dtype=matmul_dtype,
+            seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size), vmap=vmap, fuse=fuse,
+            matmul_dtype=matmul_dtype, seed_axis=seed_axis,
             grid=_parse_grid(grid),
             hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale, lp_scale=lp_scale,
                             lp_shrinkage=lp_shrinkage, lp_l2=lp_l2, alpha_max=alpha_max, tau_a=tau_a,

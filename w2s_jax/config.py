@@ -85,6 +85,17 @@ def hparam_grid(base: Hparams, grid: dict) -> Hparams:
 
 PAPER_BATCH_SIZE = 512
 MATMUL_DTYPES = ("float32", "bfloat16")
+SEED_AXES = ("auto", "map", "vmap")
+
+
+def resolve_seed_axis(seed_axis: str) -> str:
+    """"auto": seeds vmapped on an accelerator (2.4x faster an epoch on an H200), mapped one after the other on
+    the CPU (vmapped, XLA's CPU GEMMs become batched and 24% slower); benchmarks/RESULTS.md."""
+    if seed_axis != "auto":
+        return seed_axis
+    import jax
+
+    return "map" if jax.default_backend() == "cpu" else "vmap"
 MIN_STEPS_PER_EPOCH = 16
 
 
@@ -118,6 +129,9 @@ class FitConfig:
     fuse: bool = True  # True: a seed's linear heads share one wide GEMM per step (fit.heads_logits); False: model by model
     matmul_dtype: str = "float32"  # "bfloat16": the fused GEMM's inputs rounded to bf16, accumulated in float32
     ensemble: tuple[str, ...] = ()  # the weak models the multi-weak methods combine (--weak a,b,...; `weak` is a)
+    seed_axis: str = "auto"  # "map": a device's seeds one after the other; "vmap": batched; "auto": by backend
+    defined: tuple = ()  # ((name, head, ((field, value), ...)), ...): the user-defined methods among `methods`
+    #                      (methods.define_method), filled in by w2s_jax.run so that the folder alone rebuilds them
 
     def __post_init__(self):
         """Every number in range before any work starts; a ValueError names the field and the valid range."""
@@ -132,6 +146,8 @@ class FitConfig:
             raise ValueError(f"matmul_dtype {self.matmul_dtype!r}: use one of {', '.join(MATMUL_DTYPES)}")
         if self.matmul_dtype != "float32" and not (self.fuse and self.vmap):
             raise ValueError(f"matmul_dtype {self.matmul_dtype} applies to the fused step; drop --no-fuse and --no-vmap")
+        if self.seed_axis not in SEED_AXES:
+            raise ValueError(f"seed_axis {self.seed_axis!r}: use one of {', '.join(SEED_AXES)}")
         check_ensemble(self)
 
     def grid_hparams(self) -> Hparams:

@@ -1,13 +1,17 @@
-"""Training heads: one model's pure functions (:class:`Trainer`), and one fused epoch for all models of a seed.
+"""Training heads: every model of a seed in one vectorized step, methods as data.
 
-Axis order everywhere: (seed S, hparam H, ...). Each model is trained with Adam (linear warmup, then linear
-decay), minibatches as ``lax.scan`` over on-device arrays, and keeps the parameters of the epoch with the best
-``hold_val`` score (agreement with the weak labels, or ground-truth accuracy for a ceiling).
+Axis order everywhere: (seed S, model J, ...) inside the fit, (seed S, hparam H, ...) in its outputs. Each model is
+trained with Adam (linear warmup, then linear decay), minibatches as ``lax.scan`` over on-device arrays, and keeps
+the parameters of the epoch with the best ``hold_val`` score (agreement with the weak labels, or ground-truth
+accuracy for a ceiling).
 
-All methods and hparams of a seed share its minibatch order, so :func:`seed_epoch` trains them together: one
-gather per step, and, fused, every head that is linear in ``r̂`` (``linear_form``: LP ``s·W``, CPL
-``s·normalize(C)``) in one wide GEMM forward and one back. ``cfg.fuse=False`` computes each model's logits on
-its own (the reference the fused step is tested against); :func:`make_fit` is one model alone.
+The models of a seed are grouped by head (and by whether their teacher mixes several weak models): a
+:class:`Group` holds the J = methods x hparams models of one head with their parameters stacked from the start,
+and :class:`Rows` holds what sets them apart as arrays, one row per model: the loss family's coefficients
+(:mod:`w2s_jax.losses`), the hyperparameters and the target. So one step computes a group's logits (fused: one
+wide GEMM ``r̂ · [A_1 … A_J]ᵀ`` through the heads' ``linear_form``), one vectorized loss and one vectorized Adam
+update, whatever the number of methods; the program grows with the number of heads, not of methods.
+All models of a seed share its minibatch order, so :func:`seed_epoch` gathers each step's rows once.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import os
 import time
 from typing import Callable, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,10 +31,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from w2s_jax import sharding
-from w2s_jax.config import FitConfig, Hparams, resolve_batch_size
+from w2s_jax.config import FitConfig, Hparams, resolve_batch_size, resolve_seed_axis
 from w2s_jax.heads import Start, get_head, l2_normalize
-from w2s_jax.losses import get_loss
-from w2s_jax.methods import METHODS, MULTI_WEAK, Method
+from w2s_jax.losses import Coeffs, family_loss, stack_rows
+from w2s_jax.methods import METHODS, MULTI_WEAK, Method, coeffs_of
 from w2s_jax.splits import SeedSplits
 
 
@@ -56,20 +61,30 @@ def make_data(feats_NxD, weak_NxK, labels_N, weaks_MxNxK=None) -> FitData:
                    jnp.asarray(labels_N, jnp.int32), weaks)
 
 
+# ------------------------------------------------------------------ teachers
+
+TARGETS = ("weak", "truth", "raven", "average")  # Method.target, as the code a model's row holds
+WEAK, TRUTH, RAVEN, AVERAGE = range(len(TARGETS))
+
+
 def mixture_weights(variables: dict):
     """The multi-weak methods' weights ``w_M`` on the simplex: ``softmax`` of the variables' mixture logits."""
     return jax.nn.softmax(variables["mixture"]["logits_M"])
 
 
+def mixture_teacher(variables: dict, probs_MxBxK):
+    """A multi-weak teacher, ``B x K`` log-probabilities: ``log Σ_m w_m p_m`` (learned ``w`` for ``raven``; for
+    ``average`` the mixture logits never move from 0, so ``w`` is uniform)."""
+    return jnp.log(jnp.einsum("m,mbk->bk", mixture_weights(variables), probs_MxBxK) + 1e-12)
+
+
 def teacher_logits(method: Method, data: FitData, num_classes: int, rows_B, variables=None):
-    """What the loss is trained against on ``rows_B``, ``B x K`` logits: the weak logits; one-hot ground truth for
-    a ceiling; for a multi-weak method the log of the mixture ``Σ_m w_m softmax(z_m)`` (learned ``w`` for
-    ``raven``, uniform for ``average``)."""
+    """What a model of ``method`` is graded against on ``rows_B``, ``B x K``: the weak logits; one-hot ground truth
+    for a ceiling; for a multi-weak method its mixture (:func:`mixture_teacher`)."""
     if method.target == "truth":
         return jax.nn.one_hot(data.labels_N[rows_B], num_classes)
     if method.target in MULTI_WEAK:
-        probs_MxBxK = jax.nn.softmax(data.weaks_MxNxK[:, rows_B])
-        return jnp.log(jnp.einsum("m,mbk->bk", mixture_weights(variables), probs_MxBxK) + 1e-12)
+        return mixture_teacher(variables, jax.nn.softmax(data.weaks_MxNxK[:, rows_B]))
     return data.weak_NxK[rows_B]
 
 
@@ -102,44 +117,73 @@ def mixture_loss(student_logits_BxK, mixture_logits_BxK):
     return -jnp.sum(jnp.exp(mixture_logits_BxK) * log_student_BxK, axis=1)
 
 
-class FitState(NamedTuple):
-    """What one model carries from epoch to epoch."""
+# ------------------------------------------------------------------ groups of models: code per head, rows as data
 
-    variables: dict  # the head's current variables (flax): "params" are trained, "stats" stay as they started
+
+class Group(NamedTuple):
+    """The models of a seed that share a head and a kind of teacher: static, one per (head, multi-weak or not)."""
+
+    head: str
+    multi: bool  # the teacher mixes several weak models (raven, average); else the weak logits or the truth
+    methods: tuple[str, ...]  # model j is method j // H at hparam j % H
+    module: nn.Module
+    penalty: Callable  # (params, hp) -> scalar added to a model's mean training loss
+    linear: bool  # the head has a linear_form (the fused step computes its logits in one wide GEMM)
+    text_KxD: jax.Array | None  # mean raw text embedding per class (the prototype head's start), or None
+
+
+class Rows(NamedTuple):
+    """What sets a group's J models apart, one row per model (leading J): data, passed to the program as arrays."""
+
+    coeffs: Coeffs  # the loss family's coefficients
+    hp: Hparams
+    target: jax.Array  # int32, the index of the method's target in TARGETS
+
+
+class FitState(NamedTuple):
+    """What the models of a group carry from epoch to epoch (leading J, or S x J)."""
+
+    variables: dict  # the heads' current variables (flax): "params" are trained, "stats" stay as they started
     opt_state: tuple  # Adam's moments and step count, for the TRAINED collections only
     best: dict  # {"variables", "score", "epoch"}: the best epoch so far by hold_val score
 
 
-class Trainer(NamedTuple):
-    """One method's training as pure functions of one model (one seed, one hparam setting); callers vmap them.
-
-    start(key, hp, data, split) -> FitState
-    logits(variables, feats_BxD, hp) -> logits_BxK, the head's forward pass
-    linear_form(variables, hp) -> (A_KxD, c_K) with logits ``r̂ Aᵀ + c``; None for a head without one (an MLP)
-    loss(trainable, logits_BxK, rows_B, mask_B, progress, hp, data) -> (loss to minimise, (the head's loss, hits))
-    optimizer(hp, total_steps) -> the optax transformation of the TRAINED collections
-    end_epoch(state, trainable, opt_state, val_logits, test_logits, epoch, train, hp, data, split)
-        -> (FitState, history_e): the hold_val choice of the best epoch, and the epoch's curves
-    """
-
-    start: Callable
-    logits: Callable
-    linear_form: Callable | None
-    loss: Callable
-    optimizer: Callable
-    end_epoch: Callable
-
-
-def make_trainer(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig) -> Trainer:
-    """The pure training functions of one model (one seed, one hparam setting) of ``method``."""
-    head = get_head(method.head)
-    module = head.module(num_classes)
+def make_groups(methods, num_classes: int, text_TxKxD) -> dict[str, Group]:
+    """``{name: Group}``: the methods grouped by head and kind of teacher, in the order they first appear."""
     text_KxD = None if text_TxKxD is None else jnp.mean(jnp.asarray(text_TxKxD, jnp.float32), axis=0)
-    loss_fn = get_loss(method.loss)
-    epochs = cfg.epochs
+    keys = {}
+    for m in methods:
+        spec = METHODS[m]
+        keys.setdefault((spec.head, spec.target in MULTI_WEAK), []).append(m)
+    groups = {}
+    for (head_name, multi), names in keys.items():
+        head = get_head(head_name)
+        module = head.module(num_classes)
+        groups[head_name + ("+multi-weak" if multi else "")] = Group(
+            head_name, multi, tuple(names), module, head.penalty, hasattr(module, "linear_form"), text_KxD)
+    return groups
 
+
+def group_rows(group: Group, hps_H: Hparams) -> Rows:
+    """The rows of ``group``'s J = methods x H models, method-major (model j: method j // H, hparam j % H)."""
+    num_h = np.shape(hps_H.lr)[0]
+    specs = [METHODS[m] for m in group.methods]
+    coeffs = jax.tree.map(lambda a: jnp.repeat(a, num_h), stack_rows([coeffs_of(s) for s in specs]))
+    hp = jax.tree.map(lambda a: jnp.tile(jnp.asarray(a, jnp.float32), len(specs)), hps_H)
+    target = jnp.repeat(jnp.asarray([TARGETS.index(s.target) for s in specs], jnp.int32), num_h)
+    return Rows(coeffs, hp, target)
+
+
+def split_models(tree, group: Group):
+    """``{method: tree[:, j0:j0 + H]}``: a group's outputs (leading S x J) per method (leading S x H)."""
+    num_h = jax.tree.leaves(tree)[0].shape[1] // len(group.methods)
+    return {m: jax.tree.map(lambda a: a[:, i * num_h:(i + 1) * num_h], tree) for i, m in enumerate(group.methods)}
+
+
+def make_optimizer(cfg: FitConfig):
+    """-> ``optimizer(hp, total_steps)``: one model's Adam with warmup and linear decay, the head at ``hp.lr``,
+    the multi-weak mixture logits at ``hp.raven_lr``."""
     def optimizer(hp, total):
-        """Adam with warmup and linear decay: the head at ``hp.lr``, the multi-weak mixture logits at ``hp.raven_lr``."""
         def adam(lr):
             return optax.chain(optax.scale_by_adam(),
                                optax.scale_by_schedule(lambda count: -lr * lr_factor(count, total, cfg.warmup)))
@@ -147,54 +191,54 @@ def make_trainer(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig) -
         return optax.multi_transform({"params": adam(hp.lr), "mixture": adam(hp.raven_lr)},
                                      lambda trainable: {collection: collection for collection in trainable})
 
-    def start(key, hp: Hparams, data: FitData, split: SeedSplits) -> FitState:
-        init_key, _ = jax.random.split(key)
-        mixture = {"mixture": {"logits_M": jnp.zeros(data.weaks_MxNxK.shape[0])}} if method.target in MULTI_WEAK else {}
-        if method.target == "raven":  # easy-sample start: only the rows where every weak model agrees
-            targets_N = consensus(data.weaks_MxNxK[:, split.hold_train])
-        else:
-            targets_N = jnp.argmax(teacher_logits(method, data, num_classes, split.hold_train, mixture), axis=1)
-        variables = {**module.init(init_key, data.feats_NxD[split.hold_train], hp, Start(targets_N, text_KxD)),
-                     **mixture}
-        best = {"variables": variables, "score": jnp.float32(-1.0), "epoch": jnp.int32(0)}
-        return FitState(variables, optimizer(hp, total_steps(cfg, split)).init(trained(variables)), best)
-
-    def logits(variables, feats_BxD, hp):
-        return module.apply(variables, feats_BxD, hp)
-
-    def linear_form(variables, hp):
-        return module.apply(variables, hp, method="linear_form")
-
-    def loss(trainable, logits_BxK, rows_B, mask_B, progress, hp, data):
-        target_BxK = teacher_logits(method, data, num_classes, rows_B, trainable)
-        per_example_B = loss_fn(logits_BxK, jax.lax.stop_gradient(target_BxK), progress=progress, hp=hp)
-        hits = jnp.sum((jnp.argmax(logits_BxK, 1) == jnp.argmax(target_BxK, 1)) * mask_B)
-        head_loss = jnp.sum(per_example_B * mask_B) / jnp.sum(mask_B) + head.penalty(trainable["params"], hp)
-        if method.target != "raven":
-            return head_loss, (head_loss, hits)
-        mixture_B = mixture_loss(logits_BxK, target_BxK)
-        return head_loss + jnp.sum(mixture_B * mask_B) / jnp.sum(mask_B), (head_loss, hits)
-
-    def end_epoch(state: FitState, trainable, opt_state, val_logits, test_logits, epoch, train, hp, data, split):
-        """hold_val picks the best epoch; test' accuracy is kept for curves only. ``train``: (loss, accuracy)."""
-        val_targets = teacher_logits(method, data, num_classes, split.hold_val, trainable)
-        val_score = jnp.mean(jnp.argmax(val_logits, 1) == jnp.argmax(val_targets, 1))
-        val_loss = jnp.mean(loss_fn(val_logits, val_targets, progress=(epoch + 1) / epochs, hp=hp))
-        test_acc = jnp.mean(jnp.argmax(test_logits, 1) == data.labels_N[split.test_prime])
-        better = val_score > state.best["score"]
-        variables = {**state.variables, **trainable}
-        candidate = {"variables": variables, "score": val_score, "epoch": epoch + 1}
-        best = jax.tree.map(lambda new, old: jnp.where(better, new, old), candidate, state.best)
-        history = {"train_loss": train[0], "train_acc": train[1], "val_loss": val_loss, "val_score": val_score,
-                   "test_acc": test_acc}
-        return FitState(variables, opt_state, best), history
-
-    return Trainer(start, logits, linear_form if hasattr(module, "linear_form") else None, loss, optimizer, end_epoch)
+    return optimizer
 
 
 def total_steps(cfg: FitConfig, split: SeedSplits) -> int:
     """Optimizer steps of a whole fit: epochs x minibatches per epoch (the lr schedule's length)."""
     return cfg.epochs * math.ceil(split.hold_train.shape[-1] / cfg.batch_size)
+
+
+def start_targets(group: Group, target, data: FitData, rows_N):
+    """The class each training row starts a head from (``Start.targets_N``): the weak argmax, the label for a
+    ceiling; multi-weak: the rows where every weak model agrees (raven's easy samples, -1 elsewhere) or the
+    argmax of the uniform mixture (average)."""
+    if group.multi:
+        weaks_MxNxK = data.weaks_MxNxK[:, rows_N]
+        uniform = {"mixture": {"logits_M": jnp.zeros(weaks_MxNxK.shape[0])}}
+        average_N = jnp.argmax(mixture_teacher(uniform, jax.nn.softmax(weaks_MxNxK)), axis=1)
+        return jnp.where(target == RAVEN, consensus(weaks_MxNxK), average_N)
+    return jnp.where(target == TRUTH, data.labels_N[rows_N], jnp.argmax(data.weak_NxK[rows_N], axis=1))
+
+
+def start_model(group: Group, cfg: FitConfig, key, row: Rows, data: FitData, split: SeedSplits) -> FitState:
+    """One model's first state (leading axes none): its head started from the data, Adam's state, no best yet."""
+    init_key, _ = jax.random.split(key)
+    mixture = {"mixture": {"logits_M": jnp.zeros(data.weaks_MxNxK.shape[0])}} if group.multi else {}
+    targets_N = start_targets(group, row.target, data, split.hold_train)
+    variables = {**group.module.init(init_key, data.feats_NxD[split.hold_train], row.hp,
+                                     Start(targets_N, group.text_KxD)), **mixture}
+    best = {"variables": variables, "score": jnp.float32(-1.0), "epoch": jnp.int32(0)}
+    return FitState(variables, make_optimizer(cfg)(row.hp, total_steps(cfg, split)).init(trained(variables)), best)
+
+
+def start_seeds(group: Group, cfg: FitConfig, key_data_S, rows: Rows, data: FitData, splits_S) -> FitState:
+    """:func:`start_model` for every seed x model of ``group``, one after the other (``lax.map``): leading S x J.
+
+    Not vmapped on purpose: the linear head's start solves a D x D system, and on XLA's CPU runtime (jax 0.10)
+    several *batched* LAPACK solves running at once in one program can deadlock its thread pool
+    (benchmarks/RESULTS.md). Model by model, the solves are unbatched; the start is a small part of a fit.
+    """
+    num_s, num_j = key_data_S.shape[0], rows.target.shape[0]
+    per_model = functools.partial(jnp.repeat, repeats=num_j, axis=0)  # seed-major: model s*J + j
+    models = (per_model(key_data_S), jax.tree.map(lambda a: jnp.tile(a, num_s), rows),
+              jax.tree.map(per_model, splits_S))
+    states_M = jax.lax.map(lambda args: start_model(group, cfg, jax.random.wrap_key_data(args[0]), args[1], data,
+                                                    args[2]), models)
+    return jax.tree.map(lambda a: a.reshape(num_s, num_j, *a.shape[1:]), states_M)
+
+
+# ------------------------------------------------------------------ one epoch of every model of a seed
 
 
 def minibatches(key, epoch, hold_train_N, batch: int):
@@ -210,29 +254,68 @@ def minibatches(key, epoch, hold_train_N, batch: int):
     return hold_train_N[perm].reshape(steps, batch), mask_TxB
 
 
-def heads_logits(trainers: dict, variables: dict, feats_BxD, hps_H: Hparams, fuse: bool,
-                 matmul_dtype: str = "float32") -> dict:
-    """Every model's logits on one shared batch, ``{method: H x B x K}``, from ``{method: variables}`` (leading H).
+def group_logits(group: Group, variables: dict, feats_BxD, hp: Hparams, fuse: bool, matmul_dtype: str = "float32"):
+    """The logits of a group's J models on one shared batch, ``J x B x K``, from variables with a leading J.
 
-    Fused, the heads with a linear form are computed in one wide GEMM ``feats · [A_1 … A_J]ᵀ`` over all J of
-    them (methods x H; the gradient is one wide GEMM back). Heads without one (an MLP), and every head when not
-    fused, are applied model by model (vmapped). Both compute ``feats Aᵀ + c`` for a linear head.
-    ``matmul_dtype="bfloat16"`` rounds the wide GEMM's inputs to bfloat16 and accumulates in float32.
+    Fused, a head with a linear form is computed in one wide GEMM ``feats · [A_1 … A_J]ᵀ`` (the gradient is one
+    wide GEMM back); a head without one (an MLP), and every head when not fused, is applied model by model
+    (vmapped). Both compute ``feats Aᵀ + c`` for a linear head. ``matmul_dtype="bfloat16"`` rounds the wide GEMM's
+    inputs to bfloat16 and accumulates in float32.
     """
-    fused = [m for m, t in trainers.items() if fuse and t.linear_form is not None]
-    out = {m: jax.vmap(t.logits, in_axes=(0, None, 0))(variables[m], feats_BxD, hps_H)
-           for m, t in trainers.items() if m not in fused}
-    if fused:
-        forms = [jax.vmap(trainers[m].linear_form)(variables[m], hps_H) for m in fused]  # (H x K x D, H x K) each
-        a_JxKxD = jnp.concatenate([a for a, _ in forms])
-        c_JxK = jnp.concatenate([c for _, c in forms])
-        j, k, d = a_JxKxD.shape
-        wide_BxJK = jnp.dot(feats_BxD.astype(matmul_dtype), a_JxKxD.reshape(j * k, d).T.astype(matmul_dtype),
-                            preferred_element_type=jnp.float32)
-        wide_BxJxK = wide_BxJK.reshape(-1, j, k) + c_JxK
-        per_method = jnp.split(jnp.moveaxis(wide_BxJxK, 1, 0), len(fused))
-        out.update(zip(fused, per_method))
-    return out
+    if not (fuse and group.linear):
+        return jax.vmap(group.module.apply, in_axes=(0, None, 0))(variables, feats_BxD, hp)
+    a_JxKxD, c_JxK = jax.vmap(lambda v, h: group.module.apply(v, h, method="linear_form"))(variables, hp)
+    j, k, d = a_JxKxD.shape
+    wide_BxJK = jnp.dot(feats_BxD.astype(matmul_dtype), a_JxKxD.reshape(j * k, d).T.astype(matmul_dtype),
+                        preferred_element_type=jnp.float32)
+    return jnp.moveaxis(wide_BxJK.reshape(-1, j, k) + c_JxK, 1, 0)
+
+
+def heads_logits(groups: dict, variables: dict, feats_BxD, rows: dict, fuse: bool, matmul_dtype="float32") -> dict:
+    """Every model's logits on one shared batch, ``{group: J x B x K}`` (:func:`group_logits` per group)."""
+    return {g: group_logits(grp, variables[g], feats_BxD, rows[g].hp, fuse, matmul_dtype) for g, grp in groups.items()}
+
+
+def shared_teacher(group: Group, data: FitData, rows_B):
+    """What every model of the group reads of its teacher on ``rows_B``: the weak logits ``B x K``, or, multi-weak,
+    the weak models' probabilities ``M x B x K`` (each model mixes them with its own weights)."""
+    return jax.nn.softmax(data.weaks_MxNxK[:, rows_B]) if group.multi else data.weak_NxK[rows_B]
+
+
+def model_teacher(group: Group, trainable: dict, shared):
+    return mixture_teacher(trainable, shared) if group.multi else shared
+
+
+def model_loss(group: Group, trainable, logits_BxK, shared, labels_B, mask_B, row: Rows, progress):
+    """One model's training loss on a batch -> (loss to minimise, (the head's loss, hits vs its target))."""
+    teacher_BxK = model_teacher(group, trainable, shared)
+    per_example_B = family_loss(logits_BxK, jax.lax.stop_gradient(teacher_BxK), labels_B, row.coeffs,
+                                progress=progress, hp=row.hp)
+    target_B = jnp.where(row.target == TRUTH, labels_B, jnp.argmax(teacher_BxK, axis=1))
+    hits = jnp.sum((jnp.argmax(logits_BxK, 1) == target_B) * mask_B)
+    head_loss = jnp.sum(per_example_B * mask_B) / jnp.sum(mask_B) + group.penalty(trainable["params"], row.hp)
+    if not group.multi:
+        return head_loss, (head_loss, hits)
+    mixture_B = mixture_loss(logits_BxK, teacher_BxK)  # raven learns its weights; average's never move
+    learns = (row.target == RAVEN).astype(jnp.float32)
+    return head_loss + learns * (jnp.sum(mixture_B * mask_B) / jnp.sum(mask_B)), (head_loss, hits)
+
+
+def end_model(group: Group, state: FitState, trainable, opt_state, val_logits, test_logits, row: Rows, val_shared,
+              labels_val, labels_test, progress, epoch, train):
+    """hold_val picks a model's best epoch; test' accuracy is kept for curves only. ``train``: (loss, accuracy)."""
+    teacher_BxK = model_teacher(group, trainable, val_shared)
+    target_B = jnp.where(row.target == TRUTH, labels_val, jnp.argmax(teacher_BxK, axis=1))
+    val_score = jnp.mean(jnp.argmax(val_logits, 1) == target_B)
+    val_loss = jnp.mean(family_loss(val_logits, teacher_BxK, labels_val, row.coeffs, progress=progress, hp=row.hp))
+    test_acc = jnp.mean(jnp.argmax(test_logits, 1) == labels_test)
+    better = val_score > state.best["score"]
+    variables = {**state.variables, **trainable}
+    candidate = {"variables": variables, "score": val_score, "epoch": epoch + 1}
+    best = jax.tree.map(lambda new, old: jnp.where(better, new, old), candidate, state.best)
+    history = {"train_loss": train[0], "train_acc": train[1], "val_loss": val_loss, "val_score": val_score,
+               "test_acc": test_acc}
+    return FitState(variables, opt_state, best), history
 
 
 def optimizer_step(optimizer, total: int, grad, opt_state, trainable, hp):
@@ -241,92 +324,90 @@ def optimizer_step(optimizer, total: int, grad, opt_state, trainable, hp):
     return optax.apply_updates(trainable, updates), opt_state
 
 
-def seed_epoch(trainers: dict, states: dict, key, epoch, hps_H: Hparams, data: FitData, split: SeedSplits,
+def seed_epoch(groups: dict, states: dict, key, epoch, rows: dict, data: FitData, split: SeedSplits,
                cfg: FitConfig):
-    """One epoch of all models of one seed: every method's H models, ``{method: FitState}`` with a leading H axis.
+    """One epoch of all models of one seed: ``{group: FitState}`` with a leading J, ``{group: Rows}``.
 
-    The models share the seed's minibatches. Each step gathers its rows once, computes every model's logits
-    (:func:`heads_logits`) and differentiates the sum of the models' losses, which gives each model its own
-    gradient, as they share no parameters. At the end, hold_val and test' are gathered once for all models.
-    Returns ``({method: FitState}, {method: history_e})``.
+    The models share the seed's minibatches. Each step gathers its rows once, computes each group's logits
+    (:func:`group_logits`), its vectorized loss (:func:`model_loss` vmapped over J) and differentiates the sum,
+    which gives each model its own gradient, as they share no parameters; one vmapped Adam update per group
+    follows. At the end, hold_val and test' are gathered once for all models.
+    Returns ``({group: FitState}, {group: history_e})``, each history field ``J``.
     """
     total = total_steps(cfg, split)
+    optimizer = make_optimizer(cfg)
     rows_TxB, mask_TxB = minibatches(key, epoch, split.hold_train, cfg.batch_size)
 
     def logits_of(trainables, feats_BxD):
-        variables = {m: {**states[m].variables, **trainables[m]} for m in trainers}
-        return heads_logits(trainers, variables, feats_BxD, hps_H, cfg.fuse, cfg.matmul_dtype)
+        variables = {g: {**states[g].variables, **trainables[g]} for g in groups}
+        return heads_logits(groups, variables, feats_BxD, rows, cfg.fuse, cfg.matmul_dtype)
 
     def summed_loss(trainables, rows_B, mask_B, progress):
         logits = logits_of(trainables, data.feats_NxD[rows_B])  # one gather for every model of the seed
-        out = {m: jax.vmap(t.loss, in_axes=(0, 0, None, None, None, 0, None))(
-            trainables[m], logits[m], rows_B, mask_B, progress, hps_H, data) for m, t in trainers.items()}
-        return sum(jnp.sum(loss_H) for loss_H, _ in out.values()), {m: aux for m, (_, aux) in out.items()}
+        labels_B = data.labels_N[rows_B]
+        out = {g: jax.vmap(functools.partial(model_loss, grp), in_axes=(0, 0, None, None, None, 0, None))(
+            trainables[g], logits[g], shared_teacher(grp, data, rows_B), labels_B, mask_B, rows[g], progress)
+            for g, grp in groups.items()}
+        return sum(jnp.sum(loss_J) for loss_J, _ in out.values()), {g: aux for g, (_, aux) in out.items()}
 
     def train_step(carry, xs):
         trainables, opt_states = carry
         step, rows_B, mask_B = xs
         grads, aux = jax.grad(summed_loss, has_aux=True)(trainables, rows_B, mask_B, step / total)
-        new = {m: jax.vmap(functools.partial(optimizer_step, t.optimizer, total))(
-            grads[m], opt_states[m], trainables[m], hps_H) for m, t in trainers.items()}
+        new = {g: jax.vmap(functools.partial(optimizer_step, optimizer, total))(
+            grads[g], opt_states[g], trainables[g], rows[g].hp) for g in groups}
         count = jnp.sum(mask_B)
-        per_step = {m: (head_loss * count, hits) for m, (head_loss, hits) in aux.items()}
-        return ({m: n[0] for m, n in new.items()}, {m: n[1] for m, n in new.items()}), per_step
+        per_step = {g: (head_loss * count, hits) for g, (head_loss, hits) in aux.items()}
+        return ({g: n[0] for g, n in new.items()}, {g: n[1] for g, n in new.items()}), per_step
 
     steps = rows_TxB.shape[0]
-    first = ({m: trained(st.variables) for m, st in states.items()}, {m: st.opt_state for m, st in states.items()})
+    first = ({g: trained(st.variables) for g, st in states.items()}, {g: st.opt_state for g, st in states.items()})
     (trainables, opt_states), sums = jax.lax.scan(
         train_step, first, (epoch * steps + jnp.arange(steps), rows_TxB, mask_TxB))
     val = logits_of(trainables, data.feats_NxD[split.hold_val])
     test = logits_of(trainables, data.feats_NxD[split.test_prime])
     n_train = split.hold_train.shape[0]
-    out = {m: jax.vmap(t.end_epoch, in_axes=(0, 0, 0, 0, 0, None, 0, 0, None, None))(
-        states[m], trainables[m], opt_states[m], val[m], test[m], epoch,
-        (jnp.sum(sums[m][0], 0) / n_train, jnp.sum(sums[m][1], 0) / n_train), hps_H, data, split)
-        for m, t in trainers.items()}
-    return {m: o[0] for m, o in out.items()}, {m: o[1] for m, o in out.items()}
+    labels_val, labels_test = data.labels_N[split.hold_val], data.labels_N[split.test_prime]
+    out = {g: jax.vmap(functools.partial(end_model, grp),
+                       in_axes=(0, 0, 0, 0, 0, 0, None, None, None, None, None, 0))(
+        states[g], trainables[g], opt_states[g], val[g], test[g], rows[g], shared_teacher(grp, data, split.hold_val),
+        labels_val, labels_test, (epoch + 1) / cfg.epochs, epoch,
+        (jnp.sum(sums[g][0], 0) / n_train, jnp.sum(sums[g][1], 0) / n_train))
+        for g, grp in groups.items()}
+    return {g: o[0] for g, o in out.items()}, {g: o[1] for g, o in out.items()}
 
 
 def finish(state: FitState, history: dict) -> FitOutput:
     return FitOutput(state.best["variables"], history, state.best["epoch"])
 
 
-def make_fit(method: Method, num_classes: int, text_TxKxD, cfg: FitConfig):
-    """-> ``fit(key, hp, data, split) -> FitOutput`` for one model (one seed, one hparam setting):
-    :func:`seed_epoch` with a single model, epochs as ``lax.scan``."""
-    trainers = {"model": make_trainer(method, num_classes, text_TxKxD, cfg)}
+def make_fit(method: str, num_classes: int, text_TxKxD, cfg: FitConfig):
+    """-> ``fit(key, hp, data, split) -> FitOutput`` for one model (one seed, one hparam setting) of the method
+    named ``method``: :func:`seed_epoch` with a single model, epochs as ``lax.scan``."""
+    (g, group), = make_groups((method,), num_classes, text_TxKxD).items()
 
     def fit(key, hp: Hparams, data: FitData, split: SeedSplits) -> FitOutput:
-        one = lambda tree: jax.tree.map(lambda a: jnp.asarray(a)[None], tree)  # an H axis of 1
-        states = {"model": one(trainers["model"].start(key, hp, data, split))}
-        run_epoch = lambda st, e: seed_epoch(trainers, st, key, e, one(hp), data, split, cfg)
+        one = lambda tree: jax.tree.map(lambda a: jnp.asarray(a)[None], tree)  # a model axis J of 1
+        rows = {g: group_rows(group, one(hp))}
+        states = {g: one(start_model(group, cfg, key, jax.tree.map(lambda a: a[0], rows[g]), data, split))}
+        run_epoch = lambda st, e: seed_epoch({g: group}, st, key, e, rows, data, split, cfg)
         states, history = jax.lax.scan(run_epoch, states, jnp.arange(cfg.epochs))
-        return finish(jax.tree.map(lambda a: a[0], states["model"]), jax.tree.map(lambda a: a[:, 0], history["model"]))
+        return finish(jax.tree.map(lambda a: a[0], states[g]), jax.tree.map(lambda a: a[:, 0], history[g]))
 
     return fit
 
 
-def start_seeds(trainer: Trainer, key_data_S, hps_H: Hparams, data: FitData, splits_S) -> FitState:
-    """``trainer.start`` for every seed x hparam, one model after the other (``lax.map``): a state with leading S x H.
-
-    Not vmapped on purpose: the linear head's start solves a D x D system, and on XLA's CPU runtime (jax 0.10)
-    several *batched* LAPACK solves running at once in one program can deadlock its thread pool
-    (benchmarks/RESULTS.md). Model by model, the solves are unbatched; the start is a small part of a fit.
-    """
-    num_s, num_h = key_data_S.shape[0], hps_H.lr.shape[0]
-    per_model = functools.partial(jnp.repeat, repeats=num_h, axis=0)  # seed-major: model s*H + h
-    models = (per_model(key_data_S), jax.tree.map(lambda a: jnp.tile(a, num_s), hps_H), jax.tree.map(per_model, splits_S))
-    states_M = jax.lax.map(lambda args: trainer.start(jax.random.wrap_key_data(args[0]), args[1], data, args[2]), models)
-    return jax.tree.map(lambda a: a.reshape(num_s, num_h, *a.shape[1:]), states_M)
-
-
-def over_seeds(fn, seeded, shared, mesh):
+def over_seeds(fn, seeded, shared, mesh, seed_axis: str = "map"):
     """``fn(seed_args, shared)`` for each seed of ``seeded`` (leading axis S, sharded over ``mesh``), stacked.
 
-    Each device runs its own seeds one after the other (``shard_map`` of ``lax.map``). A seed's step is already
-    one wide GEMM; batching the seeds as well (a vmap, even of size 1) made XLA's CPU GEMMs batched and the fused
-    epoch about 25% slower (benchmarks/RESULTS.md)."""
-    local = lambda seeded, shared: jax.lax.map(lambda args: fn(args, shared), seeded)
+    Each device runs its own seeds either one after the other (``seed_axis="map"``, ``lax.map``) or batched
+    (``"vmap"``). A seed's step is already one wide GEMM per head; on XLA's CPU runtime batching the seeds made
+    its GEMMs batched and the epoch about 25% slower, on a GPU vmapping them made it 2.4x faster
+    (benchmarks/RESULTS.md), so the default follows the backend (:func:`w2s_jax.config.resolve_seed_axis`)."""
+    if seed_axis == "vmap":
+        local = lambda seeded, shared: jax.vmap(fn, in_axes=(0, None))(seeded, shared)
+    else:
+        local = lambda seeded, shared: jax.lax.map(lambda args: fn(args, shared), seeded)
     return jax.shard_map(local, mesh=mesh, in_specs=(P("seeds"), P()), out_specs=P("seeds"))(seeded, shared)
 
 
@@ -341,37 +422,38 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
 
     With ``cfg.vmap`` all methods, seeds and hparams form one jit-compiled epoch program: per seed one
     :func:`seed_epoch` for all its models (fused unless ``cfg.fuse`` is False), the seeds sharded over every
-    device (:mod:`w2s_jax.sharding`) and run one after the other on each (:func:`over_seeds`). It is called once
+    device (:mod:`w2s_jax.sharding`) and mapped or vmapped on each (:func:`over_seeds`, ``cfg.seed_axis``). It is called once
     per epoch from a short loop so that ``progress(models_done_epochs)`` can report; the state stays on device
     between calls. Without it, :func:`make_fit` is compiled per method and called model by model on one device.
     Outputs are ``S x H``.
     ``on_compiled(seconds)`` is called once the program is compiled.
     """
     cfg = resolve_batch_size(cfg, splits.hold_train.shape[-1])
+    seed_axis = resolve_seed_axis(cfg.seed_axis)
     keys = seed_keys(cfg.root_seed, cfg.seeds)
     hps = cfg.grid_hparams()
     num_h = len(hps.lr)
-    trainers = {m: make_trainer(METHODS[m], num_classes, text_TxKxD, cfg) for m in cfg.methods}
+    groups = make_groups(cfg.methods, num_classes, text_TxKxD)
     report = progress or (lambda done: None)
     t0 = time.perf_counter()
     if cfg.vmap:
-        # every method and hparam of a seed in one fused epoch; the seeds sharded across all devices, mapped on each
+        # every model of a seed in one epoch step, one group per head; the seeds sharded across all devices
         mesh = sharding.seed_mesh()
         key_data_S, splits_S = sharding.place(sharding.pad_seeds((jax.random.key_data(keys), splits), mesh.size),
                                               mesh, P("seeds"))
-        hps_H, shared = sharding.place((hps, data), mesh, P())
+        rows, shared = sharding.place(({g: group_rows(grp, hps) for g, grp in groups.items()}, data), mesh, P())
 
-        def start_program(key_data_S, hps_H, data, splits_S):
-            return {m: start_seeds(t, key_data_S, hps_H, data, splits_S) for m, t in trainers.items()}
+        def start_program(key_data_S, rows, data, splits_S):
+            return {g: start_seeds(grp, cfg, key_data_S, rows[g], data, splits_S) for g, grp in groups.items()}
 
-        def epoch_program(states, e, key_data_S, hps_H, data, splits_S):
+        def epoch_program(states, e, key_data_S, rows, data, splits_S):
             def one_seed(seeded, shared):
-                (state, key_data, split), (e, hps_H, data) = seeded, shared
-                return seed_epoch(trainers, state, jax.random.wrap_key_data(key_data), e, hps_H, data, split, cfg)
+                (state, key_data, split), (e, rows, data) = seeded, shared
+                return seed_epoch(groups, state, jax.random.wrap_key_data(key_data), e, rows, data, split, cfg)
 
-            return over_seeds(one_seed, (states, key_data_S, splits_S), (e, hps_H, data), mesh)
+            return over_seeds(one_seed, (states, key_data_S, splits_S), (e, rows, data), mesh, seed_axis)
 
-        args = (key_data_S, hps_H, shared, splits_S)
+        args = (key_data_S, rows, shared, splits_S)
         by_seed = NamedSharding(mesh, P("seeds"))  # every state and history leaf has the seed axis first
         start = jax.jit(start_program, out_shardings=by_seed).lower(*args).compile()
         state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_seed),
@@ -386,14 +468,16 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
         for e in range(cfg.epochs):
             states, h = step(states, jnp.int32(e), *args)
             history.append(jax.block_until_ready(h))
-            report(cfg.seeds * num_h * len(trainers))  # the padding copies are not counted
+            report(cfg.seeds * num_h * len(cfg.methods))  # the padding copies are not counted
         history = jax.tree.map(lambda *per_epoch: jnp.stack(per_epoch, axis=-1), *history)
-        outputs = {m: finish(states[m], history[m]) for m in trainers}
-        outputs = jax.tree.map(lambda a: a[: cfg.seeds], sharding.to_host(outputs))  # S x H, the padding trimmed
+        per_group = {g: finish(states[g], history[g]) for g in groups}
+        per_group = jax.tree.map(lambda a: a[: cfg.seeds], sharding.to_host(per_group))  # the padding trimmed
+        by_method = {m: o for g, grp in groups.items() for m, o in split_models(per_group[g], grp).items()}
+        outputs = {m: by_method[m] for m in cfg.methods}  # S x H, in the config's order
     else:
         hps = jax.tree.map(jnp.asarray, hps)
         splits = jax.tree.map(jnp.asarray, splits)
-        compiled = {m: jax.jit(make_fit(METHODS[m], num_classes, text_TxKxD, cfg)) for m in trainers}
+        compiled = {m: jax.jit(make_fit(m, num_classes, text_TxKxD, cfg)) for m in cfg.methods}
         outputs = {}
         t1 = time.perf_counter()
         for m, f in compiled.items():

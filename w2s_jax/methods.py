@@ -1,4 +1,8 @@
-"""The listable registry of methods: a head, a loss and what the loss is trained against.
+"""The listable registry of methods: a head, a row of the loss family and what the loss is trained against.
+
+Methods are data: a method is a head plus a row of coefficients (:class:`w2s_jax.losses.Coeffs`), so every model
+of a seed trains in one vectorized step whatever the number of methods, and a user adds one with
+:func:`define_method` (or ``[methods.NAME]`` in an experiment file) and no code.
 
 One computation, one name. CPL is the paper's KL loss on text-initialised prototypes; KD on the same head
 differs only by the constant factor T², which Adam's update ignores (it divides the gradient by its own
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from w2s_jax.heads import HEADS
+from w2s_jax.losses import LOSSES, Coeffs, check_coeffs
 
 TORCH_HEADS = ("prompt", "text-encoder")  # need the text encoder: w2s-tp; every head in heads.HEADS is w2s-fit's
 MULTI_WEAK = ("raven", "average")  # targets that combine several weak models (w2s-fit --weak a,b,...)
@@ -21,7 +26,7 @@ MULTI_WEAK = ("raven", "average")  # targets that combine several weak models (w
 
 class Method(NamedTuple):
     head: str  # "linear" (LP), "prototype" (CPL), "prompt" (CoOp TP) or "text-encoder" (Table 4 ablation)
-    loss: str  # name in w2s_jax.losses.LOSSES
+    loss: str  # its row of the loss family: a name in w2s_jax.losses.LOSSES (w2s-tp: extract.losses_torch.LOSSES)
     target: str  # "weak": weak logits on hold_train, model chosen by agreement on hold_val;
     #              "truth": ground truth on hold_train and hold_val (the strong ceiling);
     #              "raven": a convex combination of several weak models, its weights learned with the head;
@@ -45,20 +50,76 @@ METHODS = {
     "average+lp": Method("linear", "kd", "average"),
     "average+cpl": Method("prototype", "cpl", "average"),
     # strong ceilings: the same heads trained on ground truth
-    "ceiling+lp": Method("linear", "ce", "truth"),
-    "ceiling+proto": Method("prototype", "ce", "truth"),
+    "ceiling+lp": Method("linear", "truth", "truth"),
+    "ceiling+proto": Method("prototype", "truth", "truth"),
     # textual prompt tuning (CoOp) in PyTorch: w2s-tp
     "ce+tp": Method("prompt", "ce", "weak"),
     "kd+tp": Method("prompt", "kd", "weak"),
     "auxconf+tp": Method("prompt", "auxconf", "weak"),
     "adaptconf+tp": Method("prompt", "adaptconf", "weak"),
-    "ceiling+tp": Method("prompt", "ce", "truth"),
+    "ceiling+tp": Method("prompt", "truth", "truth"),
     # Table 4 ablation: fine-tune the whole text encoder with the CPL loss, instead of learning C
     "cpl+textenc": Method("text-encoder", "cpl", "weak"),
 }
 CEILING_OF_HEAD = {"linear": "ceiling+lp", "prototype": "ceiling+proto", "prompt": "ceiling+tp"}
 # "text-encoder" (cpl+textenc) has no ceiling of its own, so no PGR
 TORCH_METHODS = tuple(m for m, spec in METHODS.items() if spec.head in TORCH_HEADS)
+
+
+def coeffs_of(method: Method) -> Coeffs:
+    """The method's row of the loss family; a ValueError if it does not fit the target (a ceiling's row must be
+    ground truth alone, ``loss="truth"``; a weak-to-strong row must have no ground truth in it)."""
+    if method.loss not in LOSSES:
+        raise ValueError(f"{method}: unknown loss {method.loss!r}; valid: {', '.join(LOSSES)}")
+    row = LOSSES[method.loss]
+    if (method.target == "truth") != (row.truth == 1.0):
+        fix = 'loss="truth"' if method.target == "truth" else "a row without ground truth"
+        raise ValueError(f"{method}: a method trained on {method.target} needs {fix}; loss {method.loss!r} "
+                         f"is {row}")
+    return row
+
+
+def define_method(name: str, head: str, **coeffs) -> Method:
+    """Register a method that is a row of the loss family, no code: ``define_method("soft+hard+lp", "linear",
+    weak_soft=0.5, weak_hard=0.5)``. ``coeffs`` are :class:`w2s_jax.losses.Coeffs` fields; the row is stored in
+    ``LOSSES`` under the method's name. A ValueError names the problem: an existing name, an unknown head or
+    field, a negative weight, weights that do not sum to 1. Returns the registered :class:`Method`."""
+    if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\,") or name != name.strip():
+        raise ValueError(f"method name {name!r}: use a plain name without '/', '\\', ',' or surrounding spaces")
+    if name in METHODS or name in LOSSES:
+        raise ValueError(f"method {name}: the name exists already ({'a method' if name in METHODS else 'a loss'}); "
+                         "choose another")
+    if head not in HEADS:
+        raise ValueError(f"method {name}: unknown head {head!r}; valid: {', '.join(HEADS)} (a head of your own: "
+                         "register it first, README: Add a head)")
+    unknown = sorted(set(coeffs) - set(Coeffs._fields))
+    if unknown:
+        raise ValueError(f"method {name}: unknown field(s) {unknown}; valid: head, {', '.join(Coeffs._fields)}")
+    row = check_coeffs(name, Coeffs(**coeffs))
+    LOSSES[name] = row
+    METHODS[name] = Method(head, name, "truth" if row.truth == 1.0 else "weak")
+    return METHODS[name]
+
+
+def definitions(names) -> tuple:
+    """``((name, head, ((field, value), ...)), ...)``: the user-defined methods among ``names`` (those whose row is
+    their own), as saved in a results folder (``FitConfig.defined``) so that the folder alone rebuilds them."""
+    return tuple((n, METHODS[n].head, tuple(LOSSES[n]._asdict().items())) for n in names
+                 if n in METHODS and METHODS[n].loss == n)
+
+
+def restore_methods(saved) -> None:
+    """Register :func:`definitions` (``(name, head, fields)`` triples) that are not registered yet. The same
+    definition registered twice is a no-op; another one under a registered name is a ValueError."""
+    for name, head, fields in saved:
+        fields = dict(fields)
+        if name in METHODS and METHODS[name].loss == name:
+            current = {"head": METHODS[name].head, **LOSSES[name]._asdict()}
+            if current != {"head": head, **Coeffs()._asdict(), **fields}:
+                raise ValueError(f"method {name} is defined twice, differently: head={head}, {fields} against "
+                                 f"head={current.pop('head')}, {current}; rename one of them")
+            continue
+        define_method(name, head, **fields)
 
 
 def jax_methods(multi_weak: bool = False) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from w2s_jax.methods import CEILING_OF_HEAD, METHODS, MULTI_WEAK
+from w2s_jax.methods import CEILING_OF_HEAD, METHODS, MULTI_WEAK, restore_methods
 from w2s_jax.metrics import pgr
 from w2s_jax.outputs import OutputError, staging_folder, swap_in
 from w2s_jax.saved_heads import write_heads
@@ -104,7 +104,9 @@ def merge(summaries: list[dict]) -> dict:
                              "store with the same --weak and --seeds")
     methods = {name: m for s in summaries for name, m in s["methods"].items()}
     zero_shot = next((s["zero_shot"] for s in summaries if s["zero_shot"]), None)
-    merged = with_ceilings_and_pgr({"weak": first["weak"], "zero_shot": zero_shot, "methods": methods})
+    defined = [d for s in summaries for d in s.get("defined", ())]
+    merged = with_ceilings_and_pgr({"weak": first["weak"], "zero_shot": zero_shot, "methods": methods,
+                                    **({"defined": defined} if defined else {})})
     ensembles = [s["ensemble"] for s in summaries if s.get("ensemble")]
     return {**merged, "ensemble": ensembles[0]} if ensembles else merged
 
@@ -151,10 +153,13 @@ def write_results(out_dir, *, config, provenance: dict, splits, summary: dict, h
 
 
 def load_summary(out_dir) -> dict:
+    """The folder's metrics.json; the user-defined methods it holds (``summary["defined"]``) are registered."""
     path = Path(out_dir) / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a w2s-fit results folder (run w2s-fit --store ... --out {out_dir})")
-    return json.loads(path.read_text())
+    summary = json.loads(path.read_text())
+    restore_methods(summary.get("defined", ()))
+    return summary
 
 
 def _write_json(path: Path, obj) -> None:

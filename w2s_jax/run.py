@@ -12,7 +12,7 @@ from w2s_jax import metrics, outputs, results
 from tqdm.auto import tqdm
 
 from w2s_jax.config import FitConfig, resolve_batch_size
-from w2s_jax.methods import METHODS, check_methods
+from w2s_jax.methods import METHODS, check_methods, definitions
 from w2s_jax.splits import split_sizes, stacked_splits
 from w2s_jax.store import read_store
 
@@ -31,6 +31,7 @@ def run(cfg: FitConfig, out_dir, log=None, overwrite: bool = False) -> tuple[dic
 
 def _run(cfg: FitConfig, out_dir, log, overwrite) -> tuple[dict, Path]:
     check_methods(cfg.methods)
+    cfg = dataclasses.replace(cfg, defined=definitions(cfg.methods))  # the folder alone rebuilds user methods
     store = read_store(cfg.store, need_weak=(cfg.weak, *cfg.ensemble))
     test = store.splits["test"]
     n, d = test.features_NxD.shape
@@ -97,6 +98,8 @@ def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_d
     zero_shot = None if text is None else metrics.zero_shot(data, jsplits, text, cfg.hparams.logit_scale)
     summary = results.summarize(evals, best_epochs, cfg.grid_hparams(), metrics.weak_scores(data, jsplits), zero_shot,
                                 failed)
+    if getattr(cfg, "defined", ()):  # user-defined methods (rows of the loss family), rebuilt by load_summary
+        summary["defined"] = cfg.defined
     if getattr(cfg, "ensemble", ()):  # each weak model's own test' accuracy, beside the learned weights (in order)
         summary["ensemble"] = [{"weak": name, "test_acc": metrics.weak_accuracy(
             data._replace(weak_NxK=data.weaks_MxNxK[m]), jsplits).tolist()} for m, name in enumerate(cfg.ensemble)]

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The fit's GPU figures in one device call (issue #21): under 8 minutes, a timeout per step, JSON lines to $OUT.
+#
+#   run on the device machine, from the repository root, with open_clip's wheels carried in .whl
+#   (shared/DEVICE.md: "A recipe that works"):
+#     bash benchmarks/gpu_check.sh            # writes $OUT/gpu_check.jsonl, one object per step
+#   here, at a tiny size, as the suite does (tests/test_benchmarks.py):
+#     TINY=1 OUT=/tmp/out bash benchmarks/gpu_check.sh
+#
+# Each line: {"step", "rc", "seconds", "command", "output"}; rc 124 is a step stopped by its timeout. A step that
+# fails does not stop the others. Steps: machine, bench_fit at DomainNet shape (fused, bf16, PyTorch on the same
+# GPU), the many-model shape, bench_step_profile (fused epoch against its GEMMs, seeds mapped and vmapped) and
+# bench_compile_cache (cache off/warm, one method against all).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.jsonl"
+: > "$LOG"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+fi
+PY=${PYTHON:-python3}
+
+step() {  # step NAME TIMEOUT_S COMMAND...: run it, append one JSON line
+  local name=$1 limit=$2; shift 2
+  local start=$(date +%s%N) text rc
+  text=$(cd benchmarks && timeout "$limit" "$@" 2>&1); rc=$?
+  local seconds=$(( ($(date +%s%N) - start) / 1000000 ))e-3
+  NAME="$name" RC="$rc" SECONDS_TAKEN="$seconds" CMD="$*" TEXT="$text" $PY -c '
+import json, os
+print(json.dumps({"step": os.environ["NAME"], "rc": int(os.environ["RC"]), "seconds": float(os.environ["SECONDS_TAKEN"]),
+                  "command": os.environ["CMD"], "output": os.environ["TEXT"]}))' >> "$LOG"
+  echo "[$name] rc=$rc ${seconds}s"
+  echo "$text" | tail -n 12
+}
+
+if [ "${TINY:-0}" = 1 ]; then  # seconds on a CPU: the suite checks that every step runs and prints its figures
+  FIT="--n 600 --d 16 --k 5 --seeds 2 --epochs 2 --batch 64 --runs 1"
+  MANY="--n 600 --d 16 --k 5 --seeds 2 --epochs 2 --batch 64 --runs 1 --grid-lr 1e-2,3e-3"
+  PROFILE="--n 600 --d 16 --k 5 --seeds 2 --batch 64 --runs 1"
+  CACHE="--n 600 --d 16 --k 5 --seeds 2 --epochs 1 --batch 64 --repeats 1"
+else
+  FIT="--runs 1"                                                  # DomainNet shape: 52,041 x 512, k = 345
+  MANY="--n 2500 --d 1280 --k 10 --batch 64 --grid-lr 1e-2,3e-3 --runs 1"   # demo shape, 100 models
+  PROFILE="--runs 3"
+  CACHE="--repeats 1"
+fi
+
+step machine 60 $PY -c "from _common import machine; import jax; print(machine(), jax.devices())"
+step fit_domainnet 200 $PY bench_fit.py $FIT --bf16 --skip-novmap
+step fit_many_models 100 $PY bench_fit.py $MANY --skip-novmap --skip-unfused
+step step_profile 90 $PY bench_step_profile.py $PROFILE
+step compile_cache 60 $PY bench_compile_cache.py $CACHE
+step compile_methods 60 $PY bench_compile_cache.py $CACHE --methods-scaling
+echo "wrote $LOG"

@@ -1,0 +1,63 @@
+"""Every benchmark script runs at a tiny size and prints its figures: a benchmark that no test runs breaks unnoticed.
+
+Each runs in its own process, as a user runs it (``python benchmarks/NAME.py ...`` from the benchmarks folder),
+at a size that takes seconds on a CPU. Only that it runs and what it prints are checked: speed is never asserted.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+FIT_TINY = ["--n", "600", "--d", "16", "--k", "5", "--seeds", "2", "--epochs", "2", "--batch", "64", "--runs", "1"]
+
+
+def run_script(*args, timeout=600, env=None) -> str:
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=BENCH, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_bench_fit_prints_every_path_and_the_ratios():
+    out = run_script("bench_fit.py", *FIT_TINY, "--bf16")
+    for figure in ("machine:", "(a) vmapped, fused", "(a') vmapped, unfused", "(a-bf16)", "(b) no-vmap",
+                   "(c) PyTorch on cpu", "PyTorch / ours =", "of this machine's large float32 GEMM rate"):
+        assert figure in out, figure
+
+
+def test_bench_step_profile_prints_the_epoch_against_its_gemms():
+    out = run_script("bench_step_profile.py", "--n", "600", "--d", "16", "--k", "5", "--seeds", "2", "--batch", "64",
+                     "--runs", "1")
+    assert "one fused epoch, as w2s-fit runs it" in out and "seeds vmapped" in out
+    assert "fused epoch / its GEMMs alone: seeds mapped" in out
+
+
+def test_bench_progress_prints_both_paths():
+    out = run_script("bench_progress.py", "--n", "600", "--d", "16", "--k", "5", "--epochs", "2", "--seeds", "2",
+                     "--repeats", "1")
+    assert "single call" in out and "one call per epoch" in out and "overhead of the per-epoch loop" in out
+
+
+def test_bench_compile_cache_prints_cache_rows_and_the_methods_ratio():
+    tiny = ["--n", "600", "--d", "16", "--k", "5", "--seeds", "2", "--epochs", "1", "--batch", "64", "--repeats", "1"]
+    out = run_script("bench_compile_cache.py", *tiny)
+    assert "| cache off |" in out and "| warm cache |" in out
+    out = run_script("bench_compile_cache.py", *tiny, "--methods-scaling")
+    assert "| ce+lp alone |" in out and "compile time, all methods / one method:" in out
+
+
+def test_gpu_check_writes_one_json_line_per_step(tmp_path):
+    """The device script at its tiny size on the CPU: every step runs (rc 0) and leaves its figures in $OUT."""
+    result = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "TINY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == ["machine", "fit_domainnet", "fit_many_models", "step_profile",
+                                          "compile_cache", "compile_methods"]
+    for x in lines:
+        assert x["rc"] == 0, (x["step"], x["output"][-2000:])
+    assert "PyTorch / ours" in lines[1]["output"] and "all methods / one method" in lines[-1]["output"]
