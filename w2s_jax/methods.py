@@ -80,15 +80,13 @@ def coeffs_of(method: Method) -> Coeffs:
 
 
 def define_method(name: str, head: str, **coeffs) -> Method:
-    """Register a method that is a row of the loss family, no code: ``define_method("soft+hard+lp", "linear",
+    """Register a method that is a row of the loss family, no code: ``define_method("half+lp", "linear",
     weak_soft=0.5, weak_hard=0.5)``. ``coeffs`` are :class:`w2s_jax.losses.Coeffs` fields; the row is stored in
-    ``LOSSES`` under the method's name. A ValueError names the problem: an existing name, an unknown head or
-    field, a negative weight, weights that do not sum to 1. Returns the registered :class:`Method`."""
+    ``LOSSES`` under the method's name. Defining the same method again (a plugin imported twice) changes nothing.
+    A ValueError names the problem: a name taken by a built-in or another definition, an unknown head or field,
+    a negative weight, weights that do not sum to 1. Returns the registered :class:`Method`."""
     if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\,") or name != name.strip():
         raise ValueError(f"method name {name!r}: use a plain name without '/', '\\', ',' or surrounding spaces")
-    if name in METHODS or name in LOSSES:
-        raise ValueError(f"method {name}: the name exists already ({'a method' if name in METHODS else 'a loss'}); "
-                         "choose another")
     if head not in HEADS:
         raise ValueError(f"method {name}: unknown head {head!r}; valid: {', '.join(HEADS)} (a head of your own: "
                          "register it first, README: Add a head)")
@@ -96,9 +94,16 @@ def define_method(name: str, head: str, **coeffs) -> Method:
     if unknown:
         raise ValueError(f"method {name}: unknown field(s) {unknown}; valid: head, {', '.join(Coeffs._fields)}")
     row = check_coeffs(name, Coeffs(**coeffs))
+    method = Method(head, name, "truth" if row.truth == 1.0 else "weak")
+    if name in METHODS or name in LOSSES:
+        if METHODS.get(name) == method and LOSSES.get(name) == row:
+            return method
+        user_defined = name in METHODS and METHODS[name].loss == name
+        taken = f"defined as head={METHODS[name].head}, {LOSSES[name]}" if user_defined else "a built-in method"
+        raise ValueError(f"method {name}: the name exists already ({taken}); choose another")
     LOSSES[name] = row
-    METHODS[name] = Method(head, name, "truth" if row.truth == 1.0 else "weak")
-    return METHODS[name]
+    METHODS[name] = method
+    return method
 
 
 def definitions(names) -> tuple:
@@ -109,17 +114,9 @@ def definitions(names) -> tuple:
 
 
 def restore_methods(saved) -> None:
-    """Register :func:`definitions` (``(name, head, fields)`` triples) that are not registered yet. The same
-    definition registered twice is a no-op; another one under a registered name is a ValueError."""
+    """Register saved :func:`definitions` (``(name, head, fields)`` triples); see :func:`define_method`."""
     for name, head, fields in saved:
-        fields = dict(fields)
-        if name in METHODS and METHODS[name].loss == name:
-            current = {"head": METHODS[name].head, **LOSSES[name]._asdict()}
-            if current != {"head": head, **Coeffs()._asdict(), **fields}:
-                raise ValueError(f"method {name} is defined twice, differently: head={head}, {fields} against "
-                                 f"head={current.pop('head')}, {current}; rename one of them")
-            continue
-        define_method(name, head, **fields)
+        define_method(name, head, **dict(fields))
 
 
 def jax_methods(multi_weak: bool = False) -> tuple[str, ...]:
