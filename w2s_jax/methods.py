@@ -99,7 +99,8 @@ def define_method(name: str, head: str, **coeffs) -> Method:
         if METHODS.get(name) == method and LOSSES.get(name) == row:
             return method
         user_defined = name in METHODS and METHODS[name].loss == name
-        taken = f"defined as head={METHODS[name].head}, {LOSSES[name]}" if user_defined else "a built-in method"
+        taken = (f"defined as head={METHODS[name].head}, {LOSSES[name]}" if user_defined
+                 else "a built-in method or loss row")
         raise ValueError(f"method {name}: the name exists already ({taken}); choose another")
     LOSSES[name] = row
     METHODS[name] = method
