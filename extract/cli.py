@@ -101,7 +101,7 @@ def default_device() -> str:
 @click.option("--on-corrupt", type=click.Choice(ON_CORRUPT), default="fail", show_default=True,
               help="Unreadable images: stop and list them, or skip them (their ids are recorded in the store).")
 @click.option("--weak-epochs", default=3, show_default=True, help="Weak fine-tuning epochs (paper: 3).")
-@click.option("--limit", type=int, default=None, help="Use only the first N samples of each split (quick tries).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N samples of each split (quick tries).")
 @click.option("--shard", default=None, metavar="I/N",
               help="Run only shard I of N of the feature pass (scheduler array jobs); then rerun without --shard "
                    "to merge. Under torchrun the ranks shard and merge by themselves.")

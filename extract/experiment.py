@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -18,7 +19,9 @@ from pathlib import Path
 import click
 
 from extract import pipeline, weak as weaklib
+from extract.cli import DATA_ENV, default_domainnet_root
 from extract.datasets import DatasetError, load_dataset
+from extract.schema import check_types
 from w2s_jax.config import FitConfig, Hparams, check_hparams, check_number
 from w2s_jax.methods import METHODS, MULTI_WEAK, TORCH_METHODS, check_methods, jax_methods, restore_methods
 
@@ -64,13 +67,23 @@ def load_experiment(path) -> dict:
     if not exp.get("data"):
         raise ExperimentError(f"{path}: no [[data]] tables; add one with dataset, domains and weak")
     try:
+        check_types(exp)
+    except ValueError as err:
+        raise ExperimentError(f"{path}: {err}") from None
+    try:
         define_methods(exp.get("methods", {}))
         for block in exp["data"]:
             _check_keys(path, "data", block)
             for domain in block.get("domains", [None]):
                 if domain is not None:
                     _check_path_name(domain)
-                load_dataset(block["dataset"], domain=domain, root=block.get("root"))
+                root = data_root(block)
+                if root is not None and not Path(root).is_dir():
+                    given = "root in [[data]]" if block.get("root") else f"the default, ${DATA_ENV}/domainnet"
+                    raise ValueError(f"dataset root {root} ({given}) does not exist; fetch the data there with "
+                                     f"`w2s-extract download --domain {domain} --root {root}`, or point root (or "
+                                     f"${DATA_ENV}, now {os.environ.get(DATA_ENV, 'unset: ./data')}) at it")
+                load_dataset(block["dataset"], domain=domain, root=root)
             for w in weaklib.expand_weak(block.get("weak", [])):
                 _check_path_name(weaklib.parse_weak(w).name)
         fit_config(exp.get("fit", {}), "unused", "unused")  # every [fit] value in range, before any work
@@ -99,6 +112,14 @@ def define_methods(tables: dict) -> None:
                              "registered) and the loss family's weights, e.g. weak_soft = 0.5, weak_hard = 0.5")
         fields = {k: v for k, v in table.items() if k != "head"}
         restore_methods([(name, table["head"], fields)])
+
+
+def data_root(block: dict):
+    """A [[data]] block's root: as given, else for DomainNet the CLI's default (``$W2S_DATA/domainnet``, ``W2S_DATA``
+    defaulting to ./data), where ``w2s-extract --domain`` downloads; None for the demo."""
+    if block.get("root"):
+        return block["root"]
+    return str(default_domainnet_root()) if block.get("dataset") == "domainnet" else None
 
 
 def _check_path_name(name) -> None:
@@ -186,7 +207,7 @@ def run_experiment(exp: dict, *, log=print) -> Path:
         for domain in block.get("domains", [None]):
             store_i += 1
             log(f"== store {store_i} of {num_stores}: {block['dataset']}/{domain or 'default'}")
-            dataset = load_dataset(block["dataset"], domain=domain, root=block.get("root")).limited(block.get("limit"))
+            dataset = load_dataset(block["dataset"], domain=domain, root=data_root(block)).limited(block.get("limit"))
             store_path = out / "stores" / f"{dataset.name}-{dataset.domain}-{_slug(strong)}.h5"
             templates = tuple(ex.get("templates", pipeline.encoders.DEFAULT_TEMPLATES))
             weak_specs = weaklib.expand_weak(block.get("weak", ["pixels"]))
@@ -228,12 +249,16 @@ def _run_tp(tp: dict, store_path, strong, weak, store_id, where: Path, device, l
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("experiment", type=click.Path())
-def main(experiment):
+@click.option("--compile-cache/--no-compile-cache", default=True, show_default=True,
+              help="Keep compiled programs on disk ($W2S_CACHE/jax or ~/.cache/w2s/jax), so that a rerun after an "
+                   "edit compiles only the programs whose shapes changed.")
+def main(experiment, compile_cache):
     """Run an experiment file: extract missing stores, fit what is not done, write the report."""
     from extract.cli import USER_ERRORS
-    from w2s_jax import compile_cache
+    from w2s_jax import compile_cache as cache
 
-    compile_cache.enable()  # a rerun after an edit compiles only the programs whose shapes changed
+    if compile_cache:
+        cache.enable(warn=lambda text: click.echo(f"warning: {text}", err=True))
     try:
         report = run_experiment(load_experiment(experiment), log=click.echo)
     except (ExperimentError, *USER_ERRORS) as err:

@@ -11,7 +11,6 @@ Predictions go to a CSV (one row per sample) or an ``.npz`` (adds the full logit
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,9 +20,9 @@ import numpy as np
 from extract import encoders
 from extract.datasets import IMAGE_SUFFIXES, FileLoader, is_hidden
 from w2s_jax import outputs
-from w2s_jax.methods import import_plugins
-from w2s_jax.saved_heads import HeadsError, SavedHead, load_heads
-from w2s_jax.store import StoreError, read_store
+from w2s_jax.methods import import_plugins, plugin_name
+from w2s_jax.saved_heads import HeadsError, SavedHead, load_heads, read_index, read_json
+from w2s_jax.store import StoreError, ids_digest, read_store
 
 
 class Predictions(NamedTuple):
@@ -34,11 +33,17 @@ class Predictions(NamedTuple):
     store: object = None  # the Provenance of the store the rows came from; None for images
 
 
-def choose_head(results_dir, method: str) -> SavedHead:
+def choose_head(results_dir, method: str, plugins=()) -> SavedHead:
+    """The saved head of ``method``; a HeadsError if the folder has none, or was fit with an ``--import`` that is
+    not given here (its heads or methods would be rebuilt from the built-in registry)."""
+    index = read_index(results_dir)
+    missing = [m for m in index.get("imports", []) if plugin_name(m) not in {plugin_name(p) for p in plugins}]
+    if missing:
+        raise HeadsError(f"{results_dir} was fit with --import {' --import '.join(missing)}; pass the same "
+                         "--import here, so that its heads are rebuilt as they were trained")
     heads = load_heads(results_dir, methods=(method,))
     if method not in heads:
-        saved = json.loads((Path(results_dir) / "heads" / "heads.json").read_text())["methods"]
-        raise HeadsError(f"{results_dir} has no saved {method!r} head; saved: {', '.join(saved)} (--method)")
+        raise HeadsError(f"{results_dir} has no saved {method!r} head; saved: {', '.join(index['methods'])} (--method)")
     return heads[method]
 
 
@@ -107,7 +112,7 @@ def predict_images(head: SavedHead, results_dir, folder, seed: int, grid_index, 
     ids, labels = list_images(folder, head.class_names)
     if not ids:
         raise HeadsError(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it or below it")
-    provenance = json.loads((Path(results_dir) / "provenance.json").read_text())
+    provenance = read_json(Path(results_dir) / "provenance.json", "the results folder's record of its store")
     encoder = encoders.load_strong(encoders.spec_for_id(head.encoder, checkpoint), device)
     if encoder.preprocessing != provenance["preprocessing"]:
         raise HeadsError(f"the encoder's preprocessing here ({encoder.preprocessing}) is not the one the store "
@@ -149,20 +154,29 @@ def write_predictions(path: Path, preds: Predictions, class_names) -> None:
 
 
 def accuracy_lines(preds: Predictions, head: SavedHead, results_dir, split, seed, grid_index) -> list[str]:
-    """Accuracy where labels exist; on the fit's own store, also on this seed's test' beside what the fit reported."""
+    """Accuracy where labels exist; on the fit's own store (the same rows, by count and a hash of the ids), also
+    on this seed's test' beside what the fit reported; on a store that differs, a line says why not."""
     known = (preds.labels_N >= 0) & preds.readable_N
     if not known.any():
         return []
     hits = preds.logits_NxK.argmax(1) == preds.labels_N
     lines = [f"accuracy on the {int(known.sum()):,} labelled row(s): {100 * hits[known].mean():.2f}%"]
     results_dir = Path(results_dir)
-    fitted = json.loads((results_dir / "provenance.json").read_text())
+    fitted = read_json(results_dir / "provenance.json", "the results folder's record of its store")
     here = preds.store
     if here is None or split != "test" or \
             (here.dataset, here.domain, here.split_hash) != (fitted["dataset"], fitted["domain"], fitted["split_hash"]):
         return lines
+    rows_here = {"rows": len(preds.ids), "ids_sha256": ids_digest(preds.ids)}
+    if fitted.get("test_rows") != rows_here:
+        why = ("the folder does not record which rows it was fit on (fit before w2s 0.1's row record; refit to "
+               "compare)" if "test_rows" not in fitted else
+               f"this store's test split has {rows_here['rows']:,} rows (ids hash {rows_here['ids_sha256'][:12]}), "
+               f"the fit's had {fitted['test_rows']['rows']:,} ({fitted['test_rows']['ids_sha256'][:12]}): "
+               "the same dataset and split files, but other rows (a re-extraction that skipped files, say)")
+        return lines + [f"test' accuracy not compared with the fit's: {why}"]
     rows = np.load(results_dir / "splits.npz")["test_prime"][seed]
-    summary = json.loads((results_dir / "metrics.json").read_text())["methods"].get(head.method)
+    summary = read_json(results_dir / "metrics.json", "the fit's metrics")["methods"].get(head.method)
     h = head.selected if grid_index is None else grid_index
     reported = f" (the fit reported {100 * summary['grid']['test_acc'][seed][h]:.2f}%)" if summary else ""
     lines.append(f"test' accuracy of seed {seed} ({len(rows):,} rows held out by the fit): "
@@ -190,8 +204,10 @@ def accuracy_lines(preds: Predictions, head: SavedHead, results_dir, split, seed
 @click.option("--num-workers", default=2, show_default=True, help="With --images: image decoding processes.")
 @click.option("--import", "plugins", multiple=True, metavar="MODULE",
               help="Import the module that registered your own heads (as given to w2s-fit --import).")
+@click.option("--allow-replace", is_flag=True,
+              help="Let an --import module replace a head, method or loss row registered before it (refused otherwise).")
 def main(results_dir, store, split, images, export_prototypes, method, seed, grid_index, out, overwrite, checkpoint,
-         device, batch_size, num_workers, plugins):
+         device, batch_size, num_workers, plugins, allow_replace):
     """Classify a store's rows or a folder of images with a head saved by w2s-fit, or export its prototypes."""
     from extract.cli import default_device
 
@@ -202,11 +218,15 @@ def main(results_dir, store, split, images, export_prototypes, method, seed, gri
     if target.suffix not in wanted:
         raise click.UsageError(f"{target}: the file must end in {' or '.join(np.atleast_1d(wanted))}")
     try:
-        import_plugins(plugins)
+        import_plugins(plugins, allow_replace)
         outputs.check_output(target, folder=False)
+        if not target.parent.is_dir():
+            raise outputs.OutputError(f"{target}: the folder {target.parent} does not exist; make it first, or write "
+                                      "elsewhere")
         if target.exists() and not overwrite:
-            raise outputs.OutputError(f"{target} exists; pass --overwrite to replace it, or another --out")
-        head = choose_head(results_dir, method)
+            again = "--export-prototypes path" if export_prototypes else "--out"
+            raise outputs.OutputError(f"{target} exists; pass --overwrite to replace it, or another {again}")
+        head = choose_head(results_dir, method, plugins)
         if export_prototypes:
             np.save(target, head.prototypes(seed, grid_index).astype(np.float32))
             click.echo(f"wrote the {len(head.class_names)} x {head.feature_dim} prototypes of {method} (seed {seed}) "

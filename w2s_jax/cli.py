@@ -103,17 +103,19 @@ def find_store(folder: Path = STORES) -> str:
 @click.option("--process-id", type=int, default=None, help="With --distributed off SLURM: this process's id.")
 @click.option("--import", "plugins", multiple=True, metavar="MODULE",
               help="Import a module (name or .py file) that registers your own heads and methods (README: Add a head).")
+@click.option("--allow-replace", is_flag=True,
+              help="Let an --import module replace a head, method or loss row registered before it (refused otherwise).")
 @click.option("--list-methods", is_flag=True, help="List the methods and exit.")
 @click.option("--show", type=click.Path(), multiple=True,
               help="Print the table of existing results folder(s) and exit; several are merged into one table.")
 def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, lp_scale, lp_shrinkage,
          lp_l2, alpha_max, tau_a, raven_lr, grid,
-         vmap, fuse, matmul_dtype, seed_axis, compile_cache, out, overwrite, distributed, coordinator, num_processes, process_id, plugins, list_methods, show):
+         vmap, fuse, matmul_dtype, seed_axis, compile_cache, out, overwrite, distributed, coordinator, num_processes, process_id, plugins, allow_replace, list_methods, show):
     """Fit CPL and linear-probe heads with CE, KD, AuxConf, AdaptConf (+ ceilings) for every seed."""
     from w2s_jax import results
 
     try:
-        import_plugins(plugins)
+        import_plugins(plugins, allow_replace)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
 
@@ -129,6 +131,7 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
         return
     if show:
         try:
+            results.check_mergeable(show)
             click.echo(results.all_tables(results.merge([results.load_summary(d) for d in show])))
         except (FileNotFoundError, ValueError) as err:
             raise click.ClickException(str(err)) from None
@@ -137,7 +140,7 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
     if compile_cache:
         from w2s_jax import compile_cache as cache
 
-        cache.enable()
+        cache.enable(warn=lambda text: click.echo(f"warning: {text}", err=True))
 
     from w2s_jax.run import GridTooLargeError, run
 
@@ -160,7 +163,7 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
             methods=jax_methods(multi_weak=bool(ensemble)) if methods == "all"
             else tuple(m.strip() for m in methods.split(",") if m.strip()),
             seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size), vmap=vmap, fuse=fuse,
-            matmul_dtype=matmul_dtype, seed_axis=seed_axis,
+            matmul_dtype=matmul_dtype, seed_axis=seed_axis, imports=tuple(plugins),
             grid=_parse_grid(grid),
             hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale, lp_scale=lp_scale,
                             lp_shrinkage=lp_shrinkage, lp_l2=lp_l2, alpha_max=alpha_max, tau_a=tau_a,

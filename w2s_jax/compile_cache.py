@@ -8,6 +8,8 @@ so a stale entry is never used; deleting the folder is always safe.
 from __future__ import annotations
 
 import os
+import tempfile
+import warnings
 from pathlib import Path
 
 import jax
@@ -18,10 +20,18 @@ def cache_folder() -> Path:
     return Path(root) / "jax"
 
 
-def enable(folder: Path | None = None) -> Path:
-    """Turn the persistent cache on in ``folder`` (default :func:`cache_folder`); returns the folder."""
+def enable(folder: Path | None = None, warn=None) -> Path | None:
+    """Turn the persistent cache on in ``folder`` (default :func:`cache_folder`); returns the folder. A folder that
+    cannot be made or written (a read-only file system, ``W2S_CACHE`` naming a file) leaves the cache off, with
+    one warning through ``warn`` (default: ``warnings.warn``), and returns None: the fit runs, compiling as usual."""
     folder = Path(folder or cache_folder())
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        (warn or warnings.warn)(f"compilation cache off: cannot write {folder} ({err.strerror or err}); set W2S_CACHE "
+                                "to a writable folder, or pass --no-compile-cache to silence this")
+        return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # our programs: every one is worth keeping
     return folder

@@ -130,11 +130,15 @@ class FitConfig:
     matmul_dtype: str = "float32"  # "bfloat16": the fused GEMM's inputs rounded to bf16, accumulated in float32
     ensemble: tuple[str, ...] = ()  # the weak models the multi-weak methods combine (--weak a,b,...; `weak` is a)
     seed_axis: str = "auto"  # "map": a device's seeds one after the other; "vmap": batched; "auto": by backend
+    imports: tuple[str, ...] = ()  # the --import modules that registered user heads/methods (w2s-predict asks for them)
     defined: tuple = ()  # ((name, head, ((field, value), ...)), ...): the user-defined methods among `methods`
     #                      (methods.define_method), filled in by w2s_jax.run so that the folder alone rebuilds them
 
     def __post_init__(self):
         """Every number in range before any work starts; a ValueError names the field and the valid range."""
+        if not self.methods:
+            raise ValueError("no methods to fit: name at least one (w2s-fit --methods cpl,kd+lp, [fit] methods = "
+                             "[\"all\"]; w2s-fit --list-methods lists them)")
         check_number("seeds", self.seeds, 1, math.inf, integer=True)
         check_number("root_seed", self.root_seed, 0, math.inf, integer=True)
         check_number("epochs", self.epochs, 1, math.inf, integer=True)

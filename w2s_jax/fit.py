@@ -174,6 +174,27 @@ def group_rows(group: Group, hps_H: Hparams) -> Rows:
     return Rows(coeffs, hp, target)
 
 
+def check_heads(groups: dict, rows: dict, data: FitData, splits: SeedSplits, cfg: FitConfig, num_classes: int):
+    """Each head, started as the fit starts it, maps ``B x D`` features to ``B x K`` logits: checked once,
+    abstractly (``jax.eval_shape``), before anything compiles; a ValueError names the head and the shapes."""
+    for g, grp in groups.items():
+        row = jax.tree.map(lambda a: a[0], rows[g])
+        split = jax.tree.map(lambda a: jnp.asarray(a)[0], splits)
+
+        def first_logits():
+            state = start_model(grp, cfg, jax.random.key(0), row, data, split)
+            return grp.module.apply(state.variables, data.feats_NxD[:3], row.hp)
+
+        try:
+            shape = jax.eval_shape(first_logits).shape
+        except Exception as err:  # a user head's own error: name the head, not only flax's traceback
+            raise ValueError(f"head {grp.head!r} fails on a first batch of 3 x {data.feats_NxD.shape[1]} features "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
+        if tuple(shape) != (3, num_classes):
+            raise ValueError(f"head {grp.head!r} returns logits of shape {tuple(shape)} for a batch of 3 rows; a head "
+                             f"returns B x K = (3, {num_classes}) logits, one per class")
+
+
 def split_models(tree, group: Group):
     """``{method: tree[:, j0:j0 + H]}``: a group's outputs (leading S x J) per method (leading S x H)."""
     num_h = jax.tree.leaves(tree)[0].shape[1] // len(group.methods)
@@ -434,6 +455,7 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
     hps = cfg.grid_hparams()
     num_h = len(hps.lr)
     groups = make_groups(cfg.methods, num_classes, text_TxKxD)
+    check_heads(groups, {g: group_rows(grp, hps) for g, grp in groups.items()}, data, splits, cfg, num_classes)
     report = progress or (lambda done: None)
     t0 = time.perf_counter()
     if cfg.vmap:

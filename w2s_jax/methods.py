@@ -140,10 +140,19 @@ def check_methods(names, valid=None, command="w2s-fit") -> tuple[str, ...]:
     return tuple(names)
 
 
-def import_plugins(names) -> None:
+def plugin_name(name: str) -> str:
+    """How an --import is recognised across commands: a .py file by its stem, a module by its dotted name."""
+    return Path(name).stem if name.endswith(".py") else name
+
+
+def import_plugins(names, allow_replace: bool = False) -> None:
     """Import each module so that the heads and methods it registers exist (``--import``): a dotted module name
-    importable from the current folder, or the path of a ``.py`` file. ValueError if one cannot be imported."""
+    importable from the current folder, or the path of a ``.py`` file. A ValueError names the module if it cannot
+    be imported, raises on import, or replaces a head, method or loss row registered before it (unless
+    ``allow_replace``: ``--allow-replace``); nothing it replaced stays replaced then."""
+    registries = {"head": HEADS, "method": METHODS, "loss row": LOSSES, "ceiling of head": CEILING_OF_HEAD}
     for name in names:
+        before = {kind: dict(reg) for kind, reg in registries.items()}
         path = Path(name)
         try:
             if path.suffix == ".py":
@@ -160,3 +169,16 @@ def import_plugins(names) -> None:
         except ImportError as err:
             raise ValueError(f"--import {name}: {err}; give a module importable from {Path.cwd()} or a .py file") \
                 from None
+        except ValueError:
+            raise
+        except Exception as err:  # the plugin's own bug: name it, never a bare traceback
+            raise ValueError(f"--import {name}: importing it raised {type(err).__name__}: {err}; fix the module") \
+                from None
+        replaced = [f"{kind} {key!r}" for kind, reg in registries.items() for key, old in before[kind].items()
+                    if reg.get(key) is not old]
+        if replaced and not allow_replace:
+            for kind, reg in registries.items():
+                reg.clear()
+                reg.update(before[kind])
+            raise ValueError(f"--import {name} replaces the registered {', '.join(replaced)}; register yours under "
+                             "another name, or pass --allow-replace to replace it on purpose")

@@ -74,6 +74,7 @@ def discover(roots) -> list[Group]:
         raise FileNotFoundError(f"no results folders (metrics.json) under {', '.join(map(str, roots))}")
     groups = []
     for (dataset, domain, weak), folders in sorted(found.items()):
+        results.check_mergeable(folders)
         summary = results.merge([results.load_summary(f) for f in folders])
         histories = {}
         for f in folders:
@@ -447,12 +448,14 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
 @click.option("--paper", is_flag=True, help="Also compare our DomainNet numbers with the paper's Table 2.")
 @click.option("--import", "plugins", multiple=True, metavar="MODULE",
               help="Import the module that registered your own heads and methods (as given to w2s-fit --import).")
-def main(results_dirs, out, curves, paper, plugins):
+@click.option("--allow-replace", is_flag=True,
+              help="Let an --import module replace a head, method or loss row registered before it (refused otherwise).")
+def main(results_dirs, out, curves, paper, plugins, allow_replace):
     """Tables (markdown, CSV, LaTeX) and figures (PNG) from w2s-fit / w2s-tp results folders."""
     from w2s_jax.methods import import_plugins
 
     try:
-        import_plugins(plugins)
+        import_plugins(plugins, allow_replace)
         tables, figures = write_report(results_dirs, out, curves=tuple(curves.split(",")), paper=paper)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise click.ClickException(str(err)) from None

@@ -95,6 +95,34 @@ def weights_table(summary: dict) -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in lines)
 
 
+TRAINING_KEYS = ("seeds", "root_seed", "epochs", "batch_size", "warmup", "hparams", "grid")  # what makes fits comparable
+
+
+def check_mergeable(folders) -> None:
+    """Refuse (ValueError, naming the folders and what differs) to merge results folders into one table when a
+    method appears in two of them, or two w2s-fit folders were trained differently (epochs, batch size, grid, ...):
+    rows of one table, and Δ between them, must come from one training setup."""
+    seen, fits = {}, []
+    for folder in map(Path, folders):
+        summary = load_summary(folder)
+        for method in summary["methods"]:
+            if method in seen:
+                raise ValueError(f"{method} is in both {seen[method]} and {folder}; a table shows one fit of each "
+                                 "method: report them separately (pass one of the folders)")
+            seen[method] = folder
+        config_path = folder / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if "fuse" in config:  # a w2s-fit folder (w2s-tp's are trained by their own recipe)
+            fits.append((folder, config))
+    for folder, config in fits[1:]:
+        first, first_config = fits[0]
+        differ = [k for k in TRAINING_KEYS if config.get(k) != first_config.get(k)]
+        if differ:
+            what = ", ".join(f"{k}: {first_config.get(k)} vs {config.get(k)}" for k in differ)
+            raise ValueError(f"{first} and {folder} were fit differently ({what}); their rows would share one table "
+                             "and one Δ: report them separately, or refit them alike")
+
+
 def merge(summaries: list[dict]) -> dict:
     """One summary from several results folders of the same store, weak model and seeds (e.g. w2s-fit + w2s-tp)."""
     first = summaries[0]
@@ -148,7 +176,8 @@ def write_results(out_dir, *, config, provenance: dict, splits, summary: dict, h
                                      for f in HISTORY_FIELDS})
     _write_csv(out / "metrics.csv", summary, config.grid_hparams())
     (out / "table.md").write_text(all_tables(summary) + "\n")
-    write_heads(out, heads, best_epochs, summary, provenance, config.grid_hparams(), feature_dim)
+    write_heads(out, heads, best_epochs, summary, provenance, config.grid_hparams(), feature_dim,
+                getattr(config, "imports", ()))
     return swap_in(out, final)
 
 
@@ -157,7 +186,11 @@ def load_summary(out_dir) -> dict:
     path = Path(out_dir) / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a w2s-fit results folder (run w2s-fit --store ... --out {out_dir})")
-    summary = json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): the file is damaged or cut short; refit into "
+                         f"{out_dir} (w2s-fit ... --out {out_dir} --overwrite)") from None
     restore_methods(summary.get("defined", ()))
     return summary
 

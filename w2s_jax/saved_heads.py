@@ -88,10 +88,11 @@ class SavedHead:
 
 
 def write_heads(folder: Path, heads: dict, best_epochs: dict, summary: dict, provenance: dict, hps: Hparams,
-                feature_dim: int) -> None:
+                feature_dim: int, imports=()) -> None:
     """Write ``heads/`` into the (staging) results ``folder``.
 
-    heads: method -> (head name, variables ``S x H x ...``); best_epochs: method -> ``S x H``.
+    heads: method -> (head name, variables ``S x H x ...``); best_epochs: method -> ``S x H``; imports: the
+    ``--import`` modules the fit ran with (w2s-predict asks for them).
     """
     out = Path(folder) / FOLDER
     out.mkdir()
@@ -103,29 +104,87 @@ def write_heads(folder: Path, heads: dict, best_epochs: dict, summary: dict, pro
                            "best_epoch": np.asarray(best_epochs[method]).tolist()}
     index = {"format": FORMAT, "encoder": provenance["encoder"], "class_names": list(provenance["class_names"]),
              "feature_dim": int(feature_dim), "features": "L2-normalised strong image features r / |r|",
-             "hparams": {f: np.asarray(v).tolist() for f, v in hps._asdict().items()}, "methods": methods}
+             "hparams": {f: np.asarray(v).tolist() for f, v in hps._asdict().items()}, "methods": methods,
+             "imports": list(imports)}
     (out / "heads.json").write_text(json.dumps(index, indent=1))
 
 
-def load_heads(results_dir, methods=None) -> dict[str, SavedHead]:
-    """{method: SavedHead} of a results folder written by w2s-fit or w2s-tp, ready to apply to features;
-    ``methods``: read only these (default: all)."""
+def read_json(path: Path, what: str):
+    """The JSON file ``path``, or a HeadsError naming it: missing, or not valid JSON (truncated, say)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HeadsError(f"{path} not found: {what}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HeadsError(f"{path} is not valid JSON ({err}): the file is damaged or cut short; refit into this "
+                         "folder (w2s-fit ... --out FOLDER --overwrite)") from None
+
+
+def read_index(results_dir) -> dict:
+    """``heads/heads.json`` of a results folder, checked for its format."""
     index_path = Path(results_dir) / FOLDER / "heads.json"
     if not index_path.is_file():
         what = "no results folder" if not Path(results_dir).is_dir() else "a results folder without saved heads"
         raise HeadsError(f"{results_dir}: {what} ({index_path} not found); heads are saved by w2s-fit and w2s-tp "
                          "since format " + FORMAT + ": rerun the fit with --out " + str(results_dir))
-    index = json.loads(index_path.read_text())
-    if index.get("format") != FORMAT:
-        raise HeadsError(f"{index_path}: format {index.get('format')!r}, this version reads {FORMAT}; refit")
+    index = read_json(index_path, "the index of the saved heads")
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise HeadsError(f"{index_path}: format {index.get('format') if isinstance(index, dict) else None!r}, this "
+                         f"version reads {FORMAT}; refit")
+    return index
+
+
+def check_saved(head: SavedHead, path: Path) -> None:
+    """The arrays of ``path`` fit what heads.json says: every leaf ``S x H x ...``, and the head maps
+    ``N x feature_dim`` features to ``N x K`` logits; else a HeadsError naming the file and both shapes."""
+    from w2s_jax.heads import HEADS
+
+    if head.head not in HEADS:
+        raise HeadsError(f"{path}: its head {head.head!r} is not registered here; pass the --import that registers "
+                         "it (as given to w2s-fit)")
+    s_h = (head.num_seeds, len(np.asarray(head.hparams_H.lr)))
+    leaves = jax.tree_util.tree_leaves_with_path(head.variables_SxH)
+    bad = [f"{jax.tree_util.keystr(k)} {np.shape(v)}" for k, v in leaves if np.shape(v)[:2] != s_h]
+    if bad or not leaves:
+        raise HeadsError(f"{path}: arrays {', '.join(bad) or '(none)'} do not start with seeds x grid points "
+                         f"{s_h} as heads.json says; the folder is damaged: refit")
+    module = make_head(head.head, len(head.class_names))
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[2:], np.asarray(a).dtype), head.variables_SxH)
+    try:
+        shape = jax.eval_shape(module.apply, one, jax.ShapeDtypeStruct((1, head.feature_dim), np.float32),
+                               head.hparams(0)).shape
+    except Exception as err:  # shapes that do not fit the head raise inside flax
+        shape = f"an error ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    if shape != (1, len(head.class_names)):
+        raise HeadsError(f"{path}: the {head.head} head with these arrays maps 1 x {head.feature_dim} features to "
+                         f"{shape}, not 1 x {len(head.class_names)} logits as heads.json says "
+                         f"({len(head.class_names)} classes, {head.feature_dim}-d features); the folder is damaged "
+                         "or mixed with another fit's files: refit")
+
+
+def load_heads(results_dir, methods=None) -> dict[str, SavedHead]:
+    """{method: SavedHead} of a results folder written by w2s-fit or w2s-tp, ready to apply to features;
+    ``methods``: read only these (default: all). Every head is checked against heads.json (:func:`check_saved`)."""
+    index = read_index(results_dir)
+    folder = Path(results_dir) / FOLDER
     hps = Hparams(*(np.asarray(index["hparams"][f], np.float32) for f in Hparams._fields))
     found = {}
     for method, m in index["methods"].items():
         if methods is not None and method not in methods:
             continue
-        variables = serialization.msgpack_restore((index_path.parent / m["file"]).read_bytes())
+        path = folder / m["file"]
+        if not path.is_file():
+            raise HeadsError(f"{path} not found: heads.json lists the {method} head, but its file is gone; refit "
+                             "into this folder")
+        try:
+            variables = serialization.msgpack_restore(path.read_bytes())
+        except Exception as err:  # msgpack raises several kinds on a cut file
+            raise HeadsError(f"{path} cannot be read ({type(err).__name__}: {err}): the file is damaged or cut "
+                             "short; refit into this folder") from None
         found[method] = SavedHead(method=method, head=m["head"], variables_SxH=variables, hparams_H=hps,
                                   selected=int(m["selected_grid_index"]),
                                   best_epoch_SxH=np.asarray(m["best_epoch"]), encoder=index["encoder"],
                                   class_names=tuple(index["class_names"]), feature_dim=int(index["feature_dim"]))
+        check_saved(found[method], path)
     return found

@@ -19,6 +19,7 @@ reads as complete. :func:`read_store` validates everything on open and raises
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -250,3 +251,8 @@ def _check_finite(path, what: str, x: np.ndarray) -> None:
             f"{what}: {bad.sum()} non-finite values (NaN/inf) in {len(rows)} rows, first rows {rows[:5].tolist()}",
             "the model that produced them diverged or the input was corrupt; re-extract (or re-add that weak model)",
         )
+
+
+def ids_digest(ids_N) -> str:
+    """sha256 of a split's sample ids, in order: tells two stores of the same dataset apart by their rows."""
+    return hashlib.sha256("\n".join(map(str, ids_N)).encode()).hexdigest()

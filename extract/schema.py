@@ -1,0 +1,118 @@
+"""The typed schema of an experiment file (``w2s-run``): every key's type, checked before any work.
+
+Unknown keys are reported by ``experiment._check_keys`` (with the valid ones listed); this schema checks the
+types of the known ones, so that a scalar where a list belongs, a string read letter by letter or a word where a
+number belongs is refused naming the key, instead of failing later. Ranges and names are checked by the code
+that owns them (``FitConfig``, ``check_methods``, ``load_dataset``).
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+Number = Union[StrictInt, StrictFloat]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown keys: experiment._check_keys names them and the valid ones
+
+
+class Data(_Section):
+    dataset: StrictStr
+    domains: Optional[list[StrictStr]] = None
+    root: Optional[StrictStr] = None
+    weak: list[StrictStr] = ["pixels"]
+    limit: Optional[StrictInt] = Field(None, ge=1, description="rows per split, a positive whole number")
+
+
+class Fit(_Section):
+    methods: list[StrictStr] = ["all"]
+    multi_weak: list[StrictStr] = []
+    seeds: StrictInt = 5
+    epochs: StrictInt = 10
+    batch_size: Union[StrictInt, Literal["auto"]] = "auto"
+    warmup: Number = 0.1
+    seed_axis: StrictStr = "auto"
+    hparams: dict[str, Number] = {}
+    grid: dict[str, list[Number]] = {}
+
+
+class TP(_Section):
+    methods: list[StrictStr] = []
+    seeds: StrictInt = 5
+    epochs: StrictInt = 10
+    batch_size: StrictInt = 512
+    optimizer: StrictStr = "adam"
+    n_ctx: StrictInt = 16
+    ctx_init: StrictStr = ""
+    hparams: dict[str, Number] = {}
+
+
+class Extract(_Section):
+    batch_size: StrictInt = 64
+    num_workers: StrictInt = 2
+    device: StrictStr = "cpu"
+    on_corrupt: StrictStr = "skip"
+    weak_epochs: StrictInt = 3
+    feature_dtype: StrictStr = "float32"
+    templates: list[StrictStr] = []
+
+
+class Report(_Section):
+    curves: list[StrictStr] = []
+    paper: StrictBool = False
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the loss family's fields: w2s_jax.methods.define_method checks them
+    head: StrictStr
+
+
+class Experiment(_Section):
+    name: StrictStr = ""
+    out: StrictStr = ""
+    strong: StrictStr = "efficientnet-lite0"
+    data: list[Data] = Field(min_length=1)
+    fit: Fit = Fit()
+    tp: Optional[TP] = None
+    extract: Extract = Extract()
+    report: Report = Report()
+    methods: dict[str, Method] = {}
+
+
+TYPE_WORDS = {"list_type": "a list, e.g. [\"a\", \"b\"]", "string_type": "a string in quotes", "int_type": "a whole number",
+              "float_type": "a number", "bool_type": "true or false", "dict_type": "a table", "model_type": "a table",
+              "greater_than_equal": "a positive whole number", "literal_error": "'auto'"}
+
+
+def check_types(exp: dict) -> None:
+    """A ValueError naming every key whose value has the wrong type, with the expected type."""
+    try:
+        Experiment.model_validate(exp)
+    except pydantic.ValidationError as err:
+        found, expected = {}, {}  # per key: the value given, and every type that would do
+        for e in err.errors():
+            where = _where(e["loc"])
+            if e["type"] == "missing":
+                found[where] = None
+                continue
+            found[where] = e.get("input")
+            expected.setdefault(where, []).append(TYPE_WORDS.get(e["type"], e["msg"]))
+        problems = [f"{where} is missing" if where not in expected else
+                    f"{where} = {found[where]!r} should be {' or '.join(dict.fromkeys(expected[where]))}"
+                    for where in found]
+        raise ValueError("wrong type(s): " + "; ".join(problems)) from None
+
+
+def _where(loc) -> str:
+    """('fit', 'grid', 'lr') -> "[fit.grid] lr"; ('data', 0, 'domains') -> "[[data]] 1 domains"."""
+    parts = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("int", "float", "str")))]
+    if not parts:
+        return "the file"
+    if parts[0] == "data" and len(parts) > 1 and isinstance(parts[1], int):
+        return f"[[data]] block {parts[1] + 1}: " + ".".join(map(str, parts[2:]))
+    if len(parts) == 1:
+        return str(parts[0])
+    return f"[{'.'.join(map(str, parts[:-1]))}] {parts[-1]}"
