@@ -80,7 +80,7 @@ def load_experiment(path) -> dict:
                 root = data_root(block)
                 if root is not None and not Path(root).is_dir():
                     given = "root in [[data]]" if block.get("root") else f"the default, ${DATA_ENV}/domainnet"
-                    raise ValueError(f"dataset root {root} ({given}) does not exist; fetch the data there with "
+                    raise ValueError(f"dataset root {root} does not exist ({given}); fetch the data there with "
                                      f"`w2s-extract download --domain {domain} --root {root}`, or point root (or "
                                      f"${DATA_ENV}, now {os.environ.get(DATA_ENV, 'unset: ./data')}) at it")
                 load_dataset(block["dataset"], domain=domain, root=root)
@@ -186,8 +186,10 @@ def _once(folder: Path, work, log) -> Path:
     return folder
 
 
-def run_experiment(exp: dict, *, log=print) -> Path:
-    """Run everything ``exp`` asks for that is not done yet; returns the report folder."""
+def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
+    """Run everything ``exp`` asks for that is not done yet; returns the report folder. At the end it prints one
+    screen: the headline table (the first weak model's Table 2 analogue, with PGR) and where the full report is;
+    ``verbose``: every table of the report."""
     from w2s_jax.report import to_markdown, write_report
     from w2s_jax.run import run
     from w2s_jax.store import read_store
@@ -228,10 +230,13 @@ def run_experiment(exp: dict, *, log=print) -> Path:
                     current.append(_run_tp(tp, store_path, strong, weak, store_id, where, opts.device, log))
     report = out / "report"
     rep = exp.get("report", {})
-    tables, _ = write_report(current, report, curves=tuple(rep.get("curves", ("cpl", "kd+lp", "kd+tp"))),
-                             paper=rep.get("paper", False))
-    for table in tables:
+    first_weak = weaklib.parse_weak(weaklib.expand_weak(exp["data"][0].get("weak", ["pixels"]))[0]).name
+    tables, figures = write_report(current, report, curves=tuple(rep.get("curves", ("cpl", "kd+lp", "kd+tp"))),
+                                   paper=rep.get("paper", False), headline_weak=first_weak)
+    for table in tables if verbose else tables[:1]:
         log(to_markdown(table) + "\n")
+    log(f"The full report, {len(tables)} tables (.md .csv .tex) and {len(figures)} figures, is in {report}; "
+        "`w2s-run --verbose` prints every table.")
     return report
 
 
@@ -252,7 +257,8 @@ def _run_tp(tp: dict, store_path, strong, weak, store_id, where: Path, device, l
 @click.option("--compile-cache/--no-compile-cache", default=True, show_default=True,
               help="Keep compiled programs on disk ($W2S_CACHE/jax or ~/.cache/w2s/jax), so that a rerun after an "
                    "edit compiles only the programs whose shapes changed.")
-def main(experiment, compile_cache):
+@click.option("--verbose", is_flag=True, help="Print every table of the report, not only the headline one.")
+def main(experiment, compile_cache, verbose):
     """Run an experiment file: extract missing stores, fit what is not done, write the report."""
     from extract.cli import USER_ERRORS
     from w2s_jax import compile_cache as cache
@@ -260,10 +266,9 @@ def main(experiment, compile_cache):
     if compile_cache:
         cache.enable(warn=lambda text: click.echo(f"warning: {text}", err=True))
     try:
-        report = run_experiment(load_experiment(experiment), log=click.echo)
+        report = run_experiment(load_experiment(experiment), log=click.echo, verbose=verbose)
     except (ExperimentError, *USER_ERRORS) as err:
         raise click.ClickException(str(err)) from None
-    click.echo(f"report in {report}")
 
 
 if __name__ == "__main__":

@@ -237,6 +237,7 @@ def main(results_dir, store, split, images, export_prototypes, method, seed, gri
         else:
             preds = predict_images(head, results_dir, images, seed, grid_index, checkpoint=checkpoint,
                                    device=device or default_device(), batch_size=batch_size, num_workers=num_workers)
+        lines = accuracy_lines(preds, head, results_dir, split, seed, grid_index)  # every file read before writing
         write_predictions(target, preds, head.class_names)
     except ValueError as err:  # HeadsError, StoreError, EncoderError, OutputError are ValueErrors
         raise click.ClickException(str(err)) from None
@@ -245,7 +246,7 @@ def main(results_dir, store, split, images, export_prototypes, method, seed, gri
         bad = [i for i, ok in zip(preds.ids, preds.readable_N) if not ok]
         click.echo(f"{len(bad)} unreadable image(s), marked 'unreadable': {', '.join(bad[:10])}"
                    + (" ..." if len(bad) > 10 else ""))
-    for line in accuracy_lines(preds, head, results_dir, split, seed, grid_index):
+    for line in lines:
         click.echo(line)
 
 

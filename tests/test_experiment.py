@@ -1,4 +1,6 @@
 """w2s-run: an experiment file runs end to end, skips finished work, resumes after a crash, rejects bad files."""
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -55,6 +57,11 @@ def test_runs_skips_and_resumes(tmp_path, monkeypatch):
     # it says where it is in the grid
     assert "== store 1 of 1: demo/mnist" in lines and "== fit 2 of 3: demo/mnist, weak pixels@3" in lines
     assert any(line.startswith("compiled in") for line in lines)
+    # the first screen: the headline table with PGR, one line saying where the rest is (issue 25)
+    text = "\n".join(lines)
+    assert "Table 2 analogue: test' accuracy (%) by domain, weak model pixels@2, with PGR" in text
+    assert "PGR (avg.)" in text and "The full report," in text and "--verbose" in text
+    assert "Misfit predicts gain?" not in text and (report / "misfit-gain.md").exists()
     assert (report / "table2-pixels@2.md").exists() and (report / "table3-demo-mnist.md").exists()
     assert (report / "curves-demo-mnist-pixels@3.png").exists()
     assert "raven+cpl" in (report / "multi-weak.md").read_text() and (report / "weak-choice.md").exists()
@@ -85,3 +92,16 @@ def test_bad_experiment_files(tmp_path, edit, message):
     path = write(tmp_path, edit(TOML.format(out=tmp_path / "out")))
     r = CliRunner().invoke(experiment.main, [str(path)])
     assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output
+
+
+def test_domainnet_root_follows_w2s_data_and_a_missing_one_names_both(tmp_path, monkeypatch):
+    """No root in [[data]]: DomainNet is read from $W2S_DATA/domainnet, where w2s-extract downloads; a missing
+    folder is refused naming the path and W2S_DATA (before: the file's /data/domainnet, found by nobody)."""
+    monkeypatch.setenv("W2S_DATA", str(tmp_path / "mydata"))
+    text = TOML.format(out=tmp_path / "out").replace('dataset = "demo"', 'dataset = "domainnet"')
+    text = text.replace('domains = ["mnist"]', 'domains = ["real"]')
+    r = CliRunner().invoke(experiment.main, [str(write(tmp_path, text))])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert str(tmp_path / "mydata" / "domainnet") in r.output and "W2S_DATA" in r.output, r.output
+    assert experiment.data_root({"dataset": "domainnet"}) == str(tmp_path / "mydata" / "domainnet")
+    assert 'root = "/data' not in (Path(__file__).parent.parent / "experiments" / "domainnet.toml").read_text()

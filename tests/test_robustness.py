@@ -65,7 +65,14 @@ def test_a_non_finite_training_loss_is_a_named_failure_never_an_accuracy(store_p
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda t: t.replace("seeds = 2", 'seeds = "five"'), "seeds = 'five' is not an integer"),
+    (lambda t: t.replace("seeds = 2", 'seeds = "five"'), "[fit] seeds = 'five' should be a whole number"),
+    # issue 25: wrong types are caught by the typed schema, naming the key (before: "'float' object is not
+    # iterable", or a string read letter by letter as "unknown demo domain 'm'")
+    (lambda t: t + "[fit.grid]\nlr = 0.1\n", "[fit.grid] lr = 0.1 should be a list"),
+    (lambda t: t.replace('domains = ["mnist"]', 'domains = "mnist"'), "domains = 'mnist' should be a list"),
+    (lambda t: t.replace("limit = 120", "limit = -5"), "limit = -5 should be a positive whole number"),
+    (lambda t: t.replace("limit = 120", 'limit = "ten"'), "limit = 'ten' should be a whole number"),
+    (lambda t: t.replace('methods = ["cpl", "kd+lp", "ceiling+proto"]', "methods = []"), "no methods to fit"),
     (lambda t: t.replace("epochs = 2", "epochs = 0"), "epochs = 0 is out of range"),
     (lambda t: t + 'feature_dtype = "int8"\n', "feature_dtype = 'int8'; valid: float32, float16"),
     (lambda t: t.replace('domains = ["mnist"]', 'domains = ["../escape"]'), "'../escape' becomes part of a path"),
