@@ -266,7 +266,7 @@ def main(experiment, compile_cache, verbose):
     if compile_cache:
         cache.enable(warn=lambda text: click.echo(f"warning: {text}", err=True))
     try:
-        report = run_experiment(load_experiment(experiment), log=click.echo, verbose=verbose)
+        run_experiment(load_experiment(experiment), log=click.echo, verbose=verbose)
     except (ExperimentError, *USER_ERRORS) as err:
         raise click.ClickException(str(err)) from None
 

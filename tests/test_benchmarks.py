@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 FIT_TINY = ["--n", "600", "--d", "16", "--k", "5", "--seeds", "2", "--epochs", "2", "--batch", "64", "--runs", "1"]

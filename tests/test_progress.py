@@ -47,7 +47,6 @@ def test_per_epoch_calls_equal_the_single_call_fit(tmp_path):
     import jax
 
     from w2s_jax import fit as fitlib
-    from w2s_jax.methods import METHODS
     from w2s_jax.splits import stacked_splits
     from w2s_jax.store import read_store
 
