@@ -22,9 +22,13 @@ from w2s_jax import store as st
 
 
 def make_folder(root: Path, n: int, classes: int = 10, size: int = 256) -> None:
+    """``n`` random JPEGs in ``train/`` (a quarter) and ``test/``, each split holding every class (the image-folder
+    loader refuses splits with different class sets)."""
+    if n < 4 * classes:
+        raise SystemExit(f"--images {n}: give at least 4 x --classes ({4 * classes}) so that both splits hold every class")
     rng = np.random.default_rng(0)
     for i in range(n):
-        split = "train" if i % 4 == 0 else "test"
+        split = "train" if (i // classes) % 4 == 0 else "test"
         path = root / split / f"class_{i % classes}" / f"{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path, quality=90)
@@ -35,6 +39,8 @@ def main():
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--size", type=int, default=256, help="JPEG side in pixels")
     ap.add_argument("--model", default="", help="open_clip config with random weights (default: a tiny one)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -46,7 +52,7 @@ def main():
     ckpt = tmp / "weights.pt"
     torch.save(open_clip.create_model(name, pretrained=None).state_dict(), ckpt)
     spec = f"{name}:{ckpt}"
-    make_folder(tmp / "images", args.images)
+    make_folder(tmp / "images", args.images, args.classes, args.size)
     data = load_dataset("imagefolder", domain=None, root=str(tmp / "images"))
     opts = pipeline.Options(device=args.device, batch_size=args.batch, num_workers=args.workers, log=lambda *a: None)
 
@@ -78,7 +84,7 @@ def main():
     size32, size16 = (tmp / "f32.h5").stat().st_size, (tmp / "f16.h5").stat().st_size
     err = np.abs(half.splits["test"].features_NxD.astype(np.float32) - store.splits["test"].features_NxD).max()
 
-    print(f"machine: {machine()}; device {args.device}; model {name} (random weights), {args.images} JPEGs 256px, "
+    print(f"machine: {machine()}; device {args.device}; model {name} (random weights), {args.images} JPEGs {args.size}px, "
           f"batch {args.batch}, {args.workers} workers")
     print(f"end-to-end w2s-extract: {e2e:.1f} img/s; encoder only: {encoder_only:.1f} img/s")
     print(f"HDF5 write: float32 {w32 * 1e3:.1f} ms ({size32 / 1e6:.2f} MB), float16 {w16 * 1e3:.1f} ms "

@@ -32,17 +32,21 @@ print(json.dumps({{**a, **t, "peak_rss_mib": peak / 1024, "rss_before_data_mib":
 """
 BASE = {"n": 20000, "d": 512, "k": 345, "seeds": 4, "grid": 1}
 SWEEPS = {"n": [5000, 10000, 20000, 40000], "k": [50, 100, 200, 345], "seeds": [1, 2, 4, 8], "grid": [1, 2, 4, 8]}
+TINY_BASE = {"n": 600, "d": 16, "k": 5, "seeds": 2, "grid": 1}  # --tiny: seconds, for the suite's smoke test
+TINY_SWEEPS = {"n": [400, 600], "k": [3, 5], "seeds": [1, 2], "grid": [1, 2]}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "scaling.png"))
+    ap.add_argument("--tiny", action="store_true", help="two small points per axis (a smoke test, not a measurement)")
     args = ap.parse_args()
+    base, sweeps = (TINY_BASE, TINY_SWEEPS) if args.tiny else (BASE, SWEEPS)
     here = os.path.dirname(os.path.abspath(__file__))
     rows = []
-    for axis, values in SWEEPS.items():
+    for axis, values in sweeps.items():
         for v in values:
-            payload = json.dumps({**BASE, axis: v})
+            payload = json.dumps({**base, axis: v})
             out = subprocess.run([sys.executable, "-c", CHILD.format(bench=here), payload], check=True,
                                  capture_output=True, text=True, cwd=os.path.dirname(here))
             rows.append({"axis": axis, **json.loads(out.stdout.strip().splitlines()[-1])})
@@ -59,7 +63,7 @@ def main():
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 4, figsize=(13, 5.5), dpi=110)
-    for j, axis in enumerate(SWEEPS):
+    for j, axis in enumerate(sweeps):
         pts = [r for r in rows if r["axis"] == axis]
         xs = [r[axis] for r in pts]
         axes[0, j].plot(xs, [r["run_s"] for r in pts], "o-")
@@ -68,14 +72,14 @@ def main():
         axes[1, j].plot(xs, [r["model_mib"] for r in pts], "s--", label="memory model")
         axes[1, j].set(xlabel=axis, ylabel="MiB above baseline")
         axes[1, j].legend(fontsize=7)
-    fig.suptitle(f"vmapped fit (cpl), base n={BASE['n']} d={BASE['d']} k={BASE['k']} seeds={BASE['seeds']} "
-                 f"grid={BASE['grid']}, {os.cpu_count()} CPU cores")
+    fig.suptitle(f"vmapped fit (cpl), base n={base['n']} d={base['d']} k={base['k']} seeds={base['seeds']} "
+                 f"grid={base['grid']}, {os.cpu_count()} CPU cores")
     fig.tight_layout()
     fig.savefig(args.out)
     print(f"wrote {args.out}")
     g = [r for r in rows if r["axis"] == "grid"]
-    measured = (g[-1]["peak_rss_mib"] - g[0]["peak_rss_mib"]) / (g[-1]["grid"] - g[0]["grid"]) / BASE["seeds"]
-    modelled = (g[-1]["model_mib"] - g[0]["model_mib"]) / (g[-1]["grid"] - g[0]["grid"]) / BASE["seeds"]
+    measured = (g[-1]["peak_rss_mib"] - g[0]["peak_rss_mib"]) / (g[-1]["grid"] - g[0]["grid"]) / base["seeds"]
+    modelled = (g[-1]["model_mib"] - g[0]["model_mib"]) / (g[-1]["grid"] - g[0]["grid"]) / base["seeds"]
     print(f"time ratio grid {g[-1]['grid']}/{g[0]['grid']}: {g[-1]['run_s'] / g[0]['run_s']:.2f}x; "
           f"memory per model modelled/measured: {modelled:.1f}/{measured:.1f} MiB = {modelled / measured:.2f}x")
 

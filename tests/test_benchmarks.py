@@ -60,3 +60,51 @@ def test_gpu_check_writes_one_json_line_per_step(tmp_path):
     for x in lines:
         assert x["rc"] == 0, (x["step"], x["output"][-2000:])
     assert "PyTorch / ours" in lines[1]["output"] and "all methods / one method" in lines[-1]["output"]
+
+
+def test_bench_extract_separates_the_pipeline_from_the_encoder():
+    """It used to fail: its folder put the even classes only in train/, which the image-folder check refuses."""
+    out = run_script("bench_extract.py", "--images", "24", "--classes", "3", "--size", "32", "--batch", "8",
+                     "--workers", "0", "--device", "cpu")
+    assert "end-to-end w2s-extract:" in out and "encoder only:" in out and "pipeline efficiency" in out
+
+
+def test_bench_tp_prints_both_epochs():
+    out = run_script("bench_tp.py", "--images", "16", "--classes", "3", "--batch", "8", "--image-size", "32",
+                     "--device", "cpu")
+    assert "epoch on stored features:" in out and "ratio re-encode/stored per epoch" in out
+
+
+def test_bench_fit_variants_prints_every_variant():
+    out = run_script("bench_fit_variants.py", "--models", "2", "--n-train", "256", "--d", "16", "--k", "5",
+                     "--batch", "64")
+    for variant in ("baseline", "bf16", "prepermuted", "fused"):
+        assert variant in out
+    assert "ratios baseline/variant:" in out
+
+
+def test_bench_devices_prints_a_row_per_device_count():
+    out = run_script("bench_devices.py", "--devices", "1,2", "--n", "600", "--d", "16", "--k", "5", "--seeds", "2",
+                     "--epochs", "1")
+    assert "| devices |" in out and "run-time ratio 2 devices / 1" in out, out
+
+
+def test_bench_scaling_tiny_writes_its_table_and_figure(tmp_path):
+    out = run_script("bench_scaling.py", "--tiny", "--out", tmp_path / "scaling.png", timeout=900)
+    assert "| varied |" in out and "memory per model modelled/measured" in out
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_bench_probe_compares_with_scikit_learn(tmp_path):
+    from conftest import synthetic_store
+
+    synthetic_store(tmp_path / "s.h5")
+    out = run_script("bench_probe.py", "--store", tmp_path / "s.h5", "--seeds", "2")
+    assert "| ceiling+lp |" in out and "sklearn" in out and "chosen on hold_val" in out
+
+
+def test_every_benchmark_script_has_a_smoke_test():
+    """A new script in benchmarks/ must get its test here."""
+    here = Path(__file__).read_text()
+    scripts = sorted(p.name for p in BENCH.glob("bench_*.py")) + ["gpu_check.sh"]
+    assert [s for s in scripts if s not in here] == []

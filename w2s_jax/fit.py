@@ -130,6 +130,7 @@ class Group(NamedTuple):
     penalty: Callable  # (params, hp) -> scalar added to a model's mean training loss
     linear: bool  # the head has a linear_form (the fused step computes its logits in one wide GEMM)
     text_KxD: jax.Array | None  # mean raw text embedding per class (the prototype head's start), or None
+    start_fields: tuple | None  # the Hparams fields the head's start reads (heads.Head.start_fields)
 
 
 class Rows(NamedTuple):
@@ -160,7 +161,8 @@ def make_groups(methods, num_classes: int, text_TxKxD) -> dict[str, Group]:
         head = get_head(head_name)
         module = head.module(num_classes)
         groups[head_name + ("+multi-weak" if multi else "")] = Group(
-            head_name, multi, tuple(names), module, head.penalty, hasattr(module, "linear_form"), text_KxD)
+            head_name, multi, tuple(names), module, head.penalty, hasattr(module, "linear_form"), text_KxD,
+            head.start_fields)
     return groups
 
 
@@ -241,6 +243,30 @@ def start_model(group: Group, cfg: FitConfig, key, row: Rows, data: FitData, spl
                                      Start(targets_N, group.text_KxD)), **mixture}
     best = {"variables": variables, "score": jnp.float32(-1.0), "epoch": jnp.int32(0)}
     return FitState(variables, make_optimizer(cfg)(row.hp, total_steps(cfg, split)).init(trained(variables)), best)
+
+
+def shared_starts(group: Group, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
+    """Which models of a group can share one start: ``(firsts_U, of_model_J)``, the first model of each distinct
+    (target, start hyperparameters) and, per model, the index of its start among them. The linear head's start
+    solves a D x D system that depends on the targets, δ and s only, so the LDA of a seed is solved once for all
+    its weak-label methods and learning rates instead of once per model."""
+    num_j = np.shape(rows.target)[0]
+    if group.start_fields is None:
+        return np.arange(num_j), np.arange(num_j)
+    keys = [(int(np.asarray(rows.target)[j]), *(float(np.asarray(getattr(rows.hp, f))[j]) for f in group.start_fields))
+            for j in range(num_j)]
+    distinct = list(dict.fromkeys(keys))
+    firsts = np.asarray([keys.index(key) for key in distinct])
+    return firsts, np.asarray([distinct.index(key) for key in keys])
+
+
+def start_group(group: Group, cfg: FitConfig, plan, key_data_S, rows: Rows, data: FitData, splits_S) -> FitState:
+    """:func:`start_seeds` for a group, each distinct start made once and copied to the models that share it
+    (``plan``: :func:`shared_starts` of the group's rows): leading S x J. A model's other hyperparameters enter
+    only in training."""
+    firsts_U, of_model_J = plan
+    states_SxU = start_seeds(group, cfg, key_data_S, jax.tree.map(lambda a: a[firsts_U], rows), data, splits_S)
+    return jax.tree.map(lambda a: a[:, of_model_J], states_SxU)
 
 
 def start_seeds(group: Group, cfg: FitConfig, key_data_S, rows: Rows, data: FitData, splits_S) -> FitState:
@@ -455,7 +481,8 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
     hps = cfg.grid_hparams()
     num_h = len(hps.lr)
     groups = make_groups(cfg.methods, num_classes, text_TxKxD)
-    check_heads(groups, {g: group_rows(grp, hps) for g, grp in groups.items()}, data, splits, cfg, num_classes)
+    host_rows = {g: group_rows(grp, hps) for g, grp in groups.items()}
+    check_heads(groups, host_rows, data, splits, cfg, num_classes)
     report = progress or (lambda done: None)
     t0 = time.perf_counter()
     if cfg.vmap:
@@ -463,10 +490,12 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
         mesh = sharding.seed_mesh()
         key_data_S, splits_S = sharding.place(sharding.pad_seeds((jax.random.key_data(keys), splits), mesh.size),
                                               mesh, P("seeds"))
-        rows, shared = sharding.place(({g: group_rows(grp, hps) for g, grp in groups.items()}, data), mesh, P())
+        rows, shared = sharding.place((host_rows, data), mesh, P())
+        plans = {g: shared_starts(grp, jax.tree.map(np.asarray, host_rows[g])) for g, grp in groups.items()}
 
         def start_program(key_data_S, rows, data, splits_S):
-            return {g: start_seeds(grp, cfg, key_data_S, rows[g], data, splits_S) for g, grp in groups.items()}
+            return {g: start_group(grp, cfg, plans[g], key_data_S, rows[g], data, splits_S)
+                    for g, grp in groups.items()}
 
         def epoch_program(states, e, key_data_S, rows, data, splits_S):
             def one_seed(seeded, shared):

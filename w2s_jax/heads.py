@@ -52,10 +52,12 @@ class Start(NamedTuple):
 
 
 class Head(NamedTuple):
-    """A registry entry: the module, built as ``module(num_classes)``, and an optional training penalty."""
+    """A registry entry: the module, built as ``module(num_classes)``, an optional training penalty, and which
+    hyperparameters its start reads (models of a seed with the same target and these values share one start)."""
 
     module: Callable[[int], nn.Module]
     penalty: Callable = lambda params, hp: 0.0  # (params, hp) -> scalar added to the mean training loss
+    start_fields: tuple | None = None  # Hparams fields that init reads; None: any of them (no start is shared)
 
 
 def linear_logits(feats_BxD, a_KxD, c_K):
@@ -154,8 +156,8 @@ def linear_l2(params, hp):
 
 
 HEADS = {
-    "prototype": Head(PrototypeHead),
-    "linear": Head(LinearHead, linear_l2),
+    "prototype": Head(PrototypeHead, start_fields=()),
+    "linear": Head(LinearHead, linear_l2, start_fields=("lp_shrinkage", "lp_scale")),
 }
 
 
