@@ -45,7 +45,8 @@ def test_a_row_equal_to_kd_trains_like_kd_in_the_same_group(store_path, registri
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(name="kd+lp", head="linear", weak_soft=1.0), r"kd\+lp: the name exists already \(a built-in method\)"),
+    (dict(name="kd+lp", head="linear", weak_soft=1.0),
+     r"kd\+lp: the name exists already \(a built-in method or loss row\)"),
     (dict(name="ce", head="linear", weak_soft=1.0), "the name exists already"),
     (dict(name="mine", head="linear", weak_hard=1.0), r"mine: the name exists already \(defined as head=linear"),
     (dict(name="x", head="mlp9", weak_soft=1.0), "unknown head 'mlp9'"),
