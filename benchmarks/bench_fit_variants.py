@@ -21,7 +21,13 @@ import optax
 
 from _common import machine, timed
 from w2s_jax.config import Hparams
-from w2s_jax.losses import kd
+from w2s_jax.losses import LOSSES, family_loss
+
+
+def kd(logits_BxK, teacher_BxK, hp):
+    """KD's row of the loss family, per example (the labels are not read by this row)."""
+    labels_B = jnp.zeros(logits_BxK.shape[0], jnp.int32)
+    return family_loss(logits_BxK, teacher_BxK, labels_B, LOSSES["kd"], progress=0.5, hp=hp)
 
 
 def make_epoch(variant, feats_NxD, weak_NxK, batch, steps):
@@ -32,13 +38,13 @@ def make_epoch(variant, feats_NxD, weak_NxK, batch, steps):
 
     def loss_fn(w, x_BxD, t_BxK):
         logits = jnp.dot(x_BxD, w.astype(dtype).T, preferred_element_type=jnp.float32)
-        return kd(logits, t_BxK, progress=0.5, hp=hp).mean()
+        return kd(logits, t_BxK, hp).mean()
 
     if variant == "fused":
         def fused_loss(w_MxKxD, x_BxD, t_BxK):
             m, k, d = w_MxKxD.shape
             logits_BxMxK = (x_BxD @ w_MxKxD.reshape(m * k, d).T).reshape(-1, m, k)  # one wide GEMM for M heads
-            return jnp.sum(jax.vmap(lambda z: kd(z, t_BxK, progress=0.5, hp=hp).mean(), in_axes=1)(logits_BxMxK))
+            return jnp.sum(jax.vmap(lambda z: kd(z, t_BxK, hp).mean(), in_axes=1)(logits_BxMxK))
 
         def fused_epoch(w_MxKxD, rows_MxTxB):
             opt = tx.init(w_MxKxD)

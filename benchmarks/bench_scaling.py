@@ -47,8 +47,10 @@ def main():
     for axis, values in sweeps.items():
         for v in values:
             payload = json.dumps({**base, axis: v})
-            out = subprocess.run([sys.executable, "-c", CHILD.format(bench=here), payload], check=True,
+            out = subprocess.run([sys.executable, "-c", CHILD.format(bench=here), payload],
                                  capture_output=True, text=True, cwd=os.path.dirname(here))
+            if out.returncode:
+                raise SystemExit(f"the point {payload} failed:\n{out.stderr[-3000:]}")
             rows.append({"axis": axis, **json.loads(out.stdout.strip().splitlines()[-1])})
     print("| varied | n | k | seeds | grid | models | run s | compile s | peak RSS MiB | RSS before data MiB "
           "| model MiB | measured − baseline MiB |")

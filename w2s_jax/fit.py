@@ -35,7 +35,7 @@ from w2s_jax.config import FitConfig, Hparams, resolve_batch_size, resolve_seed_
 from w2s_jax.heads import Start, get_head, l2_normalize
 from w2s_jax.losses import Coeffs, family_loss, stack_rows
 from w2s_jax.methods import METHODS, MULTI_WEAK, Method, coeffs_of
-from w2s_jax.splits import SeedSplits
+from w2s_jax.splits import SeedSplits, split_sizes
 
 
 class FitData(NamedTuple):
@@ -550,6 +550,7 @@ def estimate_bytes(cfg: FitConfig, n: int, d: int, k: int) -> int:
     models' step (one minibatch's features and J logits, twice for the gradient) and end-of-epoch evaluation
     (hold_val and test' features and J logits, 36% of n rows). Checked against measured peak RSS in
     benchmarks/bench_scaling.py (runtime overhead not included)."""
+    cfg = resolve_batch_size(cfg, split_sizes(n)[0])  # an "auto" batch as the fit will resolve it
     num_h = int(np.prod([len(v) for _, v in cfg.grid] or [1]))
     params = k * d + k
     j = num_h * len(cfg.methods)  # models of one seed
