@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fit's GPU figures in one device call (issue #21): under 8 minutes, a timeout per step, JSON lines to $OUT.
+# The GPU figures in one device call (issues #21, #22): under 8 minutes, a timeout per step, JSON lines to $OUT.
 #
 #   run on the device machine, from the repository root, with open_clip's wheels carried in .whl
 #   (shared/DEVICE.md: "A recipe that works"):
@@ -7,10 +7,13 @@
 #   here, at a tiny size, as the suite does (tests/test_benchmarks.py):
 #     TINY=1 OUT=/tmp/out bash benchmarks/gpu_check.sh
 #
-# Each line: {"step", "rc", "seconds", "command", "output"}; rc 124 is a step stopped by its timeout. A step that
+# Each line: {"step", "rc", "seconds", "command", "output"}; rc 124 is a step stopped by its timeout, or skipped
+# because the script's budget (BUDGET_S, default 450 s, so the call stays under 8 minutes) was spent. A step that
 # fails does not stop the others. Steps: machine, bench_fit at DomainNet shape (fused, bf16, PyTorch on the same
 # GPU), the many-model shape, bench_step_profile (fused epoch against its GEMMs, seeds mapped and vmapped) and
-# bench_compile_cache (cache off/warm, one method against all).
+# bench_compile_cache (cache off/warm, one method against all), then bench_extract (ViT-B-32, random weights:
+# start-up apart from the steady state, against the encoder alone) and bench_tp (K = 345 prompts: stored features
+# against re-encoding, and the text tower in bf16 against fp32).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
@@ -25,8 +28,17 @@ else
 fi
 PY=${PYTHON:-python3}
 
-step() {  # step NAME TIMEOUT_S COMMAND...: run it, append one JSON line
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-450} ))  # the whole script ends within this, whatever the steps' own limits
+
+step() {  # step NAME TIMEOUT_S COMMAND...: run it within its limit and the script's deadline, append one JSON line
   local name=$1 limit=$2; shift 2
+  local left=$(( DEADLINE - $(date +%s) ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then
+    echo "{\"step\": \"$name\", \"rc\": 124, \"seconds\": 0, \"command\": \"$*\", \"output\": \"skipped: the script's time budget is spent\"}" >> "$LOG"
+    echo "[$name] skipped: out of time"
+    return
+  fi
   local start=$(date +%s%N) text rc
   text=$(cd benchmarks && timeout "$limit" "$@" 2>&1); rc=$?
   local seconds=$(( ($(date +%s%N) - start) / 1000000 ))e-3
@@ -43,11 +55,15 @@ if [ "${TINY:-0}" = 1 ]; then  # seconds on a CPU: the suite checks that every s
   MANY="--n 600 --d 16 --k 5 --seeds 2 --epochs 2 --batch 64 --runs 1 --grid-lr 1e-2,3e-3"
   PROFILE="--n 600 --d 16 --k 5 --seeds 2 --batch 64 --runs 1"
   CACHE="--n 600 --d 16 --k 5 --seeds 2 --epochs 1 --batch 64 --repeats 1"
+  EXTRACT="--images 24 --classes 3 --size 32 --batch 8 --workers 0"
+  TP="--images 16 --classes 3 --batch 8 --image-size 32"
 else
   FIT="--runs 1"                                                  # DomainNet shape: 52,041 x 512, k = 345
   MANY="--n 2500 --d 1280 --k 10 --batch 64 --grid-lr 1e-2,3e-3 --runs 1"   # demo shape, 100 models
   PROFILE="--runs 3"
   CACHE="--repeats 1"
+  EXTRACT="--images 16384 --classes 100 --batch 256 --workers 12 --model ViT-B-32"
+  TP="--images 1024 --classes 345 --batch 256 --model ViT-B-32"
 fi
 
 step machine 60 $PY -c "from _common import machine; import jax; print(machine(), jax.devices())"
@@ -56,4 +72,6 @@ step fit_many_models 100 $PY bench_fit.py $MANY --skip-novmap --skip-unfused
 step step_profile 90 $PY bench_step_profile.py $PROFILE
 step compile_cache 60 $PY bench_compile_cache.py $CACHE
 step compile_methods 60 $PY bench_compile_cache.py $CACHE --methods-scaling
+step extract 150 $PY bench_extract.py $EXTRACT
+step prompt_tuning 60 $PY bench_tp.py $TP
 echo "wrote $LOG"

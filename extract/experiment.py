@@ -29,7 +29,7 @@ SECTIONS = {
     "": {"name", "out", "strong", "data", "fit", "tp", "extract", "report", "methods"},
     "data": {"dataset", "domains", "root", "weak", "limit"},
     "fit": {"methods", "seeds", "epochs", "batch_size", "warmup", "hparams", "grid", "multi_weak", "seed_axis"},
-    "tp": {"methods", "seeds", "epochs", "batch_size", "optimizer", "n_ctx", "ctx_init", "hparams"},
+    "tp": {"methods", "seeds", "epochs", "batch_size", "optimizer", "n_ctx", "ctx_init", "hparams", "precision"},
     "extract": {"batch_size", "num_workers", "device", "on_corrupt", "weak_epochs", "feature_dtype", "templates"},
     "report": {"curves", "paper"},
 }
@@ -160,6 +160,10 @@ def _check_extract(ex: dict) -> None:
 
 
 def _check_tp(tp: dict) -> None:
+    from extract.prompt import PRECISIONS
+
+    if "precision" in tp and tp["precision"] not in PRECISIONS:
+        raise ValueError(f"[tp] precision = {tp['precision']!r}; valid: {', '.join(PRECISIONS)}")
     for key, low in (("seeds", 1), ("epochs", 1), ("batch_size", 1), ("n_ctx", 1)):
         if key in tp:
             check_number(f"[tp] {key}", tp[key], low, math.inf, integer=True)
@@ -241,14 +245,15 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
 
 
 def _run_tp(tp: dict, store_path, strong, weak, store_id, where: Path, device, log) -> Path:
-    from extract.prompt import TPConfig
+    from extract.prompt import TPConfig, default_precision
     from extract.tp_cli import run_tp
 
     cfg = TPConfig(store=str(store_path), strong=strong, weak=weak,
                    methods=tuple(tp.get("methods", TORCH_METHODS)), seeds=tp.get("seeds", 5),
                    epochs=tp.get("epochs", 10), batch_size=tp.get("batch_size", 512),
                    optimizer=tp.get("optimizer", "adam"), n_ctx=tp.get("n_ctx", 16), ctx_init=tp.get("ctx_init", ""),
-                   hparams=Hparams(**tp.get("hparams", {})), device=device)
+                   hparams=Hparams(**tp.get("hparams", {})), device=device,
+                   precision=tp.get("precision", default_precision(device)))
     return _once(where / f"tp-{_key([cfg.to_dict(), store_id])}", lambda tmp: run_tp(cfg, tmp), log)
 
 

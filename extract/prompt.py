@@ -21,6 +21,12 @@ from w2s_jax.methods import METHODS
 from w2s_jax.splits import SeedSplits
 
 OPTIMIZERS = ("adam", "coop")  # adam: paper defaults; coop: SGD lr 0.002, cosine (CoOp's own)
+PRECISIONS = ("fp32", "bf16")  # the text tower's compute: float32, or bfloat16 autocast (the learned context stays float32)
+
+
+def default_precision(device: str) -> str:
+    """bf16 on CUDA (the text tower is TP's cost, and bf16 units are there), fp32 elsewhere."""
+    return "bf16" if str(device).startswith("cuda") else "fp32"
 
 
 class PromptError(ValueError):
@@ -42,6 +48,11 @@ class TPConfig:
     ctx_init: str = ""  # e.g. "a photo of a": initialise the context from this phrase
     hparams: Hparams = Hparams()  # lr, temperature, logit_scale, alpha_max, aux_warmup, tau_a
     device: str = "cpu"
+    precision: str = "fp32"  # the text tower under "fp32" or "bf16" autocast (default_precision: bf16 on CUDA)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
 
     def grid_hparams(self) -> Hparams:
         return Hparams(*(np.asarray([v], np.float32) for v in self.hparams))
@@ -165,13 +176,19 @@ def fit_prompts(method: str, make_module: Callable, feats_NxD, weak_NxK, labels_
     def logits_for(text_KxD, rows):
         return hp.logit_scale * feats[rows] @ F.normalize(text_KxD.float(), dim=1).T
 
+    def text_features():
+        """The text tower over all K prompts; under bf16 autocast with ``--precision bf16`` (its parameters and the
+        learned context stay float32; the logits and the loss are float32)."""
+        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            return module()
+
     history = {"train_loss": [], "train_acc": [], "val_loss": [], "val_score": [], "test_acc": []}
     best = (-1.0, 0, None)
     for epoch in range(cfg.epochs):
         order = train_idx[torch.randperm(len(train_idx), generator=gen).to(dev)]
         running, hits = 0.0, 0
         for b, rows in enumerate(order.split(cfg.batch_size)):
-            text = module()  # the text tower once per step, over all K prompts
+            text = text_features()  # the text tower once per step, over all K prompts
             logits = logits_for(text, rows)
             loss = loss_fn(logits, targets[rows], progress=(epoch * steps + b) / total, hp=hp).mean()
             hits += int((logits.argmax(1) == targets[rows].argmax(1)).sum())
@@ -181,7 +198,7 @@ def fit_prompts(method: str, make_module: Callable, feats_NxD, weak_NxK, labels_
             sched.step()
             running += float(loss.detach()) * len(rows)
         with torch.no_grad():
-            text = module()
+            text = text_features()
             val_logits = logits_for(text, val_idx)
             val_score = float((val_logits.argmax(1) == targets[val_idx].argmax(1)).float().mean())
             val_loss = float(loss_fn(val_logits, targets[val_idx], progress=(epoch + 1) / cfg.epochs, hp=hp).mean())
@@ -194,7 +211,7 @@ def fit_prompts(method: str, make_module: Callable, feats_NxD, weak_NxK, labels_
     with torch.no_grad():
         for p, kept in zip(params, best[2]):
             p.copy_(kept)
-        text = module()
+        text = text_features()
         test_logits = logits_for(text, test_idx)
         metrics = {
             "test_acc": float((test_logits.argmax(1) == labels[test_idx]).float().mean()),

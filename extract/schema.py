@@ -47,6 +47,7 @@ class TP(_Section):
     optimizer: StrictStr = "adam"
     n_ctx: StrictInt = 16
     ctx_init: StrictStr = ""
+    precision: StrictStr = "fp32"
     hparams: dict[str, Number] = {}
 
 

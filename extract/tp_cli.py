@@ -12,7 +12,8 @@ import click
 import numpy as np
 
 from extract import encoders
-from extract.prompt import OPTIMIZERS, PromptError, PromptLearner, TextEncoderPrompts, TPConfig, check_text_tower, fit_prompts
+from extract.prompt import (OPTIMIZERS, PRECISIONS, PromptError, PromptLearner, TextEncoderPrompts, TPConfig,
+                            check_text_tower, default_precision, fit_prompts)
 from w2s_jax import outputs
 from w2s_jax.config import Hparams
 from w2s_jax.methods import METHODS, TORCH_METHODS, check_methods
@@ -83,20 +84,24 @@ def _run_tp(cfg: TPConfig, out_dir, overwrite) -> tuple[dict, Path]:
 @click.option("--n-ctx", default=16, show_default=True, help="Number of context vectors M.")
 @click.option("--ctx-init", default="", help="Initialise the context from a phrase, e.g. 'a photo of a'.")
 @click.option("--device", default=None, help="[default: cuda when present]")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="The text tower's compute: fp32, or bf16 autocast (the learned context stays float32). "
+                   "[default: bf16 on CUDA, fp32 elsewhere]")
 @click.option("--out", type=click.Path(), default=None, help="[default: results/STORE-WEAK-tp]")
 def main(store, strong, weak, methods, seeds, epochs, batch_size, optimizer, lr, temperature, logit_scale, n_ctx,
-         ctx_init, device, out):
+         ctx_init, device, precision, out):
     """Prompt tuning (CoOp) with CE, KD, AuxConf, AdaptConf (+ ceiling) and the text-encoder ablation."""
     from extract.cli import default_device
     from w2s_jax import results
 
     try:
         weak = weak or (read_store(store).weak_names or ("",))[0]
+        device = device or default_device()
         cfg = TPConfig(store=str(store), strong=strong, weak=weak,
                        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), seeds=seeds, epochs=epochs,
                        batch_size=batch_size, optimizer=optimizer, n_ctx=n_ctx, ctx_init=ctx_init,
                        hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale),
-                       device=device or default_device())
+                       device=device, precision=precision or default_precision(device))
         summary, path = run_tp(cfg, out or f"results/{Path(store).stem}-{weak}-tp")
     except (StoreError, PromptError, encoders.EncoderError, outputs.OutputError, ValueError) as err:
         raise click.ClickException(str(err)) from None

@@ -56,10 +56,11 @@ def test_gpu_check_writes_one_json_line_per_step(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == ["machine", "fit_domainnet", "fit_many_models", "step_profile",
-                                          "compile_cache", "compile_methods"]
+                                          "compile_cache", "compile_methods", "extract", "prompt_tuning"]
     for x in lines:
         assert x["rc"] == 0, (x["step"], x["output"][-2000:])
-    assert "PyTorch / ours" in lines[1]["output"] and "all methods / one method" in lines[-1]["output"]
+    assert "PyTorch / ours" in lines[1]["output"] and "all methods / one method" in lines[5]["output"]
+    assert "steady-state efficiency" in lines[6]["output"] and "fp32/bf16 per epoch" in lines[7]["output"]
 
 
 def test_bench_extract_separates_the_pipeline_from_the_encoder():
@@ -67,12 +68,14 @@ def test_bench_extract_separates_the_pipeline_from_the_encoder():
     out = run_script("bench_extract.py", "--images", "24", "--classes", "3", "--size", "32", "--batch", "8",
                      "--workers", "0", "--device", "cpu")
     assert "end-to-end w2s-extract:" in out and "encoder only:" in out and "pipeline efficiency" in out
+    assert "start-up: model load" in out and "steady-state efficiency" in out
 
 
 def test_bench_tp_prints_both_epochs():
     out = run_script("bench_tp.py", "--images", "16", "--classes", "3", "--batch", "8", "--image-size", "32",
                      "--device", "cpu")
     assert "epoch on stored features:" in out and "ratio re-encode/stored per epoch" in out
+    assert "fp32/bf16 per epoch:" in out
 
 
 def test_bench_fit_variants_prints_every_variant():
