@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from extract.datasets import DATASETS, DEMO_DOMAINS, DOMAINNET_DOMAINS, DatasetError, check_domainnet_domain
+from extract.decode import DecodeError, check_decode
 from extract.download import ARCHIVE_GB, DownloadError
 from extract.encoders import DEMO_ENCODER, EncoderError
 from extract.pipeline import ON_CORRUPT, CorruptImagesError, Options
@@ -16,7 +17,8 @@ from w2s_jax.store import StoreError
 
 from w2s_jax.outputs import OutputError
 
-USER_ERRORS = (DatasetError, EncoderError, WeakModelError, StoreError, CorruptImagesError, DownloadError, OutputError)
+USER_ERRORS = (DatasetError, EncoderError, WeakModelError, StoreError, CorruptImagesError, DownloadError, OutputError,
+               DecodeError)
 
 
 DATA_ENV = "W2S_DATA"  # the data folder; DomainNet defaults to $W2S_DATA/domainnet (W2S_DATA defaults to ./data)
@@ -107,9 +109,12 @@ def default_device() -> str:
                    "to merge. Under torchrun the ranks shard and merge by themselves.")
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Dtype of the stored strong features (w2s-fit computes in float32 either way).")
+@click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="Decode images in the loader's workers with PIL (cpu), or decode JPEG batches and apply the "
+                   "transforms on the CUDA device (gpu; other formats fall back to PIL per image).")
 @click.pass_context
 def main(ctx, dataset, domain, root, download, mirror, strong, weak, out, templates, device, batch_size, num_workers,
-         on_corrupt, weak_epochs, limit, shard, feature_dtype):
+         on_corrupt, weak_epochs, limit, shard, feature_dtype, decode):
     """Extract strong features, text embeddings and weak logits into one feature store.
 
     Rerun the same command to resume an interrupted extraction. Run it again on an existing
@@ -129,8 +134,9 @@ def main(ctx, dataset, domain, root, download, mirror, strong, weak, out, templa
     weak = expand_weak(weak) or (["pixels"] if is_demo else ["resnet18"])
     opts = Options(device=device or default_device(), batch_size=batch_size, num_workers=num_workers,
                    on_corrupt=on_corrupt, weak_epochs=weak_epochs, feature_dtype=feature_dtype,
-                   shard=_parse_shard(shard), log=click.echo)
+                   shard=_parse_shard(shard), decode=decode, log=click.echo)
     try:
+        check_decode(opts.decode, opts.device)
         if dataset == "domainnet":
             root = ensure_domainnet(domain, root, download=download, mirror=mirror, log=click.echo)
         data = datasets.load_dataset(dataset, domain=domain, root=root).limited(limit)

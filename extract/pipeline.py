@@ -53,6 +53,7 @@ class Options:
     weak_lr: float = 1e-3  # fine-tuning peak lr (paper: 1e-3, warmup 0.1)
     feature_dtype: str = "float32"  # stored strong features: "float32", or "float16" (half the disk)
     shard: tuple | None = None  # (i, n): run only batches b with b % n == i of the feature pass, write no store
+    decode: str = "cpu"  # "cpu": PIL in the loader's workers; "gpu": JPEG batches decoded on the device (decode.py)
     log: Callable = print
 
 
@@ -94,6 +95,30 @@ def image_loader(ids, load, transforms, batches, opts: Options):
     )
 
 
+def decoded_batches(ids, load, transforms, batches, opts: Options):
+    """Yield ``(row indices, one stacked tensor per transform, unreadable row indices)`` per batch: decoded by PIL in
+    the loader's workers, or, with ``opts.decode == "gpu"``, read as bytes there and decoded and transformed on
+    ``opts.device`` (:mod:`extract.decode`)."""
+    if opts.decode == "cpu":
+        yield from image_loader(ids, load, transforms, batches, opts)
+        return
+    from extract import decode
+
+    if not hasattr(load, "root"):
+        raise decode.DecodeError("--decode gpu reads image files, and this dataset's images are arrays in memory "
+                                 "(the demo); use --decode cpu")
+    on_device = [decode.tensor_transform(t, f"transform {k}") for k, t in enumerate(transforms)]
+    context = "spawn" if opts.num_workers and "jax" in sys.modules else None
+    raw_loader = torch.utils.data.DataLoader(decode.RawImages(ids, load.root, load), batch_sampler=batches,
+                                             collate_fn=decode.collate_raw, num_workers=opts.num_workers,
+                                             multiprocessing_context=context)
+    for index, raw, bad in raw_loader:
+        images, corrupt = decode.decode_batch(raw, opts.device)
+        kept = [k for k in range(len(raw)) if k not in corrupt]
+        inputs = tuple(torch.stack([t(image) for image in images]) for t in on_device) if images else ()
+        yield index[kept], inputs, bad + [int(index[k]) for k in corrupt]
+
+
 def run_pass(ids, load, heads: dict, parts: Path, opts: Options, desc: str) -> tuple[dict, np.ndarray, list]:
     """Run every head over the images ``ids``; resumable through per-batch part files.
 
@@ -106,7 +131,7 @@ def run_pass(ids, load, heads: dict, parts: Path, opts: Options, desc: str) -> t
     mine = range(len(batches)) if opts.shard is None else range(opts.shard[0], len(batches), opts.shard[1])
     todo = [b for b in mine if not (parts / f"{b:06d}.npz").exists()]
     names = list(heads)
-    loader = image_loader(ids, load, [heads[h][0] for h in names], [batches[b] for b in todo], opts)
+    loader = decoded_batches(ids, load, [heads[h][0] for h in names], [batches[b] for b in todo], opts)
     use_amp = opts.device.startswith("cuda")
     bad_now = []
     total = sum(len(batches[b]) for b in mine)
@@ -233,11 +258,14 @@ def package_versions() -> dict:
     return out
 
 
-def provenance_for(dataset: Dataset, encoder_id: str, preprocessing: str, templates, skipped=()) -> st.Provenance:
+def provenance_for(dataset: Dataset, encoder_id: str, preprocessing: str, templates, skipped=(),
+                   decode: str = "cpu") -> st.Provenance:
+    """The store's provenance; ``versions`` also records which path decoded the images (``image_decode``)."""
     return st.Provenance(
         dataset=dataset.name, domain=dataset.domain, class_names=dataset.class_names, templates=tuple(templates),
         encoder=encoder_id, preprocessing=preprocessing, split_hash=dataset.split_hash,
-        versions=package_versions(), created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        versions={**package_versions(), "image_decode": decode},
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         skipped=tuple(skipped),
     )
 
@@ -272,7 +300,7 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
     k = len(dataset.class_names)
     for spec in probes:
         heads[spec.name] = (weak.weak_transform(spec), weak.probe_backbone(spec, k, opts.device))
-    pass_dir = parts / ("features-" + "+".join(sorted(heads)))
+    pass_dir = parts / ("features-" + "+".join(sorted(heads)) + ("-gpu-decode" if opts.decode == "gpu" else ""))
     results, rows, skipped, corrupt = {}, {}, [], {}
     for split, (ids, labels) in dataset.splits.items():
         try:
@@ -299,7 +327,8 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
         with torch.no_grad():
             text = encoders.text_embeddings(encoder, dataset.class_names, templates).float().cpu().numpy()
     splits = {s: st.Split(results[s]["strong"].astype(opts.feature_dtype), rows[s][1], rows[s][0], {}) for s in rows}
-    store = st.Store(provenance_for(dataset, encoder.id, encoder.preprocessing, templates, skipped), splits, text, {})
+    store = st.Store(provenance_for(dataset, encoder.id, encoder.preprocessing, templates, skipped, opts.decode),
+                     splits, text, {})
     for spec in specs:
         feats = {s: results[s][spec.name] for s in rows} if spec in probes else None
         logits, info = weak_logits(spec, dataset, rows, parts, opts, feats)

@@ -169,3 +169,52 @@ def test_killed_extraction_resumes_to_the_same_store(tmp_path):
         assert a.splits[split].ids_N == b.splits[split].ids_N
         np.testing.assert_array_equal(a.splits[split].weak_logits["pixels@4"], b.splits[split].weak_logits["pixels@4"])
     assert not parts.exists()
+
+
+def test_device_decode_path_matches_the_pil_path_within_tolerance(imagefolder_root, tiny_clip, tmp_path):
+    """--decode gpu's path (bytes from the workers, torchvision's JPEG decoder and tensor transforms), run here on the
+    CPU: the stored features are those of the PIL path within a stated tolerance (cosine >= 0.9999 per row, measured
+    0.9999998; PIL and torch resize differently), the weak probe's logits within 0.05 (measured 0.017), and the
+    provenance records the path. A PNG and a corrupt
+    JPEG in the folder go through the PIL fallback and the corrupt-file rule."""
+    import dataclasses
+    import shutil
+
+    from PIL import Image
+
+    from extract import datasets
+
+    root = tmp_path / "with-png-and-broken"
+    shutil.copytree(imagefolder_root, root)
+    Image.open(next((root / "test" / "cat").glob("*.jpg"))).save(root / "test" / "cat" / "zz-png.png")
+    (root / "test" / "zebra" / "zz-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
+    data = datasets.load_dataset("imagefolder", domain=None, root=str(root))
+    base = pipeline.Options(device="cpu", batch_size=4, num_workers=0, on_corrupt="skip", log=lambda *a: None)
+    stores = {}
+    for path in ("cpu", "gpu"):  # "gpu" is the device path; torchvision decodes on whatever device it is given
+        out = tmp_path / f"{path}.h5"
+        pipeline.extract(data, tiny_clip, ["pixels@2"], out, dataclasses.replace(base, decode=path))
+        stores[path] = read_store(out)
+    cpu, dev = stores["cpu"], stores["gpu"]
+    assert dev.provenance.versions["image_decode"] == "gpu" and cpu.provenance.versions["image_decode"] == "cpu"
+    assert dev.provenance.skipped == cpu.provenance.skipped == ("test/zebra/zz-broken.jpg",)
+    for split in ("train", "test"):
+        a, b = cpu.splits[split], dev.splits[split]
+        assert a.ids_N == b.ids_N and "test/cat/zz-png.png" in cpu.splits["test"].ids_N
+        fa = a.features_NxD / np.linalg.norm(a.features_NxD, axis=1, keepdims=True)
+        fb = b.features_NxD / np.linalg.norm(b.features_NxD, axis=1, keepdims=True)
+        cosine = np.sum(fa * fb, axis=1)
+        assert cosine.min() >= 0.9999, cosine.min()  # measured 0.9999998 here
+        assert not np.array_equal(a.features_NxD, b.features_NxD)  # the device path did run
+        np.testing.assert_allclose(a.weak_logits["pixels@2"], b.weak_logits["pixels@2"], atol=0.05)
+
+
+def test_device_decode_refusals(imagefolder_root, tiny_clip, tmp_path):
+    r = extract("--dataset", "imagefolder", "--root", imagefolder_root, "--strong", tiny_clip, "--device", "cpu",
+                "--decode", "gpu", "--out", tmp_path / "s.h5")
+    assert r.exit_code != 0 and "--decode cpu" in r.output and "CUDA" in r.output and "Traceback" not in r.output
+    from extract.decode import DecodeError, tensor_transform
+    from torchvision import transforms as T
+
+    with pytest.raises(DecodeError, match="ColorJitter"):
+        tensor_transform(T.Compose([T.ColorJitter(0.1), T.ToTensor()]), "strong")
