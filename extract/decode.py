@@ -72,6 +72,7 @@ class RawImages(torch.utils.data.Dataset):
 
     def __init__(self, ids, root: str, load):
         self.ids, self.root, self.load = ids, root, load
+        self.collate = collate_raw
 
     def __len__(self):
         return len(self.ids)

@@ -85,38 +85,66 @@ def collate(items):
     return torch.tensor([i for i, _ in good], dtype=torch.long), inputs, bad
 
 
-def image_loader(ids, load, transforms, batches, opts: Options):
-    """DataLoader over ``batches`` (lists of row indices); workers decode while the model computes."""
+def image_loader(ids, load, transforms, batches, opts: Options, dataset=None):
+    """DataLoader over ``batches`` (lists of row indices); workers decode while the model computes. Its workers
+    start once and serve every iteration (``persistent_workers``: the epochs of a fine-tuning). ``dataset``: another
+    item source with its own ``collate`` (the device decode path's file bytes)."""
     # forking a process that already runs JAX's threads can deadlock (w2s-run extracts after fitting)
     context = "spawn" if opts.num_workers and "jax" in sys.modules else None
     return torch.utils.data.DataLoader(
-        ImageDataset(ids, load, transforms), batch_sampler=batches, collate_fn=collate,
-        num_workers=opts.num_workers, pin_memory=opts.device.startswith("cuda"), multiprocessing_context=context,
+        dataset or ImageDataset(ids, load, transforms), batch_sampler=batches,
+        collate_fn=collate if dataset is None else dataset.collate, num_workers=opts.num_workers,
+        pin_memory=opts.device.startswith("cuda") and dataset is None, multiprocessing_context=context,
+        persistent_workers=bool(opts.num_workers),
     )
 
 
-def decoded_batches(ids, load, transforms, batches, opts: Options):
-    """Yield ``(row indices, one stacked tensor per transform, unreadable row indices)`` per batch: decoded by PIL in
-    the loader's workers, or, with ``opts.decode == "gpu"``, read as bytes there and decoded and transformed on
-    ``opts.device`` (:mod:`extract.decode`)."""
-    if opts.decode == "cpu":
-        yield from image_loader(ids, load, transforms, batches, opts)
-        return
-    from extract import decode
+class DecodedBatches:
+    """``(row indices, one stacked tensor per transform, unreadable row indices)`` per batch, as often as iterated:
+    decoded by PIL in the loader's workers, or, with ``opts.decode == "gpu"``, read as bytes there and decoded and
+    transformed on ``opts.device`` (:mod:`extract.decode`)."""
 
-    if not hasattr(load, "root"):
-        raise decode.DecodeError("--decode gpu reads image files, and this dataset's images are arrays in memory "
-                                 "(the demo); use --decode cpu")
-    on_device = [decode.tensor_transform(t, f"transform {k}") for k, t in enumerate(transforms)]
-    context = "spawn" if opts.num_workers and "jax" in sys.modules else None
-    raw_loader = torch.utils.data.DataLoader(decode.RawImages(ids, load.root, load), batch_sampler=batches,
-                                             collate_fn=decode.collate_raw, num_workers=opts.num_workers,
-                                             multiprocessing_context=context)
-    for index, raw, bad in raw_loader:
-        images, corrupt = decode.decode_batch(raw, opts.device)
-        kept = [k for k in range(len(raw)) if k not in corrupt]
-        inputs = tuple(torch.stack([t(image) for image in images]) for t in on_device) if images else ()
-        yield index[kept], inputs, bad + [int(index[k]) for k in corrupt]
+    def __init__(self, ids, load, transforms, batches, opts: Options):
+        self.batches, self.opts = batches, opts
+        if opts.decode == "cpu":
+            self.loader = image_loader(ids, load, transforms, batches, opts)
+            return
+        from extract import decode
+
+        if not hasattr(load, "root"):
+            raise decode.DecodeError("--decode gpu reads image files, and this dataset's images are arrays in "
+                                     "memory (the demo); use --decode cpu")
+        self.on_device = [decode.tensor_transform(t, f"transform {k}") for k, t in enumerate(transforms)]
+        self.loader = image_loader(ids, load, transforms, batches, opts, decode.RawImages(ids, load.root, load))
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        if self.opts.decode == "cpu":
+            yield from self.loader
+            return
+        from extract import decode
+
+        for index, raw, bad in self.loader:
+            images, corrupt = decode.decode_batch(raw, self.opts.device)
+            kept = [k for k in range(len(raw)) if k not in corrupt]
+            inputs = tuple(torch.stack([t(image) for image in images]) for t in self.on_device) if images else ()
+            yield index[kept], inputs, bad + [int(index[k]) for k in corrupt]
+
+
+def run_splits(splits: dict, load, heads: dict, parts: Path, opts: Options, desc: str) -> tuple[dict, dict, list]:
+    """:func:`run_pass` over every split's images at once, so that the loader's workers start once:
+    ({split: {head: outputs}}, {split: the split's kept row indices}, ids of unreadable images)."""
+    all_ids = [i for ids, _ in splits.values() for i in ids]
+    outputs, kept, bad = run_pass(all_ids, load, heads, parts, opts, desc)
+    per_split, kept_by_split, start = {}, {}, 0
+    for split, (ids, _) in splits.items():
+        mine = (kept >= start) & (kept < start + len(ids))
+        per_split[split] = {h: v[mine] for h, v in outputs.items()}
+        kept_by_split[split] = kept[mine] - start
+        start += len(ids)
+    return per_split, kept_by_split, [all_ids[i] for i in bad]
 
 
 def run_pass(ids, load, heads: dict, parts: Path, opts: Options, desc: str) -> tuple[dict, np.ndarray, list]:
@@ -131,7 +159,7 @@ def run_pass(ids, load, heads: dict, parts: Path, opts: Options, desc: str) -> t
     mine = range(len(batches)) if opts.shard is None else range(opts.shard[0], len(batches), opts.shard[1])
     todo = [b for b in mine if not (parts / f"{b:06d}.npz").exists()]
     names = list(heads)
-    loader = decoded_batches(ids, load, [heads[h][0] for h in names], [batches[b] for b in todo], opts)
+    loader = DecodedBatches(ids, load, [heads[h][0] for h in names], [batches[b] for b in todo], opts)
     use_amp = opts.device.startswith("cuda")
     bad_now = []
     total = sum(len(batches[b]) for b in mine)
@@ -191,11 +219,9 @@ def weak_logits(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, 
     if spec.mode == "probe":
         if probe_feats is None:
             fn = weak.probe_backbone(spec, k, opts.device)
-            probe_feats = {
-                s: run_pass(ids, dataset.load, {spec.name: (transform, fn)}, parts / f"weakfeat-{spec.name}" / s,
-                            opts, f"{spec.name} features, {s}")[0][spec.name]
-                for s, (ids, _) in rows.items()
-            }
+            outs = run_splits(rows, dataset.load, {spec.name: (transform, fn)}, parts / f"weakfeat-{spec.name}-all",
+                              opts, f"{spec.name} features")[0]
+            probe_feats = {s: out[spec.name] for s, out in outs.items()}
         predict = weak.train_probe(probe_feats["train"], rows["train"][1], k, device=opts.device)
         logits = {s: predict(f) for s, f in probe_feats.items()}
         info.update(probe_epochs=weak.PROBE_EPOCHS, probe_lr=weak.PROBE_LR)
@@ -209,15 +235,13 @@ def weak_logits(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, 
             ids, labels = rows["train"]
             order = np.random.default_rng(0).permutation(len(ids))
             batches = [order[i:i + opts.weak_batch_size].tolist() for i in range(0, len(ids), opts.weak_batch_size)]
-            loader = _FineTuneBatches(image_loader(ids, dataset.load, [transform], batches, opts), labels)
+            loader = _FineTuneBatches(DecodedBatches(ids, dataset.load, [transform], batches, opts), labels)
             weak.finetune(model, loader, epochs=opts.weak_epochs, lr=opts.weak_lr, device=opts.device, progress=tqdm)
             _save_torch(ckpt, model.state_dict())
         model.eval()
-        logits = {
-            s: run_pass(ids, dataset.load, {spec.name: (transform, weak.hf_logits(model))},
-                        parts / f"weaklogits-{spec.name}" / s, opts, f"{spec.name} logits, {s}")[0][spec.name]
-            for s, (ids, _) in rows.items()
-        }
+        outs = run_splits(rows, dataset.load, {spec.name: (transform, weak.hf_logits(model))},
+                          parts / f"weaklogits-{spec.name}-all", opts, f"{spec.name} logits")[0]
+        logits = {s: out[spec.name] for s, out in outs.items()}
         info.update(epochs=opts.weak_epochs, batch_size=opts.weak_batch_size, lr=opts.weak_lr, warmup=0.1)
     for s, (_, labels) in rows.items():
         info[f"{s}_accuracy"] = float(np.mean(logits[s].argmax(1) == labels))
@@ -300,21 +324,11 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
     k = len(dataset.class_names)
     for spec in probes:
         heads[spec.name] = (weak.weak_transform(spec), weak.probe_backbone(spec, k, opts.device))
-    pass_dir = parts / ("features-" + "+".join(sorted(heads)) + ("-gpu-decode" if opts.decode == "gpu" else ""))
-    results, rows, skipped, corrupt = {}, {}, [], {}
-    for split, (ids, labels) in dataset.splits.items():
-        try:
-            outputs, kept, bad = run_pass(ids, dataset.load, heads, pass_dir / split, opts, f"{dataset.domain} {split}")
-        except CorruptImagesError as err:  # keep going, so that one message lists every split's bad images
-            corrupt.update(err.bad)
-            continue
-        if opts.shard is not None:
-            continue
-        results[split] = outputs
-        rows[split] = (tuple(ids[i] for i in kept), labels[kept])
-        skipped += [ids[i] for i in bad]
-    if corrupt:
-        raise CorruptImagesError(corrupt)
+    # every split in one pass: the loader's workers start once, and one message lists every split's bad images
+    pass_dir = parts / ("features-" + "+".join(sorted(heads)) + ("-gpu-decode" if opts.decode == "gpu" else "")
+                        + "-all-splits")
+    results, kept, skipped = run_splits(dataset.splits, dataset.load, heads, pass_dir, opts, f"{dataset.domain} images")
+    rows = {s: (tuple(ids[i] for i in kept[s]), labels[kept[s]]) for s, (ids, labels) in dataset.splits.items()}
     if opts.shard is not None:
         opts.log(f"shard {opts.shard[0]}/{opts.shard[1]} done; when every shard is done, rerun the same command "
                  f"without --shard to merge them into {out}")
