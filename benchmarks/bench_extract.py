@@ -69,7 +69,7 @@ def main():
     ids = [i for s in ("train", "test") for i in data.splits[s][0]]
     batches = [list(range(b, min(len(ids), b + args.batch))) for b in range(0, len(ids), args.batch)]
     t = time.perf_counter()
-    loader = iter(pipeline.image_loader(ids, data.load, [enc.transform], batches, opts))
+    loader = pipeline.ImageSource(data.load, {"strong": [enc.transform]}, opts).read("strong", ids, batches)
     next(loader)  # the first batch: worker start and the first decode (not counted in the steady state)
     first_batch = time.perf_counter() - t
     t, done = time.perf_counter(), 0

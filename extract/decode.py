@@ -67,25 +67,24 @@ def tensor_transform(pil_transform, name: str) -> Callable:
 
 
 class RawImages(torch.utils.data.Dataset):
-    """For each id: ``(i, uint8 bytes)`` of a JPEG file, or ``(i, uint8 3 x H x W)`` of another image decoded by PIL
-    in the worker, or ``(i, None)`` for an unreadable file."""
+    """Items ``(pass key, sample id, row)`` -> ``(row, ("jpeg", uint8 bytes))`` of a JPEG file, ``(row, ("pixels",
+    uint8 3 x H x W))`` of another image decoded by PIL in the worker, or ``(row, None)`` for an unreadable file.
+    The pass's transforms are applied on the device, after decoding."""
 
-    def __init__(self, ids, root: str, load):
-        self.ids, self.root, self.load = ids, root, load
+    def __init__(self, load):
+        self.root, self.load = load.root, load
         self.collate = collate_raw
 
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        _, sample_id, row = item
         try:
-            data = (Path(self.root) / self.ids[i]).read_bytes()
+            data = (Path(self.root) / sample_id).read_bytes()
             if data.startswith(JPEG_MAGIC):
-                return i, ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8))
-            image = self.load(self.ids[i])  # not a JPEG: PIL, as on the CPU path
-            return i, ("pixels", torch.from_numpy(np.asarray(image, np.uint8).copy()).permute(2, 0, 1))
+                return row, ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            image = self.load(sample_id)  # not a JPEG: PIL, as on the CPU path
+            return row, ("pixels", torch.from_numpy(np.asarray(image, np.uint8).copy()).permute(2, 0, 1))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return i, None
+            return row, None
 
 
 def collate_raw(items):

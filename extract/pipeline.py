@@ -61,66 +61,71 @@ class Options:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decodes each image once and applies every transform to it; None marks an unreadable image."""
+    """Items ``(pass key, sample id, row)``: the image decoded once (PIL) and every transform of that pass applied
+    to it; None marks an unreadable image."""
 
-    def __init__(self, ids, load, transforms):
-        self.ids, self.load, self.transforms = ids, load, transforms
+    def __init__(self, load, transforms: dict):
+        self.load, self.transforms = load, transforms  # {pass key: [PIL image -> tensor, ...]}
 
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        key, sample_id, row = item
         try:
-            image = self.load(self.ids[i])
-            return i, tuple(t(image) for t in self.transforms)
+            image = self.load(sample_id)
+            return row, tuple(t(image) for t in self.transforms[key])
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # truncated/corrupt/missing/bomb
-            return i, None
+            return row, None
+
+    @staticmethod
+    def collate(items):
+        """-> (good row indices, one stacked tensor per transform, bad row indices)."""
+        good = [(i, x) for i, x in items if x is not None]
+        bad = [i for i, x in items if x is None]
+        inputs = tuple(torch.stack(xs) for xs in zip(*[x for _, x in good])) if good else ()
+        return torch.tensor([i for i, _ in good], dtype=torch.long), inputs, bad
 
 
-def collate(items):
-    """-> (good row indices, one stacked tensor per transform, bad row indices)."""
-    good = [(i, x) for i, x in items if x is not None]
-    bad = [i for i, x in items if x is None]
-    inputs = tuple(torch.stack(xs) for xs in zip(*[x for _, x in good])) if good else ()
-    return torch.tensor([i for i, _ in good], dtype=torch.long), inputs, bad
+class _Requests:
+    """The loader's batch sampler: the batches of the pass being read, set by :meth:`ImageSource.read`."""
 
+    batches: list = []
 
-def image_loader(ids, load, transforms, batches, opts: Options, dataset=None):
-    """DataLoader over ``batches`` (lists of row indices); workers decode while the model computes. Its workers
-    start once and serve every iteration (``persistent_workers``: the epochs of a fine-tuning). ``dataset``: another
-    item source with its own ``collate`` (the device decode path's file bytes)."""
-    # forking a process that already runs JAX's threads can deadlock (w2s-run extracts after fitting)
-    context = "spawn" if opts.num_workers and "jax" in sys.modules else None
-    return torch.utils.data.DataLoader(
-        dataset or ImageDataset(ids, load, transforms), batch_sampler=batches,
-        collate_fn=collate if dataset is None else dataset.collate, num_workers=opts.num_workers,
-        pin_memory=opts.device.startswith("cuda") and dataset is None, multiprocessing_context=context,
-        persistent_workers=bool(opts.num_workers),
-    )
-
-
-class DecodedBatches:
-    """``(row indices, one stacked tensor per transform, unreadable row indices)`` per batch, as often as iterated:
-    decoded by PIL in the loader's workers, or, with ``opts.decode == "gpu"``, read as bytes there and decoded and
-    transformed on ``opts.device`` (:mod:`extract.decode`)."""
-
-    def __init__(self, ids, load, transforms, batches, opts: Options):
-        self.batches, self.opts = batches, opts
-        if opts.decode == "cpu":
-            self.loader = image_loader(ids, load, transforms, batches, opts)
-            return
-        from extract import decode
-
-        if not hasattr(load, "root"):
-            raise decode.DecodeError("--decode gpu reads image files, and this dataset's images are arrays in "
-                                     "memory (the demo); use --decode cpu")
-        self.on_device = [decode.tensor_transform(t, f"transform {k}") for k, t in enumerate(transforms)]
-        self.loader = image_loader(ids, load, transforms, batches, opts, decode.RawImages(ids, load.root, load))
+    def __iter__(self):
+        return iter(self.batches)
 
     def __len__(self):
         return len(self.batches)
 
-    def __iter__(self):
+
+class ImageSource:
+    """The images of one extraction behind one loader, whose workers start once and serve every pass: the strong
+    features with the weak probes, each weak model's fine-tuning epochs, and its logits. Every pass's transforms are
+    registered here up front (the workers hold them), under a key; :meth:`read` runs one pass. Images are decoded by
+    PIL in the workers, or, with ``opts.decode == "gpu"``, read as bytes there and decoded and transformed on
+    ``opts.device`` (:mod:`extract.decode`). Host memory is pinned on CUDA and the workers prefetch batches."""
+
+    def __init__(self, load, transforms: dict, opts: Options):
+        self.opts, self.requests = opts, _Requests()
+        if opts.decode == "gpu":
+            from extract import decode
+
+            if not hasattr(load, "root"):
+                raise decode.DecodeError("--decode gpu reads image files, and this dataset's images are arrays in "
+                                         "memory (the demo); use --decode cpu")
+            self.on_device = {key: [decode.tensor_transform(t, key) for t in ts] for key, ts in transforms.items()}
+            dataset = decode.RawImages(load)
+        else:
+            dataset = ImageDataset(load, transforms)
+        # forking a process that already runs JAX's threads can deadlock (w2s-run extracts after fitting)
+        context = "spawn" if opts.num_workers and "jax" in sys.modules else None
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.requests, collate_fn=dataset.collate, num_workers=opts.num_workers,
+            pin_memory=opts.device.startswith("cuda") and opts.decode == "cpu", multiprocessing_context=context,
+            persistent_workers=bool(opts.num_workers))
+
+    def read(self, key: str, ids, batches):
+        """One pass: ``(row indices, one stacked tensor per transform of ``key``, unreadable row indices)`` for each
+        of ``batches`` (lists of row indices into ``ids``), in order."""
+        self.requests.batches = [[(key, ids[i], i) for i in batch] for batch in batches]
         if self.opts.decode == "cpu":
             yield from self.loader
             return
@@ -129,15 +134,16 @@ class DecodedBatches:
         for index, raw, bad in self.loader:
             images, corrupt = decode.decode_batch(raw, self.opts.device)
             kept = [k for k in range(len(raw)) if k not in corrupt]
-            inputs = tuple(torch.stack([t(image) for image in images]) for t in self.on_device) if images else ()
+            inputs = tuple(torch.stack([t(image) for image in images]) for t in self.on_device[key]) if images else ()
             yield index[kept], inputs, bad + [int(index[k]) for k in corrupt]
 
 
-def run_splits(splits: dict, load, heads: dict, parts: Path, opts: Options, desc: str) -> tuple[dict, dict, list]:
-    """:func:`run_pass` over every split's images at once, so that the loader's workers start once:
+def run_splits(splits: dict, source: ImageSource, key: str, heads: dict, parts: Path, opts: Options,
+               desc: str) -> tuple[dict, dict, list]:
+    """:func:`run_pass` over every split's images at once:
     ({split: {head: outputs}}, {split: the split's kept row indices}, ids of unreadable images)."""
     all_ids = [i for ids, _ in splits.values() for i in ids]
-    outputs, kept, bad = run_pass(all_ids, load, heads, parts, opts, desc)
+    outputs, kept, bad = run_pass(all_ids, source, key, heads, parts, opts, desc)
     per_split, kept_by_split, start = {}, {}, 0
     for split, (ids, _) in splits.items():
         mine = (kept >= start) & (kept < start + len(ids))
@@ -147,8 +153,10 @@ def run_splits(splits: dict, load, heads: dict, parts: Path, opts: Options, desc
     return per_split, kept_by_split, [all_ids[i] for i in bad]
 
 
-def run_pass(ids, load, heads: dict, parts: Path, opts: Options, desc: str) -> tuple[dict, np.ndarray, list]:
-    """Run every head over the images ``ids``; resumable through per-batch part files.
+def run_pass(ids, source: ImageSource, key: str, heads: dict, parts: Path, opts: Options,
+             desc: str) -> tuple[dict, np.ndarray, list]:
+    """Run every head over the images ``ids``, read by ``source`` as its pass ``key`` (whose transforms are the
+    heads', in order); resumable through per-batch part files.
 
     heads: name -> (transform PIL->tensor, fn tensor_Bx...->tensor_BxF).
     Returns ({name: outputs_MxF}, kept row indices M, ids of unreadable images).
@@ -159,7 +167,7 @@ def run_pass(ids, load, heads: dict, parts: Path, opts: Options, desc: str) -> t
     mine = range(len(batches)) if opts.shard is None else range(opts.shard[0], len(batches), opts.shard[1])
     todo = [b for b in mine if not (parts / f"{b:06d}.npz").exists()]
     names = list(heads)
-    loader = DecodedBatches(ids, load, [heads[h][0] for h in names], [batches[b] for b in todo], opts)
+    loader = source.read(key, ids, [batches[b] for b in todo])
     use_amp = opts.device.startswith("cuda")
     bad_now = []
     total = sum(len(batches[b]) for b in mine)
@@ -206,20 +214,26 @@ def _gather(parts: Path, num_batches: int, names) -> tuple[dict, np.ndarray, lis
 # --------------------------------------------------------------------- weak models
 
 
-def weak_logits(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, opts: Options,
+def weak_passes(specs) -> dict:
+    """The image passes the weak models ``specs`` need beyond the feature pass, ``{key: [transform]}``."""
+    return {f"weak:{spec.name}": [weak.weak_transform(spec)] for spec in specs}
+
+
+def weak_logits(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, opts: Options, source: ImageSource,
                 probe_feats: dict | None = None) -> tuple[dict, dict]:
     """Train weak model ``spec`` on ``train`` (ground truth) and return its logits per split.
 
-    rows: split -> (ids, labels) of the store's rows; probe_feats: split -> features, if the
-    feature pass already computed them. Returns ({split: logits_NxK}, provenance dict).
+    rows: split -> (ids, labels) of the store's rows; source: the extraction's images, with the pass
+    ``weak:NAME`` (:func:`weak_passes`); probe_feats: split -> features, if the feature pass already computed them.
+    Returns ({split: logits_NxK}, provenance dict).
     """
     k = len(dataset.class_names)
-    transform = weak.weak_transform(spec)
+    transform, key = weak.weak_transform(spec), f"weak:{spec.name}"
     info = {"source": spec.source, "mode": spec.mode}
     if spec.mode == "probe":
         if probe_feats is None:
             fn = weak.probe_backbone(spec, k, opts.device)
-            outs = run_splits(rows, dataset.load, {spec.name: (transform, fn)}, parts / f"weakfeat-{spec.name}-all",
+            outs = run_splits(rows, source, key, {spec.name: (transform, fn)}, parts / f"weakfeat-{spec.name}-all",
                               opts, f"{spec.name} features")[0]
             probe_feats = {s: out[spec.name] for s, out in outs.items()}
         predict = weak.train_probe(probe_feats["train"], rows["train"][1], k, device=opts.device)
@@ -235,11 +249,11 @@ def weak_logits(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, 
             ids, labels = rows["train"]
             order = np.random.default_rng(0).permutation(len(ids))
             batches = [order[i:i + opts.weak_batch_size].tolist() for i in range(0, len(ids), opts.weak_batch_size)]
-            loader = _FineTuneBatches(DecodedBatches(ids, dataset.load, [transform], batches, opts), labels)
+            loader = _FineTuneBatches(lambda: source.read(key, ids, batches), len(batches), labels)
             weak.finetune(model, loader, epochs=opts.weak_epochs, lr=opts.weak_lr, device=opts.device, progress=tqdm)
             _save_torch(ckpt, model.state_dict())
         model.eval()
-        outs = run_splits(rows, dataset.load, {spec.name: (transform, weak.hf_logits(model))},
+        outs = run_splits(rows, source, key, {spec.name: (transform, weak.hf_logits(model))},
                           parts / f"weaklogits-{spec.name}-all", opts, f"{spec.name} logits")[0]
         logits = {s: out[spec.name] for s, out in outs.items()}
         info.update(epochs=opts.weak_epochs, batch_size=opts.weak_batch_size, lr=opts.weak_lr, warmup=0.1)
@@ -249,16 +263,16 @@ def weak_logits(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, 
 
 
 class _FineTuneBatches:
-    """Wraps an image loader to yield (images, labels) for :func:`weak.finetune`, dropping unreadable rows."""
+    """(images, labels) for :func:`weak.finetune`, one pass of ``read()`` per epoch, dropping unreadable rows."""
 
-    def __init__(self, loader, labels_N):
-        self.loader, self.labels = loader, torch.as_tensor(labels_N)
+    def __init__(self, read, num_batches: int, labels_N):
+        self.read, self.num_batches, self.labels = read, num_batches, torch.as_tensor(labels_N)
 
     def __len__(self):
-        return len(self.loader)
+        return self.num_batches
 
     def __iter__(self):
-        for index, inputs, _ in self.loader:
+        for index, inputs, _ in self.read():
             if len(index):
                 yield inputs[0], self.labels[index]
 
@@ -327,7 +341,10 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
     # every split in one pass: the loader's workers start once, and one message lists every split's bad images
     pass_dir = parts / ("features-" + "+".join(sorted(heads)) + ("-gpu-decode" if opts.decode == "gpu" else "")
                         + "-all-splits")
-    results, kept, skipped = run_splits(dataset.splits, dataset.load, heads, pass_dir, opts, f"{dataset.domain} images")
+    source = ImageSource(dataset.load, {"features": [t for t, _ in heads.values()],
+                                        **weak_passes(s for s in specs if s.mode != "probe")}, opts)
+    results, kept, skipped = run_splits(dataset.splits, source, "features", heads, pass_dir, opts,
+                                        f"{dataset.domain} images")
     rows = {s: (tuple(ids[i] for i in kept[s]), labels[kept[s]]) for s, (ids, labels) in dataset.splits.items()}
     if opts.shard is not None:
         opts.log(f"shard {opts.shard[0]}/{opts.shard[1]} done; when every shard is done, rerun the same command "
@@ -345,7 +362,7 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
                      splits, text, {})
     for spec in specs:
         feats = {s: results[s][spec.name] for s in rows} if spec in probes else None
-        logits, info = weak_logits(spec, dataset, rows, parts, opts, feats)
+        logits, info = weak_logits(spec, dataset, rows, parts, opts, source, feats)
         store = st.with_weak_model(store, spec.name, logits, info)
         opts.log(f"weak model {spec.name}: test accuracy {info['test_accuracy']:.4f}")
     st.write_store(out, store)
@@ -391,8 +408,9 @@ def _add_weak_models(dataset: Dataset, strong_spec, specs, out: Path, opts: Opti
         return out
     parts = out.with_name(out.name + ".parts")
     rows = {s: (sp.ids_N, sp.labels_N) for s, sp in store.splits.items()}
+    source = ImageSource(dataset.load, weak_passes(new), opts)
     for spec in new:
-        logits, info = weak_logits(spec, dataset, rows, parts, opts)
+        logits, info = weak_logits(spec, dataset, rows, parts, opts, source)
         store = st.with_weak_model(store, spec.name, logits, info)
         opts.log(f"weak model {spec.name}: test accuracy {info['test_accuracy']:.4f}")
     st.write_store(out, store)

@@ -87,11 +87,12 @@ def encode_folder(encoder, folder: Path, ids, batch_size: int, num_workers: int,
     import torch
     from tqdm.auto import tqdm
 
-    from extract.pipeline import Options, image_loader
+    from extract.pipeline import ImageSource, Options
 
     batches = [list(range(b, min(len(ids), b + batch_size))) for b in range(0, len(ids), batch_size)]
-    loader = image_loader(ids, FileLoader(str(folder)), [encoder.transform], batches,
-                          Options(device=device, num_workers=num_workers))
+    source = ImageSource(FileLoader(str(folder)), {"strong": [encoder.transform]},
+                         Options(device=device, num_workers=num_workers))
+    loader = source.read("strong", ids, batches)
     feats, readable = None, np.zeros(len(ids), bool)
     with torch.no_grad(), tqdm(total=len(ids), desc="encoding", unit="img", disable=None) as bar:
         for index, inputs, bad in loader:

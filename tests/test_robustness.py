@@ -220,7 +220,7 @@ def test_sixteen_bit_greyscale_is_scaled_not_saturated(tmp_path):
 def test_a_decompression_bomb_is_an_unreadable_image(imagefolder_root, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # our 40x40 images are then over twice the limit
     ds = load_dataset("imagefolder", domain=None, root=str(imagefolder_root))
-    item = pipeline.ImageDataset(ds.splits["test"][0], ds.load, [lambda im: im])[0]
+    item = pipeline.ImageDataset(ds.load, {"pass": [lambda im: im]})[("pass", ds.splits["test"][0][0], 0)]
     assert item == (0, None)
 
 
