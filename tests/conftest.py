@@ -107,6 +107,14 @@ def registries():
         d.update(items)
 
 
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    """The default :func:`synthetic_store` (600 test rows, d = 16, k = 5), once per test module."""
+    path = tmp_path_factory.mktemp("store") / "synthetic.h5"
+    synthetic_store(path)
+    return path
+
+
 def synthetic_store(path, *, n_test=600, n_train=60, d=16, k=5, weak_noise=1.6, text=True, seed=0,
                     encoder="synthetic", text_TxKxD=None):
     """A store with class clusters and noisy weak logits (the weak model is right ~60% of the time)."""

@@ -22,13 +22,6 @@ from w2s_jax.store import read_store
 FAST = dict(epochs=4, batch_size=64)
 
 
-@pytest.fixture(scope="module")
-def store_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("store") / "synthetic.h5"
-    synthetic_store(path)
-    return path
-
-
 def test_splits_are_disjoint_deterministic_and_sized():
     a, b = seed_splits(100, 3), seed_splits(100, 3)
     for x, y in zip(a, b):

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import synthetic_store
 from w2s_jax import cli
 from w2s_jax import fit as fitlib
 from w2s_jax.config import FitConfig
@@ -16,13 +15,6 @@ from w2s_jax.splits import stacked_splits
 from w2s_jax.store import read_store
 
 FAST = dict(epochs=3, batch_size=64)
-
-
-@pytest.fixture(scope="module")
-def store_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("store") / "synthetic.h5"
-    synthetic_store(path)
-    return path
 
 
 def test_a_row_equal_to_kd_trains_like_kd_in_the_same_group(store_path, registries):

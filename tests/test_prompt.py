@@ -41,16 +41,19 @@ def test_prompt_learner_initialised_from_a_phrase_equals_the_text_encoder(tiny_c
     assert random_ctx.ctx_MxW.shape == (16, 32) and abs(float(random_ctx.ctx_MxW.detach().std()) - 0.02) < 0.005
 
 
-@pytest.fixture
-def clip_store(tiny_clip, tmp_path):
+def make_clip_store(tiny_clip, path, n_test: int):
     """A synthetic store whose provenance names the tiny CLIP, with that model's real text embeddings."""
     enc = encoders.load_strong(tiny_clip)
     names = tuple(f"class {i}" for i in range(3))
     with torch.no_grad():
         text = encoders.text_embeddings(enc, names, ("a photo of a {}.",)).numpy()
-    path = tmp_path / "clip.h5"
-    synthetic_store(path, n_test=150, d=32, k=3, encoder=enc.id, text_TxKxD=text)
+    synthetic_store(path, n_test=n_test, d=32, k=3, encoder=enc.id, text_TxKxD=text)
     return path
+
+
+@pytest.fixture
+def clip_store(tiny_clip, tmp_path):
+    return make_clip_store(tiny_clip, tmp_path / "clip.h5", 150)
 
 
 def test_tp_end_to_end_merges_with_w2s_fit(clip_store, tiny_clip, tmp_path):
@@ -92,12 +95,7 @@ def test_bf16_text_tower_keeps_the_accuracy(tiny_clip, tmp_path):
     the learned context stays float32, the prototypes move by bf16 rounding, and the test' accuracy, averaged over
     3 seeds of 120 test' rows, stays within 5 points of fp32 (the tolerance). Measured: kd+tp -3.1 points, ceiling+tp
     +1.1: the random tiny model's class prompts are nearly alike, so bf16 rounding flips near-tied rows."""
-    enc = encoders.load_strong(tiny_clip)
-    names = tuple(f"class {i}" for i in range(3))
-    with torch.no_grad():
-        text = encoders.text_embeddings(enc, names, ("a photo of a {}.",)).numpy()
-    clip_store = tmp_path / "clip.h5"
-    synthetic_store(clip_store, n_test=600, d=32, k=3, encoder=enc.id, text_TxKxD=text)
+    clip_store = make_clip_store(tiny_clip, tmp_path / "clip.h5", 600)
     runs = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
