@@ -31,7 +31,7 @@ SECTIONS = {
     "fit": {"methods", "seeds", "epochs", "batch_size", "warmup", "hparams", "grid", "multi_weak", "seed_axis"},
     "tp": {"methods", "seeds", "epochs", "batch_size", "optimizer", "n_ctx", "ctx_init", "hparams", "precision"},
     "extract": {"batch_size", "num_workers", "device", "on_corrupt", "weak_epochs", "feature_dtype", "templates"},
-    "report": {"curves", "paper"},
+    "report": {"curves", "paper", "cross_domain"},
 }
 
 
@@ -236,7 +236,8 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
     rep = exp.get("report", {})
     first_weak = weaklib.parse_weak(weaklib.expand_weak(exp["data"][0].get("weak", ["pixels"]))[0]).name
     tables, figures = write_report(current, report, curves=tuple(rep.get("curves", ("cpl", "kd+lp", "kd+tp"))),
-                                   paper=rep.get("paper", False), headline_weak=first_weak)
+                                   paper=rep.get("paper", False), headline_weak=first_weak,
+                                   cross_domain=rep.get("cross_domain", False))
     for table in tables if verbose else tables[:1]:
         log(to_markdown(table) + "\n")
     log(f"The full report, {len(tables)} tables (.md .csv .tex) and {len(figures)} figures, is in {report}; "

@@ -64,6 +64,7 @@ class Extract(_Section):
 class Report(_Section):
     curves: list[StrictStr] = []
     paper: StrictBool = False
+    cross_domain: StrictBool = False
 
 
 class Method(BaseModel):

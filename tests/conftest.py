@@ -116,7 +116,7 @@ def store_path(tmp_path_factory):
 
 
 def synthetic_store(path, *, n_test=600, n_train=60, d=16, k=5, weak_noise=1.6, text=True, seed=0,
-                    encoder="synthetic", text_TxKxD=None):
+                    encoder="synthetic", text_TxKxD=None, domain="clusters"):
     """A store with class clusters and noisy weak logits (the weak model is right ~60% of the time)."""
     from w2s_jax import store as st
 
@@ -131,7 +131,7 @@ def synthetic_store(path, *, n_test=600, n_train=60, d=16, k=5, weak_noise=1.6, 
                         {"noisy": weak.astype(np.float32)})
 
     prov = st.Provenance(
-        dataset="synthetic", domain="clusters", class_names=tuple(f"class {i}" for i in range(k)),
+        dataset="synthetic", domain=domain, class_names=tuple(f"class {i}" for i in range(k)),
         templates=("a photo of a {}.",) if text else (), encoder=encoder, preprocessing="{}",
         split_hash="x", versions={}, created="now",
     )

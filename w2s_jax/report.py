@@ -296,6 +296,68 @@ def multi_weak_table(groups: list[Group]) -> Table | None:
                        "weak-model rows are in the Table 3 analogue; per-seed weights are in each results folder's table.md.")
 
 
+CROSS_NOTE = ("Each cell: test' accuracy (%), mean ± std over seeds, of the heads fitted on the row's domain (each at "
+              "the grid point chosen on its own hold_val), evaluated on the column's store, on its test' rows of each "
+              "seed; nothing is refitted. The diagonal is the in-domain result. The weak models are not saved with the "
+              "stores, so their accuracy on another domain, and hence PGR across domains, is not available: cells "
+              "show accuracy only. The last columns average the diagonal and the off-diagonal cells.")
+
+
+def cross_domain_tables(folders) -> tuple[list[Table], dict]:
+    """One table per weak model: every method's heads fitted on each domain (rows), evaluated on every domain's
+    store (columns), with their in-domain and out-of-domain means; and ``{weak: [(method, source, in, out)]}`` for
+    the figure."""
+    from w2s_jax import cross_domain
+
+    found, targets, notes = cross_domain.matrix(folders)
+    tables, points = [], {}
+    for weak, methods in sorted(found.items()):
+        rows = []
+        for method in results.method_order(methods):
+            for source in sorted({s for s, _ in methods[method]}):
+                cells = {t: methods[method].get((source, t)) for t in targets}
+                inside = cells.get(source)
+                outside = [_acc(v) for t, v in cells.items() if t != source and v is not None]
+                out_mean = f"{np.mean(outside):.2f}" if outside else ""
+                rows.append([method, source, *[_cell(v) if v is not None else "" for v in cells.values()],
+                             f"{_acc(inside):.2f}" if inside is not None else "", out_mean])
+                if inside is not None and outside:
+                    points.setdefault(weak, []).append((method, source, _acc(inside), float(np.mean(outside))))
+        note = CROSS_NOTE + "".join(f"\n\nNote: {n}." for n in notes)
+        tables.append(Table(f"cross-domain-{weak}", f"W2S across domains: test' accuracy (%), heads fitted on one "
+                            f"domain (rows) evaluated on every domain (columns), weak model {weak}",
+                            ["method", "fitted on", *targets, "in-domain", "out-of-domain (mean)"], rows, note))
+    return tables, points
+
+
+def plot_cross_domain(points: list, weak: str, path: Path) -> Path:
+    """In-domain against out-of-domain accuracy, a point per method and source domain (y = x: no loss in transfer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120)
+    markers = "os^vD<>"
+    methods = list(dict.fromkeys(m for m, *_ in points))
+    sources = list(dict.fromkeys(s for _, s, *_ in points))
+    colors = plt.get_cmap("tab20").colors
+    for method, source, inside, outside in points:
+        i = methods.index(method)
+        ax.scatter(inside, outside, color=colors[i % len(colors)], marker=markers[sources.index(source) % len(markers)],
+                   s=28, label=method if source == sources[0] else None)
+    low = min(min(p[2], p[3]) for p in points) - 2
+    high = max(max(p[2], p[3]) for p in points) + 2
+    ax.plot([low, high], [low, high], color="black", lw=1, ls="--", label="out = in")
+    for j, source in enumerate(sources):
+        ax.scatter([], [], color="gray", marker=markers[j % len(markers)], label=f"fitted on {source}")
+    ax.set(xlabel="in-domain test' accuracy (%)", ylabel="out-of-domain test' accuracy (%), mean over target domains",
+           title=f"W2S across domains, weak model {weak}")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, ax, path)
+
+
 def _by_domain(groups: list[Group]) -> dict:
     """(dataset, domain) -> its groups, in the order of ``groups`` (discover sorts them)."""
     found = {}
@@ -436,9 +498,10 @@ def plot_misfit_gain(gs: list[Group], path: Path) -> Path:
 
 
 def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=False,
-                 headline_weak: str | None = None) -> tuple[list[Table], list[Path]]:
+                 headline_weak: str | None = None, cross_domain: bool = False) -> tuple[list[Table], list[Path]]:
     """Every table (.md .csv .tex) and figure (.png) of the results folders under ``roots``; with ``headline_weak``,
-    the first table is :func:`headline` of that weak model."""
+    the first table is :func:`headline` of that weak model; with ``cross_domain``, the cross-domain matrices
+    (:func:`cross_domain_tables`) and their figures."""
     groups = discover(roots)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -447,8 +510,9 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
     tables += [table3(groups, *domain) for domain, gs in _by_domain(groups).items() if len(gs) > 1]
     pgr = pgr_table(groups)
     compare = (paper_table(groups), paper_table3(groups)) if paper else ()
+    crossed, points = cross_domain_tables([f for g in groups for f in g.folders]) if cross_domain else ([], {})
     tables += [t for t in (table4(groups), pgr, multi_weak_table(groups), misfit_gain_table(groups),
-                           weak_choice_table(groups), *compare,
+                           weak_choice_table(groups), *compare, *crossed,
                            sources_table(groups)) if t is not None]
     for t in tables:
         (out / f"{t.name}.md").write_text(to_markdown(t) + "\n")
@@ -460,6 +524,7 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
     for (dataset, domain), gs in _by_domain(groups).items():
         if any("misfit" in x for g in gs for x in g.summary["methods"].values()):
             figures.append(plot_misfit_gain(gs, out / f"misfit-gain-{dataset}-{domain}.png"))
+    figures += [plot_cross_domain(p, weak, out / f"cross-domain-{weak}.png") for weak, p in points.items()]
     return tables, figures
 
 
@@ -468,17 +533,20 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
 @click.option("--out", type=click.Path(), default="report", show_default=True)
 @click.option("--curves", default="cpl,kd+lp,kd+tp", show_default=True, help="Methods drawn in the training curves.")
 @click.option("--paper", is_flag=True, help="Also compare our DomainNet numbers with the paper's Table 2.")
+@click.option("--cross-domain", is_flag=True,
+              help="Also evaluate every folder's saved heads on every other domain's store (same encoder and classes).")
 @click.option("--import", "plugins", multiple=True, metavar="MODULE",
               help="Import the module that registered your own heads and methods (as given to w2s-fit --import).")
 @click.option("--allow-replace", is_flag=True,
               help="Let an --import module replace a head, method or loss row registered before it (refused otherwise).")
-def main(results_dirs, out, curves, paper, plugins, allow_replace):
+def main(results_dirs, out, curves, paper, cross_domain, plugins, allow_replace):
     """Tables (markdown, CSV, LaTeX) and figures (PNG) from w2s-fit / w2s-tp results folders."""
     from w2s_jax.methods import import_plugins
 
     try:
         import_plugins(plugins, allow_replace)
-        tables, figures = write_report(results_dirs, out, curves=tuple(curves.split(",")), paper=paper)
+        tables, figures = write_report(results_dirs, out, curves=tuple(curves.split(",")), paper=paper,
+                                       cross_domain=cross_domain)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise click.ClickException(str(err)) from None
     for t in tables:

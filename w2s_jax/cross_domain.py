@@ -1,0 +1,85 @@
+"""W2S under distribution shift: the heads fitted on one domain's store, evaluated on every other store of the same
+encoder and classes (issue #24). Nothing is refitted: each results folder's saved heads are applied to the target
+store's features, one GEMM per seed.
+
+Evaluation rows: the target store's ``test'`` rows of each seed (the same per-seed splits as a fit on that store,
+``w2s_jax.splits``), so the diagonal equals each fit's reported test' accuracy. The weak model is known on its own
+domain only (the store holds its logits there; the weak models themselves are not saved), so the cross-domain cells
+show accuracy, and PGR only on the diagonal.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from w2s_jax.saved_heads import HeadsError, load_heads
+from w2s_jax.splits import stacked_splits
+from w2s_jax.store import read_store
+
+
+def domain_of(folder: Path) -> tuple[str, str]:
+    prov = json.loads((Path(folder) / "provenance.json").read_text())
+    return prov["dataset"], prov["domain"]
+
+
+def target_stores(folders) -> tuple[dict, list[str]]:
+    """``({(dataset, domain): store path}, notes)``: the store each results folder was fitted on; a store that is
+    no longer on disk is left out, with a note saying so."""
+    stores, notes = {}, []
+    for folder in map(Path, folders):
+        path = Path(json.loads((folder / "config.json").read_text())["store"])
+        domain = domain_of(folder)
+        if not path.is_file():
+            notes.append(f"{'/'.join(domain)}: its store {path} is not on disk; that domain is left out as a target")
+            continue
+        stores.setdefault(domain, path)
+    return stores, notes
+
+
+def check_compatible(head, store, where: str) -> None:
+    """A HeadsError naming what differs when ``store`` does not hold features the head takes."""
+    prov = store.provenance
+    dim = store.splits["test"].features_NxD.shape[1]
+    for what, have, want in (("encoder", prov.encoder, head.encoder), ("class names", prov.class_names,
+                                                                      head.class_names), ("feature dimension", dim,
+                                                                                          head.feature_dim)):
+        if tuple(np.atleast_1d(have)) != tuple(np.atleast_1d(want)):
+            order = " (the same classes in another order)" if what == "class names" and set(have) == set(want) else ""
+            raise HeadsError(f"{where}: its {what} differ from the heads'{order} ({_short(have)} against "
+                             f"{_short(want)}); cross-domain evaluation needs stores of one encoder and class list")
+
+
+def _short(value) -> str:
+    value = list(np.atleast_1d(value))
+    return ", ".join(map(str, value[:4])) + (", ..." if len(value) > 4 else "")
+
+
+def evaluate(folder, target_path) -> dict:
+    """``{method: test' accuracy per seed (S)}`` of the folder's saved heads (each at its chosen grid point) on the
+    target store's test' rows of each seed."""
+    heads = load_heads(folder)
+    store = read_store(target_path)
+    test = store.splits["test"]
+    out = {}
+    for method, head in heads.items():
+        check_compatible(head, store, f"store {target_path}")
+        splits = stacked_splits(len(test.ids_N), head.num_seeds)
+        out[method] = [float(np.mean(head.logits(test.features_NxD[rows], seed=s).argmax(1) == test.labels_N[rows]))
+                       for s, rows in enumerate(splits.test_prime)]
+    return out
+
+
+def matrix(folders) -> tuple[dict, list[str], list[str]]:
+    """Every folder's heads on every target store: ``({weak: {method: {(source, target): accuracies (S)}}},
+    target domains in order, notes)``; domains are ``dataset/domain`` strings."""
+    stores, notes = target_stores(folders)
+    found = {}
+    for folder in map(Path, folders):
+        weak = json.loads((folder / "config.json").read_text())["weak"]
+        source = "/".join(domain_of(folder))
+        for target, path in stores.items():
+            for method, accs in evaluate(folder, path).items():
+                found.setdefault(weak, {}).setdefault(method, {})[(source, "/".join(target))] = accs
+    return found, ["/".join(t) for t in sorted(stores)], notes
