@@ -81,4 +81,4 @@ def test_a_mismatched_store_is_refused_by_name(two_domains, tmp_path, change, wo
     odd = tmp_path / "odd.h5"
     write_store(odd, dataclasses.replace(store, provenance=dataclasses.replace(store.provenance, **change)))
     with pytest.raises(HeadsError, match=words):
-        cross_domain.evaluate(fits["near"], odd)
+        cross_domain.evaluate(fits["near"], read_store(odd), str(odd))

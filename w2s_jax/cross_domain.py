@@ -40,11 +40,12 @@ def target_stores(folders) -> tuple[dict, list[str]]:
 
 def check_compatible(head, store, where: str) -> None:
     """A HeadsError naming what differs when ``store`` does not hold features the head takes."""
-    prov = store.provenance
-    dim = store.splits["test"].features_NxD.shape[1]
-    for what, have, want in (("encoder", prov.encoder, head.encoder), ("class names", prov.class_names,
-                                                                      head.class_names), ("feature dimension", dim,
-                                                                                          head.feature_dim)):
+    checks = (
+        ("encoder", store.provenance.encoder, head.encoder),
+        ("class names", store.provenance.class_names, head.class_names),
+        ("feature dimension", store.splits["test"].features_NxD.shape[1], head.feature_dim),
+    )
+    for what, have, want in checks:
         if tuple(np.atleast_1d(have)) != tuple(np.atleast_1d(want)):
             order = " (the same classes in another order)" if what == "class names" and set(have) == set(want) else ""
             raise HeadsError(f"{where}: its {what} differ from the heads'{order} ({_short(have)} against "
@@ -56,15 +57,13 @@ def _short(value) -> str:
     return ", ".join(map(str, value[:4])) + (", ..." if len(value) > 4 else "")
 
 
-def evaluate(folder, target_path) -> dict:
+def evaluate(folder, store, where: str) -> dict:
     """``{method: test' accuracy per seed (S)}`` of the folder's saved heads (each at its chosen grid point) on the
-    target store's test' rows of each seed."""
-    heads = load_heads(folder)
-    store = read_store(target_path)
+    target ``store``'s test' rows of each seed; ``where`` names the store in a refusal."""
     test = store.splits["test"]
     out = {}
-    for method, head in heads.items():
-        check_compatible(head, store, f"store {target_path}")
+    for method, head in load_heads(folder).items():
+        check_compatible(head, store, where)
         splits = stacked_splits(len(test.ids_N), head.num_seeds)
         out[method] = [float(np.mean(head.logits(test.features_NxD[rows], seed=s).argmax(1) == test.labels_N[rows]))
                        for s, rows in enumerate(splits.test_prime)]
@@ -74,12 +73,13 @@ def evaluate(folder, target_path) -> dict:
 def matrix(folders) -> tuple[dict, list[str], list[str]]:
     """Every folder's heads on every target store: ``({weak: {method: {(source, target): accuracies (S)}}},
     target domains in order, notes)``; domains are ``dataset/domain`` strings."""
-    stores, notes = target_stores(folders)
+    paths, notes = target_stores(folders)
+    stores = {target: read_store(path) for target, path in paths.items()}  # each store read once
     found = {}
     for folder in map(Path, folders):
         weak = json.loads((folder / "config.json").read_text())["weak"]
         source = "/".join(domain_of(folder))
-        for target, path in stores.items():
-            for method, accs in evaluate(folder, path).items():
+        for target, store in stores.items():
+            for method, accs in evaluate(folder, store, f"store {paths[target]}").items():
                 found.setdefault(weak, {}).setdefault(method, {})[(source, "/".join(target))] = accs
     return found, ["/".join(t) for t in sorted(stores)], notes
