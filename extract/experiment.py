@@ -209,7 +209,9 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
     num_fits = sum(len(b.get("domains", [None])) * (n + (multi and n > 1)) for b, n in zip(exp["data"], weak_counts))
     store_i = fit_j = 0
     current = []  # this experiment file's results folders: the report reads these and no others
+    rep = exp.get("report", {})
     for block in exp["data"]:
+        made = []  # this block's (dataset, store path, weak specs), for the weak models across its domains
         for domain in block.get("domains", [None]):
             store_i += 1
             log(f"== store {store_i} of {num_stores}: {block['dataset']}/{domain or 'default'}")
@@ -218,6 +220,7 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
             templates = tuple(ex.get("templates", pipeline.encoders.DEFAULT_TEMPLATES))
             weak_specs = weaklib.expand_weak(block.get("weak", ["pixels"]))
             pipeline.extract(dataset, strong, weak_specs, store_path, opts, templates)
+            made.append((dataset, store_path, weak_specs))
             store = read_store(store_path)
             store_id = _key([dataclasses.asdict(store.provenance), store.weak_info])
             names = [weaklib.parse_weak(w).name for w in weak_specs]
@@ -232,17 +235,38 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
                                      lambda tmp: run(cfg, tmp, log=log), log))
                 if tp is not None and store.text_TxKxD is not None and not ensemble:
                     current.append(_run_tp(tp, store_path, strong, weak, store_id, where, opts.device, log))
+        if rep.get("cross_domain") and len(made) > 1:
+            weak_across_domains(made, out / "cross-weak", opts, log)
     report = out / "report"
-    rep = exp.get("report", {})
     first_weak = weaklib.parse_weak(weaklib.expand_weak(exp["data"][0].get("weak", ["pixels"]))[0]).name
     tables, figures = write_report(current, report, curves=tuple(rep.get("curves", ("cpl", "kd+lp", "kd+tp"))),
                                    paper=rep.get("paper", False), headline_weak=first_weak,
-                                   cross_domain=rep.get("cross_domain", False))
+                                   cross_domain=rep.get("cross_domain", False), cross_dir=out / "cross-weak")
     for table in tables if verbose else tables[:1]:
         log(to_markdown(table) + "\n")
     log(f"The full report, {len(tables)} tables (.md .csv .tex) and {len(figures)} figures, is in {report}; "
         "`w2s-run --verbose` prints every table.")
     return report
+
+
+def weak_across_domains(made: list, folder: Path, opts, log) -> None:
+    """Each probe weak model of each domain applied to every other domain's test images (``extract.cross_weak``),
+    for PGR across domains; a fine-tuned weak model is not kept after extraction, so it is left out, with a line."""
+    from extract.cross_weak import write_cross_weak
+    from w2s_jax.store import read_store
+
+    rows = {}
+    for dataset, path, _ in made:
+        store = read_store(path)
+        rows[path] = {s: (sp.ids_N, sp.labels_N) for s, sp in store.splits.items()}
+    for source, source_path, specs in made:
+        for spec in map(weaklib.parse_weak, specs):
+            if spec.mode != "probe":
+                log(f"weak model {spec.name} is fine-tuned and not kept after extraction: no cross-domain PGR for it")
+                continue
+            for target, target_path, _ in made:
+                if target_path != source_path:
+                    write_cross_weak(source, rows[source_path], target, rows[target_path]["test"], spec, folder, opts)
 
 
 def _run_tp(tp: dict, store_path, strong, weak, store_id, where: Path, device, log) -> Path:

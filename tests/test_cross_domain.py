@@ -82,3 +82,51 @@ def test_a_mismatched_store_is_refused_by_name(two_domains, tmp_path, change, wo
     write_store(odd, dataclasses.replace(store, provenance=dataclasses.replace(store.provenance, **change)))
     with pytest.raises(HeadsError, match=words):
         cross_domain.evaluate(fits["near"], read_store(odd), str(odd))
+
+
+def test_the_weak_probe_across_domains_is_the_store_own_probe_and_gives_pgr(imagefolder_root, tiny_clip, tmp_path):
+    """extract.cross_weak retrains a probe weak model on the source as its store did (the same logits on the source's
+    own test rows), applies it to the target's images, and the report then shows a weak row and PGR off the diagonal;
+    a fine-tuned weak model is not kept, so it gets no file."""
+    import shutil
+
+    from PIL import Image
+
+    from extract import cross_weak, datasets, pipeline, weak
+
+    homes = {"ink": tmp_path / "ink", "paper": tmp_path / "paper"}
+    shutil.copytree(imagefolder_root, homes["ink"])
+    shutil.copytree(imagefolder_root, homes["paper"])
+    for path in homes["paper"].rglob("*.jpg"):  # the shifted domain: the same classes, inverted colours
+        image = Image.open(path).convert("RGB")
+        Image.eval(image, lambda v: 255 - v).save(path)
+    opts = pipeline.Options(device="cpu", batch_size=8, num_workers=0, log=lambda *a: None)
+    data, rows = {}, {}
+    for name, root in homes.items():
+        data[name] = datasets.load_dataset("imagefolder", domain=name, root=str(root))
+        pipeline.extract(data[name], tiny_clip, ["pixels@2"], tmp_path / f"{name}.h5", opts)
+        store = read_store(tmp_path / f"{name}.h5")
+        rows[name] = {s: (sp.ids_N, sp.labels_N) for s, sp in store.splits.items()}
+    spec = weak.parse_weak("pixels@2")
+    own = cross_weak.write_cross_weak(data["ink"], rows["ink"], data["ink"], rows["ink"]["test"], spec,
+                                      tmp_path / "cw", opts)
+    with np.load(own) as z:
+        np.testing.assert_allclose(z["logits_NxK"], read_store(tmp_path / "ink.h5").splits["test"].weak_logits[
+            "pixels@2"], atol=1e-5)
+    path = cross_weak.write_cross_weak(data["ink"], rows["ink"], data["paper"], rows["paper"]["test"], spec,
+                                       tmp_path / "cw", opts)
+    assert path == cross_domain.cross_weak_file(tmp_path / "cw", "pixels@2", "imagefolder/ink", "imagefolder/paper")
+    assert cross_weak.write_cross_weak(data["ink"], rows["ink"], data["paper"], rows["paper"]["test"],
+                                       weak.parse_weak("resnet18"), tmp_path / "cw", opts) is None
+    folders = []
+    for name in homes:
+        r = CliRunner().invoke(fit_cli.main, ["--store", str(tmp_path / f"{name}.h5"), "--methods",
+                                              "kd+lp,ceiling+lp", "--seeds", "2", "--epochs", "2", "--batch-size",
+                                              "8", "--out", str(tmp_path / f"res-{name}")])
+        assert r.exit_code == 0, r.output
+        folders.append(tmp_path / f"res-{name}")
+    tables, _ = report.cross_domain_tables(folders, tmp_path / "cw")
+    text = report.to_markdown(tables[0])
+    weak_row = next(line for line in text.splitlines() if line.startswith("| weak | imagefolder/ink |"))
+    assert weak_row.count("±") == 2  # known on its own domain and, from the file, on the other
+    assert next(line for line in text.splitlines() if line.startswith("| weak | imagefolder/paper |")).count("±") == 1

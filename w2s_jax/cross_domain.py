@@ -3,9 +3,9 @@ encoder and classes (issue #24). Nothing is refitted: each results folder's save
 store's features, one GEMM per seed.
 
 Evaluation rows: the target store's ``test'`` rows of each seed (the same per-seed splits as a fit on that store,
-``w2s_jax.splits``), so the diagonal equals each fit's reported test' accuracy. The weak model is known on its own
-domain only (the store holds its logits there; the weak models themselves are not saved), so the cross-domain cells
-show accuracy, and PGR only on the diagonal.
+``w2s_jax.splits``), so the diagonal equals each fit's reported test' accuracy. The weak model on another domain
+comes from ``extract.cross_weak`` (a probe retrained on the source and applied to the target's images), where it could
+be had; with it, a cell also has PGR against the ceiling of the method's head, evaluated the same way.
 """
 from __future__ import annotations
 
@@ -70,9 +70,36 @@ def evaluate(folder, store, where: str) -> dict:
     return out
 
 
-def matrix(folders) -> tuple[dict, list[str], list[str]]:
+def cross_weak_file(folder, weak: str, source: str, target: str) -> Path:
+    """Where ``extract.cross_weak`` writes the logits of ``weak`` trained on ``source``, applied to ``target``
+    (domains as ``dataset/domain``): ``FOLDER/WEAK/SOURCE__on__TARGET.npz``."""
+    return Path(folder) / weak / f"{source.replace('/', '-')}__on__{target.replace('/', '-')}.npz"
+
+
+def weak_on_target(cross_dir, weak: str, source: str, target: str, store, seeds: int):
+    """The weak model ``weak`` of ``source`` on ``target``'s test' rows of each seed (S), or None where it cannot be
+    had: on its own domain from the store; elsewhere from ``extract.cross_weak``'s file in ``cross_dir``, if any."""
+    test = store.splits["test"]
+    if source == target:
+        if weak not in test.weak_logits:
+            return None
+        logits = test.weak_logits[weak]
+    else:
+        path = cross_weak_file(cross_dir, weak, source, target) if cross_dir is not None else None
+        if path is None or not path.is_file():
+            return None
+        with np.load(path) as z:
+            if tuple(z["ids"].tolist()) != tuple(test.ids_N):
+                return None  # made for another version of the target store
+            logits = z["logits_NxK"]
+    splits = stacked_splits(len(test.ids_N), seeds)
+    return [float(np.mean(logits[rows].argmax(1) == test.labels_N[rows])) for rows in splits.test_prime]
+
+
+def matrix(folders, cross_dir=None) -> tuple[dict, list[str], list[str]]:
     """Every folder's heads on every target store: ``({weak: {method: {(source, target): accuracies (S)}}},
-    target domains in order, notes)``; domains are ``dataset/domain`` strings."""
+    target domains in order, notes)``; domains are ``dataset/domain`` strings. The row ``"weak"`` holds the weak
+    model's accuracies where they can be had (:func:`weak_on_target`)."""
     paths, notes = target_stores(folders)
     stores = {target: read_store(path) for target, path in paths.items()}  # each store read once
     found = {}
@@ -80,6 +107,12 @@ def matrix(folders) -> tuple[dict, list[str], list[str]]:
         weak = json.loads((folder / "config.json").read_text())["weak"]
         source = "/".join(domain_of(folder))
         for target, store in stores.items():
-            for method, accs in evaluate(folder, store, f"store {paths[target]}").items():
-                found.setdefault(weak, {}).setdefault(method, {})[(source, "/".join(target))] = accs
+            cells = found.setdefault(weak, {})
+            evaluated = evaluate(folder, store, f"store {paths[target]}")
+            for method, accs in evaluated.items():
+                cells.setdefault(method, {})[(source, "/".join(target))] = accs
+            seeds = len(next(iter(evaluated.values())))
+            weak_accs = weak_on_target(cross_dir, weak, source, "/".join(target), store, seeds)
+            if weak_accs is not None:
+                cells.setdefault("weak", {})[(source, "/".join(target))] = weak_accs
     return found, ["/".join(t) for t in sorted(stores)], notes

@@ -63,8 +63,8 @@ def discover(roots) -> list[Group]:
     for root in map(Path, roots):
         if not root.exists():
             raise FileNotFoundError(f"{root} does not exist; pass results folders written by w2s-fit or w2s-tp")
-        for metrics in sorted(root.rglob("metrics.json")):
-            folder = metrics.parent
+        for metrics_json in sorted(root.rglob("metrics.json")):
+            folder = metrics_json.parent
             if any(part.startswith(".") or part.endswith(".tmp") for part in folder.relative_to(root).parts):
                 continue  # a folder still being written (or left by a killed writer) is never read
             prov = json.loads((folder / "provenance.json").read_text())
@@ -298,30 +298,45 @@ def multi_weak_table(groups: list[Group]) -> Table | None:
 
 CROSS_NOTE = ("Each cell: test' accuracy (%), mean ± std over seeds, of the heads fitted on the row's domain (each at "
               "the grid point chosen on its own hold_val), evaluated on the column's store, on its test' rows of each "
-              "seed; nothing is refitted. The diagonal is the in-domain result. The weak models are not saved with the "
-              "stores, so their accuracy on another domain, and hence PGR across domains, is not available: cells "
-              "show accuracy only. The last columns average the diagonal and the off-diagonal cells.")
+              "seed; nothing is refitted. The diagonal is the in-domain result. The row 'weak' is the row domain's "
+              "weak model on the column's images: a probe retrained on the row's domain and applied there "
+              "(extract/cross_weak.py); a fine-tuned weak model is not kept, so its cells are blank. Where it exists, "
+              "a cell's PGR is (method − weak) / (ceiling of the method's head − weak) from the means, the ceiling "
+              "evaluated the same way, shown where that ceiling beats the weak model. The last columns average the "
+              "diagonal and the off-diagonal cells.")
 
 
-def cross_domain_tables(folders) -> tuple[list[Table], dict]:
-    """One table per weak model: every method's heads fitted on each domain (rows), evaluated on every domain's
-    store (columns), with their in-domain and out-of-domain means; and ``{weak: [(method, source, in, out)]}`` for
-    the figure."""
+def _cross_pgr(methods: dict, method: str, key) -> str:
+    """`` (PGR p)`` of one cross-domain cell, or "" where the weak model, the ceiling or the gap is missing."""
+    ceiling = CEILING_OF_HEAD.get(METHODS[method].head) if method in METHODS else None
+    weak, acc = methods.get("weak", {}).get(key), methods[method].get(key)
+    ceil = methods.get(ceiling, {}).get(key) if ceiling and METHODS[method].target != "truth" else None
+    if weak is None or acc is None or ceil is None:
+        return ""
+    value = float(metrics.pgr(np.mean(acc), np.mean(weak), np.mean(ceil)))
+    return "" if np.isnan(value) else f" (PGR {value:.2f})"
+
+
+def cross_domain_tables(folders, cross_dir=None) -> tuple[list[Table], dict]:
+    """One table per weak model: the weak model and every method's heads fitted on each domain (rows), evaluated on
+    every domain's store (columns), with PGR where the weak model there is known, and the in-domain and out-of-domain
+    means; and ``{weak: [(method, source, in, out)]}`` for the figure. ``cross_dir``: ``extract.cross_weak``'s files."""
     from w2s_jax import cross_domain
 
-    found, targets, notes = cross_domain.matrix(folders)
+    found, targets, notes = cross_domain.matrix(folders, cross_dir)
     tables, points = [], {}
     for weak, methods in sorted(found.items()):
         rows = []
-        for method in results.method_order(methods):
+        for method in ["weak"] * ("weak" in methods) + results.method_order(methods):
             for source in sorted({s for s, _ in methods[method]}):
                 cells = {t: methods[method].get((source, t)) for t in targets}
                 inside = cells.get(source)
                 outside = [_acc(v) for t, v in cells.items() if t != source and v is not None]
                 out_mean = f"{np.mean(outside):.2f}" if outside else ""
-                rows.append([method, source, *[_cell(v) if v is not None else "" for v in cells.values()],
-                             f"{_acc(inside):.2f}" if inside is not None else "", out_mean])
-                if inside is not None and outside:
+                shown = [(_cell(v) + _cross_pgr(methods, method, (source, t))) if v is not None else ""
+                         for t, v in cells.items()]
+                rows.append([method, source, *shown, f"{_acc(inside):.2f}" if inside is not None else "", out_mean])
+                if inside is not None and outside and method != "weak":
                     points.setdefault(weak, []).append((method, source, _acc(inside), float(np.mean(outside))))
         note = CROSS_NOTE + "".join(f"\n\nNote: {n}." for n in notes)
         tables.append(Table(f"cross-domain-{weak}", f"W2S across domains: test' accuracy (%), heads fitted on one "
@@ -498,10 +513,11 @@ def plot_misfit_gain(gs: list[Group], path: Path) -> Path:
 
 
 def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=False,
-                 headline_weak: str | None = None, cross_domain: bool = False) -> tuple[list[Table], list[Path]]:
+                 headline_weak: str | None = None, cross_domain: bool = False,
+                 cross_dir=None) -> tuple[list[Table], list[Path]]:
     """Every table (.md .csv .tex) and figure (.png) of the results folders under ``roots``; with ``headline_weak``,
     the first table is :func:`headline` of that weak model; with ``cross_domain``, the cross-domain matrices
-    (:func:`cross_domain_tables`) and their figures."""
+    (:func:`cross_domain_tables`, with the weak models across domains from ``cross_dir``) and their figures."""
     groups = discover(roots)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -510,7 +526,8 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
     tables += [table3(groups, *domain) for domain, gs in _by_domain(groups).items() if len(gs) > 1]
     pgr = pgr_table(groups)
     compare = (paper_table(groups), paper_table3(groups)) if paper else ()
-    crossed, points = cross_domain_tables([f for g in groups for f in g.folders]) if cross_domain else ([], {})
+    crossed, points = cross_domain_tables([f for g in groups for f in g.folders], cross_dir) if cross_domain \
+        else ([], {})
     tables += [t for t in (table4(groups), pgr, multi_weak_table(groups), misfit_gain_table(groups),
                            weak_choice_table(groups), *compare, *crossed,
                            sources_table(groups)) if t is not None]
@@ -535,18 +552,21 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
 @click.option("--paper", is_flag=True, help="Also compare our DomainNet numbers with the paper's Table 2.")
 @click.option("--cross-domain", is_flag=True,
               help="Also evaluate every folder's saved heads on every other domain's store (same encoder and classes).")
+@click.option("--cross-weak", type=click.Path(), default=None,
+              help="With --cross-domain: the folder of the weak models' logits across domains (w2s-run writes "
+                   "OUT/cross-weak), for PGR across domains.")
 @click.option("--import", "plugins", multiple=True, metavar="MODULE",
               help="Import the module that registered your own heads and methods (as given to w2s-fit --import).")
 @click.option("--allow-replace", is_flag=True,
               help="Let an --import module replace a head, method or loss row registered before it (refused otherwise).")
-def main(results_dirs, out, curves, paper, cross_domain, plugins, allow_replace):
+def main(results_dirs, out, curves, paper, cross_domain, cross_weak, plugins, allow_replace):
     """Tables (markdown, CSV, LaTeX) and figures (PNG) from w2s-fit / w2s-tp results folders."""
     from w2s_jax.methods import import_plugins
 
     try:
         import_plugins(plugins, allow_replace)
         tables, figures = write_report(results_dirs, out, curves=tuple(curves.split(",")), paper=paper,
-                                       cross_domain=cross_domain)
+                                       cross_domain=cross_domain, cross_dir=cross_weak)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise click.ClickException(str(err)) from None
     for t in tables:
