@@ -1,9 +1,10 @@
-"""The weak model across domains (issue #24): a probe weak model trained on one domain's ``train`` split, as its store
-was made, applied to another domain's ``test`` images. PGR across domains needs it.
+"""The weak model across domains (issue #24): a weak model trained on one domain's ``train`` split, as its store was
+made, applied to another domain's ``test`` images. PGR across domains needs it.
 
 A probe (``pixels@S`` or ``MODEL:probe``) is retrained here: its features and training are deterministic, so it is the
-store's own weak model. A fine-tuned weak model is not: its weights are not kept after extraction, so it has no
-cross-domain logits and its cells show accuracy only (the report says so).
+store's own weak model. A fine-tuned one is loaded from the weights its extraction kept beside the store
+(``pipeline.weak_weights``), without fine-tuning again; a store made before they were kept has none, and its cells
+show accuracy only (the report says so).
 
 Each result is one file, ``DIR/WEAK/SOURCE__on__TARGET.npz`` (domains as ``dataset-domain``), holding the target's
 test ids and the logits ``N x K``; the report (``w2s_jax.report.cross_domain_tables``) reads them.
@@ -29,23 +30,43 @@ def probe_features(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Pat
     return {s: out[spec.name] for s, out in outs.items()}
 
 
+def finetuned_logits(spec: weak.WeakSpec, weights: Path, target: Dataset, target_rows: tuple, parts: Path,
+                     opts: pipeline.Options) -> np.ndarray:
+    """A fine-tuned weak model, loaded from its kept ``weights``, on the target's rows: logits ``N x K``."""
+    import torch
+
+    model = weak.load_hf(spec, len(target.class_names), opts.device)
+    model.load_state_dict(torch.load(weights, map_location=opts.device))
+    model.eval()
+    transform = weak.weak_transform(spec)
+    source = pipeline.ImageSource(target.load, {"weak": [transform]}, opts)
+    outs = pipeline.run_splits({"test": target_rows}, source, "weak", {spec.name: (transform, weak.hf_logits(model))},
+                               parts, opts, f"{spec.name} logits, {target.domain}")[0]
+    return outs["test"][spec.name]
+
+
 def write_cross_weak(source: Dataset, source_rows: dict, target: Dataset, target_rows: tuple, spec: weak.WeakSpec,
-                     folder: Path, opts: pipeline.Options) -> Path | None:
-    """Train the probe ``spec`` on the source's train rows and write its logits on the target's test rows; None for a
-    fine-tuned weak model (its weights are not kept). ``source_rows``: {split: (ids, labels)} of the source store;
-    ``target_rows``: (ids, labels) of the target store's test split. Done once: an existing file is kept."""
-    if spec.mode != "probe":
-        return None
+                     folder: Path, opts: pipeline.Options, source_store: Path | None = None) -> Path | None:
+    """Write the source's weak model ``spec`` applied to the target's test rows: a probe retrained on the source's
+    train rows, or a fine-tuned model from the weights kept beside ``source_store``; None where those weights are
+    missing. ``source_rows``: {split: (ids, labels)} of the source store; ``target_rows``: (ids, labels) of the target
+    store's test split. Done once: an existing file is kept."""
     out = cross_weak_file(folder, spec.name, f"{source.name}/{source.domain}", f"{target.name}/{target.domain}")
     if out.exists():
         return out
     parts = out.with_name(out.stem + ".parts")
-    train = probe_features(spec, source, {"train": source_rows["train"]}, parts / "source", opts)["train"]
-    test = probe_features(spec, target, {"test": target_rows}, parts / "target", opts)["test"]
-    predict = weak.train_probe(train, source_rows["train"][1], len(source.class_names), device=opts.device)
+    if spec.mode == "probe":
+        train = probe_features(spec, source, {"train": source_rows["train"]}, parts / "source", opts)["train"]
+        test = probe_features(spec, target, {"test": target_rows}, parts / "target", opts)["test"]
+        logits = weak.train_probe(train, source_rows["train"][1], len(source.class_names), device=opts.device)(test)
+    else:
+        weights = pipeline.weak_weights(source_store, spec.name) if source_store is not None else None
+        if weights is None or not weights.is_file():
+            return None
+        logits = finetuned_logits(spec, weights, target, target_rows, parts / "target", opts)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.npz")
-    np.savez(tmp, ids=np.asarray(target_rows[0]), logits_NxK=predict(test).astype(np.float32))
+    np.savez(tmp, ids=np.asarray(target_rows[0]), logits_NxK=np.asarray(logits, np.float32))
     tmp.replace(out)
     shutil.rmtree(parts, ignore_errors=True)
     return out

@@ -250,8 +250,9 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
 
 
 def weak_across_domains(made: list, folder: Path, opts, log) -> None:
-    """Each probe weak model of each domain applied to every other domain's test images (``extract.cross_weak``),
-    for PGR across domains; a fine-tuned weak model is not kept after extraction, so it is left out, with a line."""
+    """Each weak model of each domain applied to every other domain's test images (``extract.cross_weak``), for PGR
+    across domains; a fine-tuned one whose weights were not kept (a store made before they were) is left out, with a
+    line."""
     from extract.cross_weak import write_cross_weak
     from w2s_jax.store import read_store
 
@@ -261,12 +262,12 @@ def weak_across_domains(made: list, folder: Path, opts, log) -> None:
         rows[path] = {s: (sp.ids_N, sp.labels_N) for s, sp in store.splits.items()}
     for source, source_path, specs in made:
         for spec in map(weaklib.parse_weak, specs):
-            if spec.mode != "probe":
-                log(f"weak model {spec.name} is fine-tuned and not kept after extraction: no cross-domain PGR for it")
-                continue
             for target, target_path, _ in made:
-                if target_path != source_path:
-                    write_cross_weak(source, rows[source_path], target, rows[target_path]["test"], spec, folder, opts)
+                if target_path != source_path and write_cross_weak(
+                        source, rows[source_path], target, rows[target_path]["test"], spec, folder, opts,
+                        source_path) is None:
+                    log(f"weak model {spec.name} of {source.domain}: its fine-tuned weights were not kept beside "
+                        f"{source_path} (a store made before they were), so no PGR on {target.domain}")
 
 
 def _run_tp(tp: dict, store_path, strong, weak, store_id, where: Path, device, log) -> Path:

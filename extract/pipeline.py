@@ -277,6 +277,22 @@ class _FineTuneBatches:
                 yield inputs[0], self.labels[index]
 
 
+def weak_weights(store_path: Path, weak_name: str) -> Path:
+    """Where a fine-tuned weak model's weights are kept beside its store (``STORE.weak/NAME.pt``), so that it can be
+    applied to another domain's images without fine-tuning again (``extract.cross_weak``)."""
+    store_path = Path(store_path)
+    return store_path.with_name(store_path.name + ".weak") / f"{weak_name}.pt"
+
+
+def keep_weak_weights(parts: Path, store_path: Path) -> None:
+    """Move the fine-tuned weak models' weights of a finished extraction from its parts folder to
+    :func:`weak_weights`, replacing those of an earlier store at that path."""
+    for ckpt in Path(parts).glob("weak-*.pt"):
+        kept = weak_weights(store_path, ckpt.stem.removeprefix("weak-"))
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(ckpt, kept)
+
+
 def _save_torch(path: Path, obj) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -366,6 +382,7 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
         store = st.with_weak_model(store, spec.name, logits, info)
         opts.log(f"weak model {spec.name}: test accuracy {info['test_accuracy']:.4f}")
     st.write_store(out, store)
+    keep_weak_weights(parts, out)
     shutil.rmtree(parts)
     return out
 
@@ -414,5 +431,6 @@ def _add_weak_models(dataset: Dataset, strong_spec, specs, out: Path, opts: Opti
         store = st.with_weak_model(store, spec.name, logits, info)
         opts.log(f"weak model {spec.name}: test accuracy {info['test_accuracy']:.4f}")
     st.write_store(out, store)
+    keep_weak_weights(parts, out)
     shutil.rmtree(parts, ignore_errors=True)
     return out

@@ -87,7 +87,7 @@ def test_a_mismatched_store_is_refused_by_name(two_domains, tmp_path, change, wo
 def test_the_weak_probe_across_domains_is_the_store_own_probe_and_gives_pgr(imagefolder_root, tiny_clip, tmp_path):
     """extract.cross_weak retrains a probe weak model on the source as its store did (the same logits on the source's
     own test rows), applies it to the target's images, and the report then shows a weak row and PGR off the diagonal;
-    a fine-tuned weak model is not kept, so it gets no file."""
+    a fine-tuned weak model without kept weights gets no file."""
     import shutil
 
     from PIL import Image
@@ -117,7 +117,8 @@ def test_the_weak_probe_across_domains_is_the_store_own_probe_and_gives_pgr(imag
                                        tmp_path / "cw", opts)
     assert path == cross_domain.cross_weak_file(tmp_path / "cw", "pixels@2", "imagefolder/ink", "imagefolder/paper")
     assert cross_weak.write_cross_weak(data["ink"], rows["ink"], data["paper"], rows["paper"]["test"],
-                                       weak.parse_weak("resnet18"), tmp_path / "cw", opts) is None
+                                       weak.parse_weak("resnet18"), tmp_path / "cw", opts,
+                                       tmp_path / "ink.h5") is None  # fine-tuned, and no weights kept for it
     folders = []
     for name in homes:
         r = CliRunner().invoke(fit_cli.main, ["--store", str(tmp_path / f"{name}.h5"), "--methods",
@@ -130,3 +131,23 @@ def test_the_weak_probe_across_domains_is_the_store_own_probe_and_gives_pgr(imag
     weak_row = next(line for line in text.splitlines() if line.startswith("| weak | imagefolder/ink |"))
     assert weak_row.count("±") == 2  # known on its own domain and, from the file, on the other
     assert next(line for line in text.splitlines() if line.startswith("| weak | imagefolder/paper |")).count("±") == 1
+
+
+def test_a_fine_tuned_weak_model_is_kept_and_applied_without_fine_tuning_again(domainnet_root, tiny_clip,
+                                                                              tiny_resnet_dir, tmp_path):
+    """Extraction keeps a fine-tuned weak model's weights beside the store; cross_weak loads them, and on the store's
+    own test images they give the store's own weak logits."""
+    from extract import cross_weak, datasets, pipeline, weak
+
+    opts = pipeline.Options(device="cpu", batch_size=4, num_workers=0, weak_epochs=1, log=lambda *a: None)
+    data = datasets.load_dataset("domainnet", domain="real", root=str(domainnet_root))
+    out = tmp_path / "real.h5"
+    pipeline.extract(data, tiny_clip, [f"{tiny_resnet_dir}:finetune"], out, opts)
+    store = read_store(out)
+    name = store.weak_names[0]
+    assert pipeline.weak_weights(out, name).is_file() and not out.with_name("real.h5.parts").exists()
+    rows = {s: (sp.ids_N, sp.labels_N) for s, sp in store.splits.items()}
+    path = cross_weak.write_cross_weak(data, rows, data, rows["test"], weak.parse_weak(f"{tiny_resnet_dir}:finetune"),
+                                       tmp_path / "cw", opts, out)
+    with np.load(path) as z:
+        np.testing.assert_allclose(z["logits_NxK"], store.splits["test"].weak_logits[name], atol=1e-5)
