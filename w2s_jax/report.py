@@ -363,14 +363,9 @@ def plot_cross_domain(points: list, weak: str, path: Path) -> Path:
                    s=28, label=method if source == sources[0] else None)
     low = min(min(p[2], p[3]) for p in points) - 2
     high = max(max(p[2], p[3]) for p in points) + 2
-    ax.plot([low, high], [low, high], color="black", lw=1, ls="--", label="out = in")
-    for j, source in enumerate(sources):
-        ax.scatter([], [], color="gray", marker=markers[j % len(markers)], label=f"fitted on {source}")
-    ax.set(xlabel="in-domain test' accuracy (%)", ylabel="out-of-domain test' accuracy (%), mean over target domains",
-           title=f"W2S across domains, weak model {weak}")
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=6, ncol=2)
-    return _save(fig, ax, path)
+    return _finish_scatter(fig, ax, (low, high), "out = in", markers, [f"fitted on {s}" for s in sources],
+                           "in-domain test' accuracy (%)", "out-of-domain test' accuracy (%), mean over target domains",
+                           f"W2S across domains, weak model {weak}", path)
 
 
 def _by_domain(groups: list[Group]) -> dict:
@@ -457,6 +452,18 @@ def _save(fig, ax, path: Path) -> Path:
     return path
 
 
+def _finish_scatter(fig, ax, line, line_label, markers, marker_labels, xlabel, ylabel, title, path) -> Path:
+    """The shared end of a scatter: the y = x line over ``line`` (low, high), a gray key of one marker per label,
+    axis labels, a small title and legend; saved to ``path``."""
+    ax.plot(line, line, color="black", lw=1, ls="--", label=line_label)
+    for j, label in enumerate(marker_labels):
+        ax.scatter([], [], color="gray", marker=markers[j % len(markers)], label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, ax, path)
+
+
 def plot_pgr(t: Table, path: Path) -> Path:
     import matplotlib
 
@@ -498,15 +505,12 @@ def plot_misfit_gain(gs: list[Group], path: Path) -> Path:
             ax.scatter(x["misfit"], x["gain"], s=18, color=colors[i % len(colors)], marker=markers[j % len(markers)],
                        label=m if x is drawn[0] else None, alpha=0.8)
             top = max(top, *x["misfit"], *x["gain"])
-    ax.plot([0, top], [0, top], color="black", lw=1, ls="--", label="gain = misfit")
     ax.axhline(0, color="gray", lw=0.5)
-    for j, g in enumerate(gs):  # marker key: one marker per weak model
-        ax.scatter([], [], color="gray", marker=markers[j % len(markers)], label=f"weak {g.weak}")
-    ax.set(xlabel="misfit: KL(student ‖ weak) on hold_val (nats)", ylabel="gain: CE(weak) − CE(student) on test' (nats)",
-           title=f"Gain vs misfit, {gs[0].dataset}/{gs[0].domain} (a point per method, seed and weak model)")
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=6, ncol=2)
-    return _save(fig, ax, path)
+    return _finish_scatter(fig, ax, (0, top), "gain = misfit", markers, [f"weak {g.weak}" for g in gs],
+                           "misfit: KL(student ‖ weak) on hold_val (nats)",
+                           "gain: CE(weak) − CE(student) on test' (nats)",
+                           f"Gain vs misfit, {gs[0].dataset}/{gs[0].domain} (a point per method, seed and weak model)",
+                           path)
 
 
 # ------------------------------------------------------------------------------ main

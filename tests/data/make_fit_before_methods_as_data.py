@@ -1,5 +1,5 @@
 """Snapshot of the fit before 'methods as data' (commit e29a82a): every method, 2 seeds x 2 lrs."""
-import sys, dataclasses
+import sys
 sys.path.insert(0, "tests")
 import numpy as np, jax, jax.numpy as jnp, flax.linen as nn
 from conftest import synthetic_store
