@@ -2,7 +2,7 @@
 encoder-only forward passes on the same preprocessed tensors (same tiny random open_clip model), with the start-up
 (model load, worker start to the first batch) reported apart from the steady-state rate of the image pass.
 Also: HDF5 write time, and what float16 feature storage saves.
-Usage: python benchmarks/bench_extract.py [--images 1024] [--workers 2] [--batch 64] [--model ViT-B-32]
+Usage: python benchmarks/bench_extract.py [--images 1024] [--workers 2] [--batch 64] [--model ViT-B-32] [--decode gpu]
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def main():
     ap.add_argument("--size", type=int, default=256, help="JPEG side in pixels")
     ap.add_argument("--model", default="", help="open_clip config with random weights (default: a tiny one)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--decode", choices=["cpu", "gpu"], default="cpu", help="where the JPEGs are decoded (w2s-extract --decode)")
     args = ap.parse_args()
     import open_clip
 
@@ -55,7 +56,8 @@ def main():
     spec = f"{name}:{ckpt}"
     make_folder(tmp / "images", args.images, args.classes, args.size)
     data = load_dataset("imagefolder", domain=None, root=str(tmp / "images"))
-    opts = pipeline.Options(device=args.device, batch_size=args.batch, num_workers=args.workers, log=lambda *a: None)
+    opts = pipeline.Options(device=args.device, batch_size=args.batch, num_workers=args.workers, log=lambda *a: None,
+                            decode=args.decode)
 
     # end to end: decode + preprocess + encode + weak probe + text + HDF5 write
     t = time.perf_counter()
@@ -69,7 +71,8 @@ def main():
     ids = [i for s in ("train", "test") for i in data.splits[s][0]]
     batches = [list(range(b, min(len(ids), b + args.batch))) for b in range(0, len(ids), args.batch)]
     t = time.perf_counter()
-    loader = pipeline.ImageSource(data.load, {"strong": [enc.transform]}, opts).read("strong", ids, batches)
+    source = pipeline.ImageSource(data.load, {"strong": [enc.transform]}, opts)
+    loader = source.read("strong", ids, batches)
     next(loader)  # the first batch: worker start and the first decode (not counted in the steady state)
     first_batch = time.perf_counter() - t
     t, done = time.perf_counter(), 0
@@ -78,6 +81,9 @@ def main():
             enc.encode_images(inputs[0].to(args.device, non_blocking=True)).float().cpu()
             done += len(index)
     steady = done / (time.perf_counter() - t) if done else float("nan")
+    t = time.perf_counter()
+    source.close()
+    close = time.perf_counter() - t
 
     # encoder only, on the same images already decoded and preprocessed
     x = torch.stack([enc.transform(data.load(i)) for s in ("train", "test") for i in data.splits[s][0]])
@@ -102,11 +108,12 @@ def main():
     err = np.abs(half.splits["test"].features_NxD.astype(np.float32) - store.splits["test"].features_NxD).max()
 
     print(f"machine: {machine()}; device {args.device}; model {name} (random weights), {args.images} JPEGs {args.size}px, "
-          f"batch {args.batch}, {args.workers} workers")
+          f"batch {args.batch}, {args.workers} workers, decode on {args.decode}")
     print(f"end-to-end w2s-extract: {e2e:.1f} img/s (start-up, weak models, text and HDF5 included); "
           f"encoder only: {encoder_only:.1f} img/s")
     print(f"start-up: model load {model_load:.2f} s, workers to the first batch {first_batch:.2f} s; "
-          f"steady state of the image pass after the first batch: {steady:.1f} img/s over {done} images")
+          f"steady state of the image pass after the first batch: {steady:.1f} img/s over {done} images; "
+          f"stopping the workers {close:.2f} s")
     print(f"steady-state efficiency (steady / encoder-only): {steady / encoder_only:.2f}")
     print(f"HDF5 write: float32 {w32 * 1e3:.1f} ms ({size32 / 1e6:.2f} MB), float16 {w16 * 1e3:.1f} ms "
           f"({size16 / 1e6:.2f} MB, {size16 / size32:.2f}x size; max abs feature error {err:.2e})")

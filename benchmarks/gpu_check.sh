@@ -62,16 +62,18 @@ else
   MANY="--n 2500 --d 1280 --k 10 --batch 64 --grid-lr 1e-2,3e-3 --runs 1"   # demo shape, 100 models
   PROFILE="--runs 3"
   CACHE="--repeats 1"
-  EXTRACT="--images 16384 --classes 100 --batch 256 --workers 12 --model ViT-B-32"
+  EXTRACT="--images 8192 --classes 100 --batch 256 --workers 12 --model ViT-B-32"
   TP="--images 1024 --classes 345 --batch 256 --model ViT-B-32"
 fi
 
+# in order of what matters most, since the budget may end the last steps
 step machine 60 $PY -c "from _common import machine; import jax; print(machine(), jax.devices())"
-step fit_domainnet 200 $PY bench_fit.py $FIT --bf16 --skip-novmap
-step fit_many_models 100 $PY bench_fit.py $MANY --skip-novmap --skip-unfused
+step fit_domainnet 150 $PY bench_fit.py $FIT --bf16 --skip-novmap
 step step_profile 90 $PY bench_step_profile.py $PROFILE
-step compile_cache 60 $PY bench_compile_cache.py $CACHE
+step fit_many_models 90 $PY bench_fit.py $MANY --skip-novmap --skip-unfused
 step compile_methods 60 $PY bench_compile_cache.py $CACHE --methods-scaling
-step extract 150 $PY bench_extract.py $EXTRACT
+step extract 90 $PY bench_extract.py $EXTRACT
 step prompt_tuning 60 $PY bench_tp.py $TP
+[ "${TINY:-0}" = 1 ] || step extract_gpu_decode 60 $PY bench_extract.py $EXTRACT --decode gpu
+step compile_cache 60 $PY bench_compile_cache.py $CACHE
 echo "wrote $LOG"

@@ -24,9 +24,9 @@ from w2s_jax.cross_domain import cross_weak_file
 def probe_features(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, opts: pipeline.Options) -> dict:
     """``{split: features}`` of the probe's frozen backbone (grey pixels, or the HF backbone) on ``rows``."""
     fn = weak.probe_backbone(spec, len(dataset.class_names), opts.device)
-    source = pipeline.ImageSource(dataset.load, {"probe": [weak.weak_transform(spec)]}, opts)
-    outs = pipeline.run_splits(rows, source, "probe", {spec.name: (weak.weak_transform(spec), fn)}, parts, opts,
-                               f"{spec.name} features, {dataset.domain}")[0]
+    with pipeline.ImageSource(dataset.load, {"probe": [weak.weak_transform(spec)]}, opts) as source:
+        outs = pipeline.run_splits(rows, source, "probe", {spec.name: (weak.weak_transform(spec), fn)}, parts, opts,
+                                   f"{spec.name} features, {dataset.domain}")[0]
     return {s: out[spec.name] for s, out in outs.items()}
 
 
@@ -39,9 +39,10 @@ def finetuned_logits(spec: weak.WeakSpec, weights: Path, target: Dataset, target
     model.load_state_dict(torch.load(weights, map_location=opts.device))
     model.eval()
     transform = weak.weak_transform(spec)
-    source = pipeline.ImageSource(target.load, {"weak": [transform]}, opts)
-    outs = pipeline.run_splits({"test": target_rows}, source, "weak", {spec.name: (transform, weak.hf_logits(model))},
-                               parts, opts, f"{spec.name} logits, {target.domain}")[0]
+    with pipeline.ImageSource(target.load, {"weak": [transform]}, opts) as source:
+        outs = pipeline.run_splits({"test": target_rows}, source, "weak",
+                                   {spec.name: (transform, weak.hf_logits(model))}, parts, opts,
+                                   f"{spec.name} logits, {target.domain}")[0]
     return outs["test"][spec.name]
 
 

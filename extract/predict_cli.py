@@ -92,10 +92,9 @@ def encode_folder(encoder, folder: Path, ids, batch_size: int, num_workers: int,
     batches = [list(range(b, min(len(ids), b + batch_size))) for b in range(0, len(ids), batch_size)]
     source = ImageSource(FileLoader(str(folder)), {"strong": [encoder.transform]},
                          Options(device=device, num_workers=num_workers))
-    loader = source.read("strong", ids, batches)
     feats, readable = None, np.zeros(len(ids), bool)
-    with torch.no_grad(), tqdm(total=len(ids), desc="encoding", unit="img", disable=None) as bar:
-        for index, inputs, bad in loader:
+    with source, torch.no_grad(), tqdm(total=len(ids), desc="encoding", unit="img", disable=None) as bar:
+        for index, inputs, bad in source.read("strong", ids, batches):
             if len(index):
                 out = encoder.encode_images(inputs[0].to(device)).float().cpu().numpy()
                 feats = np.full((len(ids), out.shape[1]), np.nan, np.float32) if feats is None else feats
