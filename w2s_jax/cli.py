@@ -7,7 +7,9 @@ import click
 
 from w2s_jax.config import FitConfig, Hparams
 from w2s_jax.losses import LOSSES, Coeffs
-from w2s_jax.methods import METHODS, import_plugins, jax_methods
+from w2s_jax.methods import METHODS, import_plugins, jax_methods, refinement_methods
+from w2s_jax.refine import REFINEMENTS
+from w2s_jax.select import CRITERIA
 
 DEFAULTS = Hparams()
 
@@ -40,6 +42,17 @@ def row_text(row) -> str:
     if row is None:
         return "PyTorch loss of that name"
     return ", ".join(f"{f}={v:g}" for f, v in row._asdict().items() if v != getattr(Coeffs(), f))
+
+
+def with_refinements(methods: tuple, refine: str) -> tuple:
+    """``methods`` then ``METHOD@KIND`` for each of them that can be refined and each KIND of ``refine``
+    ("knn,graph"); a ValueError names an unknown kind."""
+    kinds = [k.strip() for k in refine.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in REFINEMENTS]
+    if unknown:
+        raise ValueError(f"--refine {refine}: unknown refinement(s) {unknown}; valid: {', '.join(REFINEMENTS)}")
+    refined = [f"{m}@{k}" for m in methods for k in kinds if f"{m}@{k}" in refinement_methods(methods)]
+    return tuple(dict.fromkeys([*methods, *refined]))
 
 
 TARGET_WORDS = {"raven": "a learned mix of weak models (--weak A,B)", "average": "the average of weak models (--weak A,B)"}
@@ -82,6 +95,17 @@ def find_store(folder: Path = STORES) -> str:
 @click.option("--tau-a", default=DEFAULTS.tau_a, show_default=True, help="AdaptConf temperature.")
 @click.option("--raven-lr", default=DEFAULTS.raven_lr, show_default=True,
               help="Adam lr of the weak models' weights in the raven+... methods.")
+@click.option("--refine", default="", metavar="KINDS",
+              help=f"Also fit every chosen method on its weak labels refined on the strong features: comma-separated "
+                   f"among {', '.join(REFINEMENTS)} (adds METHOD@KIND rows; README: Refine the weak labels).")
+@click.option("--refine-k", default=DEFAULTS.refine_k, show_default=True, type=int,
+              help="k of the kNN refinements and of --select refined.")
+@click.option("--refine-alpha", default=DEFAULTS.refine_alpha, show_default=True, help="α of METHOD@graph.")
+@click.option("--refine-c", default=DEFAULTS.refine_c, show_default=True,
+              help="Fraction of rows METHOD@filter drops.")
+@click.option("--select", type=click.Choice(CRITERIA), default="agreement", show_default=True,
+              help="The label-free rule on hold_val that keeps each model's epoch and each method's grid point "
+                   "(README: Choosing without labels); the report shows every rule's regret.")
 @click.option("--grid", multiple=True, help="Sweep a hyperparameter: FIELD=V1,V2 (repeatable; cartesian product).")
 @click.option("--vmap/--no-vmap", default=True, show_default=True, help="One compiled call for the grid, or one per model.")
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
@@ -109,7 +133,7 @@ def find_store(folder: Path = STORES) -> str:
 @click.option("--show", type=click.Path(), multiple=True,
               help="Print the table of existing results folder(s) and exit; several are merged into one table.")
 def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, lp_scale, lp_shrinkage,
-         lp_l2, alpha_max, tau_a, raven_lr, grid,
+         lp_l2, alpha_max, tau_a, raven_lr, refine, refine_k, refine_alpha, refine_c, select, grid,
          vmap, fuse, matmul_dtype, seed_axis, compile_cache, out, overwrite, distributed, coordinator, num_processes, process_id, plugins, allow_replace, list_methods, show):
     """Fit CPL and linear-probe heads with CE, KD, AuxConf, AdaptConf (+ ceilings) for every seed."""
     from w2s_jax import results
@@ -121,9 +145,12 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
 
     if list_methods:
         for name, m in METHODS.items():
-            where = "" if name in jax_methods(multi_weak=True) else "  (PyTorch: w2s-tp)"
-            click.echo(f"{name:16s} head={m.head:12s} loss={m.loss:9s} trained on "
-                       f"{TARGET_WORDS.get(m.target, m.target):8s} [{row_text(LOSSES.get(m.loss))}]{where}")
+            where = "" if name in jax_methods(multi_weak=True) + refinement_methods() else "  (PyTorch: w2s-tp)"
+            target = TARGET_WORDS.get(m.target, m.target) + (f" refined by {m.refine}" if m.refine else "")
+            click.echo(f"{name:22s} head={m.head:12s} loss={m.loss:9s} trained on "
+                       f"{target:8s} [{row_text(LOSSES.get(m.loss))}]{where}")
+        click.echo("\nMETHOD@knn, @graph and @filter train METHOD on its weak labels refined on the strong features "
+                   "(w2s-fit --refine knn,graph,filter adds them to the chosen methods).")
         click.echo("\nA method is a head plus a row of the loss family [its nonzero coefficients]; add your own with "
                    "[methods.NAME] in an experiment file or w2s_jax.define_method (README: Define a method).\n"
                    "cpl is the paper's KL loss on text-initialised prototypes; under Adam it equals KD on that head "
@@ -158,16 +185,17 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
             weak = names[0]
         ensemble = tuple(w.strip() for w in weak.split(",") if w.strip())
         ensemble = ensemble if len(ensemble) > 1 else ()
+        chosen = jax_methods(multi_weak=bool(ensemble)) if methods == "all" \
+            else tuple(m.strip() for m in methods.split(",") if m.strip())
         cfg = FitConfig(
             store=str(store), weak=weak.split(",")[0].strip(), ensemble=ensemble,
-            methods=jax_methods(multi_weak=bool(ensemble)) if methods == "all"
-            else tuple(m.strip() for m in methods.split(",") if m.strip()),
+            methods=with_refinements(chosen, refine), select=select,
             seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size), vmap=vmap, fuse=fuse,
             matmul_dtype=matmul_dtype, seed_axis=seed_axis, imports=tuple(plugins),
             grid=_parse_grid(grid),
             hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale, lp_scale=lp_scale,
                             lp_shrinkage=lp_shrinkage, lp_l2=lp_l2, alpha_max=alpha_max, tau_a=tau_a,
-                            raven_lr=raven_lr),
+                            raven_lr=raven_lr, refine_k=refine_k, refine_alpha=refine_alpha, refine_c=refine_c),
         )
         out = out or f"results/{Path(store).stem}-{'+'.join(ensemble or (cfg.weak,))}"
         summary, path = run(cfg, out, log=click.echo, overwrite=overwrite)

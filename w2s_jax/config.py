@@ -23,6 +23,9 @@ class Hparams(NamedTuple):
     aux_warmup: float = 0.2  # AuxConf's warm-up fraction w of training (Burns et al.: 0.2)
     tau_a: float = 4.0  # AdaptConf's temperature (Guo et al.: 0.5 on CIFAR, 4.0 on ImageNet)
     raven_lr: float = 0.1  # Adam lr of the weak models' mixture logits (raven+... methods; ours, see README)
+    refine_k: float = 10  # neighbours of the kNN refinements (METHOD@knn, @graph, @filter) and of `--select refined`
+    refine_alpha: float = 0.5  # α of METHOD@graph: how much of each step's target comes from the neighbours
+    refine_c: float = 0.2  # c of METHOD@filter: the fraction of rows dropped
 
 
 # valid range of every hyperparameter: (low, high, low inclusive, high inclusive)
@@ -37,7 +40,11 @@ HPARAM_RANGES = {
     "aux_warmup": (0.0, 1.0, False, True),
     "tau_a": (0.0, math.inf, False, False),
     "raven_lr": (0.0, math.inf, True, False),
+    "refine_k": (1.0, math.inf, True, False),
+    "refine_alpha": (0.0, 1.0, True, True),
+    "refine_c": (0.0, 1.0, True, False),
 }
+INTEGER_HPARAMS = ("refine_k",)
 
 
 def _range_text(low, high, low_in, high_in) -> str:
@@ -59,6 +66,10 @@ def check_number(name: str, value, low, high, low_in=True, high_in=True, integer
 def check_hparams(hp: Hparams, grid=()) -> None:
     for field, (low, high, low_in, high_in) in HPARAM_RANGES.items():
         check_number(field, getattr(hp, field), low, high, low_in, high_in)
+    for field in INTEGER_HPARAMS:
+        for v in [getattr(hp, field), *dict(grid).get(field, ())]:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v != int(v):
+                raise ValueError(f"{field} = {v!r} is not a whole number; valid: an integer >= 1")
     for field, values in grid:
         if field not in HPARAM_RANGES:
             raise ValueError(f"unknown hyperparameter {field!r} in the grid; valid: {', '.join(Hparams._fields)}")
@@ -133,6 +144,7 @@ class FitConfig:
     imports: tuple[str, ...] = ()  # the --import modules that registered user heads/methods (w2s-predict asks for them)
     defined: tuple = ()  # ((name, head, ((field, value), ...)), ...): the user-defined methods among `methods`
     #                      (methods.define_method), filled in by w2s_jax.run so that the folder alone rebuilds them
+    select: str = "agreement"  # the label-free rule that keeps a model's epoch and grid point (w2s_jax.select)
 
     def __post_init__(self):
         """Every number in range before any work starts; a ValueError names the field and the valid range."""
@@ -150,6 +162,10 @@ class FitConfig:
             raise ValueError(f"matmul_dtype {self.matmul_dtype!r}: use one of {', '.join(MATMUL_DTYPES)}")
         if self.matmul_dtype != "float32" and not (self.fuse and self.vmap):
             raise ValueError(f"matmul_dtype {self.matmul_dtype} applies to the fused step; drop --no-fuse and --no-vmap")
+        from w2s_jax.select import CRITERIA  # imported here: it imports jax
+
+        if self.select not in CRITERIA:
+            raise ValueError(f"select {self.select!r}: use one of {', '.join(CRITERIA)} (w2s-fit --select)")
         if self.seed_axis not in SEED_AXES:
             raise ValueError(f"seed_axis {self.seed_axis!r}: use one of {', '.join(SEED_AXES)}")
         check_ensemble(self)

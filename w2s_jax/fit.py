@@ -35,6 +35,8 @@ from w2s_jax.config import FitConfig, Hparams, resolve_batch_size, resolve_seed_
 from w2s_jax.heads import Start, get_head, l2_normalize
 from w2s_jax.losses import Coeffs, family_loss, stack_rows
 from w2s_jax.methods import METHODS, MULTI_WEAK, Method, coeffs_of
+from w2s_jax.refine import Refinement, Teachers, plan, seed_teachers
+from w2s_jax.select import CRITERIA, HISTORY_KEY, scores
 from w2s_jax.splits import SeedSplits, split_sizes
 
 
@@ -139,6 +141,7 @@ class Rows(NamedTuple):
     coeffs: Coeffs  # the loss family's coefficients
     hp: Hparams
     target: jax.Array  # int32, the index of the method's target in TARGETS
+    teacher: jax.Array  # int32, which of the seed's refined targets it trains on (Teachers; 0: the weak labels)
 
 
 class FitState(NamedTuple):
@@ -166,14 +169,41 @@ def make_groups(methods, num_classes: int, text_TxKxD) -> dict[str, Group]:
     return groups
 
 
-def group_rows(group: Group, hps_H: Hparams) -> Rows:
-    """The rows of ``group``'s J = methods x H models, method-major (model j: method j // H, hparam j % H)."""
+def group_rows(group: Group, hps_H: Hparams, teacher_J=None) -> Rows:
+    """The rows of ``group``'s J = methods x H models, method-major (model j: method j // H, hparam j % H);
+    ``teacher_J``: each model's index among the seed's targets (:func:`teacher_plan`; default the weak labels)."""
     num_h = np.shape(hps_H.lr)[0]
     specs = [METHODS[m] for m in group.methods]
     coeffs = jax.tree.map(lambda a: jnp.repeat(a, num_h), stack_rows([coeffs_of(s) for s in specs]))
     hp = jax.tree.map(lambda a: jnp.tile(jnp.asarray(a, jnp.float32), len(specs)), hps_H)
     target = jnp.repeat(jnp.asarray([TARGETS.index(s.target) for s in specs], jnp.int32), num_h)
-    return Rows(coeffs, hp, target)
+    teacher = jnp.zeros(len(specs) * num_h, jnp.int32) if teacher_J is None else jnp.asarray(teacher_J, jnp.int32)
+    return Rows(coeffs, hp, target, teacher)
+
+
+def reference_refinement(cfg: FitConfig) -> Refinement:
+    """What the ``refined`` selection criterion compares with: the kNN vote at the base ``refine_k``."""
+    return Refinement("knn", int(round(cfg.hparams.refine_k)))
+
+
+def teacher_plan(groups: dict, hps_H: Hparams, cfg: FitConfig):
+    """``(specs, {group: teacher_J})``: the distinct targets of the fit (:func:`w2s_jax.refine.plan`)."""
+    return plan({g: [METHODS[m].refine for m in grp.methods] for g, grp in groups.items()}, hps_H,
+                reference_refinement(cfg))
+
+
+def pool_rows(split: SeedSplits):
+    """A seed's unlabelled pool, where refinements look for neighbours: hold_train then hold_val."""
+    return jnp.concatenate([split.hold_train, split.hold_val])
+
+
+def make_teachers(specs, data: FitData, split: SeedSplits) -> Teachers:
+    return seed_teachers(specs, data.feats_NxD, data.weak_NxK, pool_rows(split))
+
+
+def plain_teachers(data: FitData) -> Teachers:
+    """The weak labels as they are, the only target (U = 1): for shape checks."""
+    return Teachers(data.weak_NxK[None], jnp.ones((1, data.weak_NxK.shape[0]), jnp.float32))
 
 
 def check_heads(groups: dict, rows: dict, data: FitData, splits: SeedSplits, cfg: FitConfig, num_classes: int):
@@ -184,7 +214,8 @@ def check_heads(groups: dict, rows: dict, data: FitData, splits: SeedSplits, cfg
         split = jax.tree.map(lambda a: jnp.asarray(a)[0], splits)
 
         def first_logits():
-            state = start_model(grp, cfg, jax.random.key(0), row, data, split)
+            state = start_model(grp, cfg, jax.random.key(0), row._replace(teacher=jnp.int32(0)), data, split,
+                                plain_teachers(data))
             return grp.module.apply(state.variables, data.feats_NxD[:3], row.hp)
 
         try:
@@ -222,23 +253,28 @@ def total_steps(cfg: FitConfig, split: SeedSplits) -> int:
     return cfg.epochs * math.ceil(split.hold_train.shape[-1] / cfg.batch_size)
 
 
-def start_targets(group: Group, target, data: FitData, rows_N):
-    """The class each training row starts a head from (``Start.targets_N``): the weak argmax, the label for a
-    ceiling; multi-weak: the rows where every weak model agrees (raven's easy samples, -1 elsewhere) or the
-    argmax of the uniform mixture (average)."""
+def start_targets(group: Group, row: Rows, data: FitData, rows_N, teachers: Teachers):
+    """The class each training row starts a head from (``Start.targets_N``): the argmax of the model's target (the
+    weak labels, or their refinement; -1 where a filter dropped the row), the label for a ceiling; multi-weak: the
+    rows where every weak model agrees (raven's easy samples, -1 elsewhere) or the argmax of the uniform mixture
+    (average)."""
+    target = row.target
     if group.multi:
         weaks_MxNxK = data.weaks_MxNxK[:, rows_N]
         uniform = {"mixture": {"logits_M": jnp.zeros(weaks_MxNxK.shape[0])}}
         average_N = jnp.argmax(mixture_teacher(uniform, jax.nn.softmax(weaks_MxNxK)), axis=1)
         return jnp.where(target == RAVEN, consensus(weaks_MxNxK), average_N)
-    return jnp.where(target == TRUTH, data.labels_N[rows_N], jnp.argmax(data.weak_NxK[rows_N], axis=1))
+    weak_N = jnp.where(teachers.weight_UxN[row.teacher, rows_N] > 0,
+                       jnp.argmax(teachers.logits_UxNxK[row.teacher, rows_N], axis=1), -1)
+    return jnp.where(target == TRUTH, data.labels_N[rows_N], weak_N)
 
 
-def start_model(group: Group, cfg: FitConfig, key, row: Rows, data: FitData, split: SeedSplits) -> FitState:
+def start_model(group: Group, cfg: FitConfig, key, row: Rows, data: FitData, split: SeedSplits,
+                teachers: Teachers) -> FitState:
     """One model's first state (leading axes none): its head started from the data, Adam's state, no best yet."""
     init_key, _ = jax.random.split(key)
     mixture = {"mixture": {"logits_M": jnp.zeros(data.weaks_MxNxK.shape[0])}} if group.multi else {}
-    targets_N = start_targets(group, row.target, data, split.hold_train)
+    targets_N = start_targets(group, row, data, split.hold_train, teachers)
     variables = {**group.module.init(init_key, data.feats_NxD[split.hold_train], row.hp,
                                      Start(targets_N, group.text_KxD)), **mixture}
     best = {"variables": variables, "score": jnp.float32(-1.0), "epoch": jnp.int32(0)}
@@ -253,36 +289,39 @@ def shared_starts(group: Group, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
     num_j = np.shape(rows.target)[0]
     if group.start_fields is None:
         return np.arange(num_j), np.arange(num_j)
-    keys = [(int(np.asarray(rows.target)[j]), *(float(np.asarray(getattr(rows.hp, f))[j]) for f in group.start_fields))
-            for j in range(num_j)]
+    keys = [(int(np.asarray(rows.target)[j]), int(np.asarray(rows.teacher)[j]),
+             *(float(np.asarray(getattr(rows.hp, f))[j]) for f in group.start_fields)) for j in range(num_j)]
     distinct = list(dict.fromkeys(keys))
     firsts = np.asarray([keys.index(key) for key in distinct])
     return firsts, np.asarray([distinct.index(key) for key in keys])
 
 
-def start_group(group: Group, cfg: FitConfig, plan, key_data_S, rows: Rows, data: FitData, splits_S) -> FitState:
+def start_group(group: Group, cfg: FitConfig, plan, key_data_S, rows: Rows, data: FitData, splits_S,
+                teachers_S: Teachers) -> FitState:
     """:func:`start_seeds` for a group, each distinct start made once and copied to the models that share it
     (``plan``: :func:`shared_starts` of the group's rows): leading S x J. A model's other hyperparameters enter
     only in training."""
     firsts_U, of_model_J = plan
-    states_SxU = start_seeds(group, cfg, key_data_S, jax.tree.map(lambda a: a[firsts_U], rows), data, splits_S)
+    states_SxU = start_seeds(group, cfg, key_data_S, jax.tree.map(lambda a: a[firsts_U], rows), data, splits_S,
+                             teachers_S)
     return jax.tree.map(lambda a: a[:, of_model_J], states_SxU)
 
 
-def start_seeds(group: Group, cfg: FitConfig, key_data_S, rows: Rows, data: FitData, splits_S) -> FitState:
-    """:func:`start_model` for every seed x model of ``group``, one after the other (``lax.map``): leading S x J.
+def start_seeds(group: Group, cfg: FitConfig, key_data_S, rows: Rows, data: FitData, splits_S,
+                teachers_S: Teachers) -> FitState:
+    """:func:`start_model` for every seed x model of ``group``, one after the other (``lax.map`` over the seeds,
+    then over their models): leading S x J.
 
     Not vmapped on purpose: the linear head's start solves a D x D system, and on XLA's CPU runtime (jax 0.10)
     several *batched* LAPACK solves running at once in one program can deadlock its thread pool
     (benchmarks/RESULTS.md). Model by model, the solves are unbatched; the start is a small part of a fit.
     """
-    num_s, num_j = key_data_S.shape[0], rows.target.shape[0]
-    per_model = functools.partial(jnp.repeat, repeats=num_j, axis=0)  # seed-major: model s*J + j
-    models = (per_model(key_data_S), jax.tree.map(lambda a: jnp.tile(a, num_s), rows),
-              jax.tree.map(per_model, splits_S))
-    states_M = jax.lax.map(lambda args: start_model(group, cfg, jax.random.wrap_key_data(args[0]), args[1], data,
-                                                    args[2]), models)
-    return jax.tree.map(lambda a: a.reshape(num_s, num_j, *a.shape[1:]), states_M)
+    def one_seed(seeded):
+        key_data, split, teachers = seeded
+        return jax.lax.map(lambda row: start_model(group, cfg, jax.random.wrap_key_data(key_data), row, data, split,
+                                                   teachers), rows)
+
+    return jax.lax.map(one_seed, (key_data_S, splits_S, teachers_S))
 
 
 # ------------------------------------------------------------------ one epoch of every model of a seed
@@ -323,24 +362,40 @@ def heads_logits(groups: dict, variables: dict, feats_BxD, rows: dict, fuse: boo
     return {g: group_logits(grp, variables[g], feats_BxD, rows[g].hp, fuse, matmul_dtype) for g, grp in groups.items()}
 
 
-def shared_teacher(group: Group, data: FitData, rows_B):
-    """What every model of the group reads of its teacher on ``rows_B``: the weak logits ``B x K``, or, multi-weak,
-    the weak models' probabilities ``M x B x K`` (each model mixes them with its own weights)."""
-    return jax.nn.softmax(data.weaks_MxNxK[:, rows_B]) if group.multi else data.weak_NxK[rows_B]
+class Shared(NamedTuple):
+    """What every model of a group reads of its teacher on some rows B, once for all of them."""
+
+    teachers: jax.Array  # the seed's targets U x B x K; multi-weak: the weak models' probabilities M x B x K
+    weights_UxB: jax.Array  # 1, or 0 where a filter dropped the row
 
 
-def model_teacher(group: Group, trainable: dict, shared):
-    return mixture_teacher(trainable, shared) if group.multi else shared
+def shared_teacher(group: Group, data: FitData, teachers: Teachers, rows_B) -> Shared:
+    """The seed's targets on ``rows_B`` (each model picks its own, ``Rows.teacher``), or, multi-weak, the weak
+    models' probabilities (each model mixes them with its own weights)."""
+    weights = teachers.weight_UxN[:, rows_B]
+    if group.multi:
+        return Shared(jax.nn.softmax(data.weaks_MxNxK[:, rows_B]), weights)
+    return Shared(teachers.logits_UxNxK[:, rows_B], weights)
 
 
-def model_loss(group: Group, trainable, logits_BxK, shared, labels_B, mask_B, row: Rows, progress):
-    """One model's training loss on a batch -> (loss to minimise, (the head's loss, hits vs its target))."""
-    teacher_BxK = model_teacher(group, trainable, shared)
+def model_teacher(group: Group, trainable: dict, shared: Shared, row: Rows):
+    """One model's teacher ``B x K`` and row weights ``B``."""
+    if group.multi:
+        return mixture_teacher(trainable, shared.teachers), shared.weights_UxB[0]
+    return shared.teachers[row.teacher], shared.weights_UxB[row.teacher]
+
+
+def model_loss(group: Group, trainable, logits_BxK, shared: Shared, labels_B, mask_B, row: Rows, progress):
+    """One model's training loss on a batch -> (loss to minimise, (the head's loss, hits vs its target)); rows a
+    filter dropped count for nothing."""
+    teacher_BxK, weight_B = model_teacher(group, trainable, shared, row)
+    mask_B = mask_B * weight_B
     per_example_B = family_loss(logits_BxK, jax.lax.stop_gradient(teacher_BxK), labels_B, row.coeffs,
                                 progress=progress, hp=row.hp)
     target_B = jnp.where(row.target == TRUTH, labels_B, jnp.argmax(teacher_BxK, axis=1))
     hits = jnp.sum((jnp.argmax(logits_BxK, 1) == target_B) * mask_B)
-    head_loss = jnp.sum(per_example_B * mask_B) / jnp.sum(mask_B) + group.penalty(trainable["params"], row.hp)
+    head_loss = (jnp.sum(per_example_B * mask_B) / jnp.maximum(jnp.sum(mask_B), 1.0)
+                 + group.penalty(trainable["params"], row.hp))
     if not group.multi:
         return head_loss, (head_loss, hits)
     mixture_B = mixture_loss(logits_BxK, teacher_BxK)  # raven learns its weights; average's never move
@@ -348,12 +403,15 @@ def model_loss(group: Group, trainable, logits_BxK, shared, labels_B, mask_B, ro
     return head_loss + learns * (jnp.sum(mixture_B * mask_B) / jnp.sum(mask_B)), (head_loss, hits)
 
 
-def end_model(group: Group, state: FitState, trainable, opt_state, val_logits, test_logits, row: Rows, val_shared,
-              labels_val, labels_test, progress, epoch, train):
-    """hold_val picks a model's best epoch; test' accuracy is kept for curves only. ``train``: (loss, accuracy)."""
-    teacher_BxK = model_teacher(group, trainable, val_shared)
-    target_B = jnp.where(row.target == TRUTH, labels_val, jnp.argmax(teacher_BxK, axis=1))
-    val_score = jnp.mean(jnp.argmax(val_logits, 1) == target_B)
+def end_model(group: Group, select: str, state: FitState, trainable, opt_state, val_logits, test_logits, row: Rows,
+              val_shared: Shared, val_plain: tuple, labels_test, progress, epoch, train):
+    """hold_val picks a model's best epoch by the ``select`` criterion (:mod:`w2s_jax.select`; every criterion's
+    score is kept in the history); test' accuracy is kept for curves only. ``val_plain``: (weak logits, reference
+    target, labels) on hold_val; ``train``: (loss, accuracy)."""
+    weak_VxK, reference_VxK, labels_val = val_plain
+    teacher_BxK, weight_B = model_teacher(group, trainable, val_shared, row)
+    criteria = scores(val_logits, teacher_BxK, weight_B, weak_VxK, reference_VxK, labels_val, row.target == TRUTH)
+    val_score = criteria[select]
     val_loss = jnp.mean(family_loss(val_logits, teacher_BxK, labels_val, row.coeffs, progress=progress, hp=row.hp))
     test_acc = jnp.mean(jnp.argmax(test_logits, 1) == labels_test)
     better = val_score > state.best["score"]
@@ -361,7 +419,7 @@ def end_model(group: Group, state: FitState, trainable, opt_state, val_logits, t
     candidate = {"variables": variables, "score": val_score, "epoch": epoch + 1}
     best = jax.tree.map(lambda new, old: jnp.where(better, new, old), candidate, state.best)
     history = {"train_loss": train[0], "train_acc": train[1], "val_loss": val_loss, "val_score": val_score,
-               "test_acc": test_acc}
+               "test_acc": test_acc, **{HISTORY_KEY.format(c): criteria[c] for c in CRITERIA}}
     return FitState(variables, opt_state, best), history
 
 
@@ -372,8 +430,9 @@ def optimizer_step(optimizer, total: int, grad, opt_state, trainable, hp):
 
 
 def seed_epoch(groups: dict, states: dict, key, epoch, rows: dict, data: FitData, split: SeedSplits,
-               cfg: FitConfig):
-    """One epoch of all models of one seed: ``{group: FitState}`` with a leading J, ``{group: Rows}``.
+               cfg: FitConfig, teachers: Teachers):
+    """One epoch of all models of one seed: ``{group: FitState}`` with a leading J, ``{group: Rows}``, the seed's
+    targets ``teachers`` (:func:`make_teachers`).
 
     The models share the seed's minibatches. Each step gathers its rows once, computes each group's logits
     (:func:`group_logits`), its vectorized loss (:func:`model_loss` vmapped over J) and differentiates the sum,
@@ -393,7 +452,8 @@ def seed_epoch(groups: dict, states: dict, key, epoch, rows: dict, data: FitData
         logits = logits_of(trainables, data.feats_NxD[rows_B])  # one gather for every model of the seed
         labels_B = data.labels_N[rows_B]
         out = {g: jax.vmap(functools.partial(model_loss, grp), in_axes=(0, 0, None, None, None, 0, None))(
-            trainables[g], logits[g], shared_teacher(grp, data, rows_B), labels_B, mask_B, rows[g], progress)
+            trainables[g], logits[g], shared_teacher(grp, data, teachers, rows_B), labels_B, mask_B, rows[g],
+            progress)
             for g, grp in groups.items()}
         return sum(jnp.sum(loss_J) for loss_J, _ in out.values()), {g: aux for g, (_, aux) in out.items()}
 
@@ -415,10 +475,11 @@ def seed_epoch(groups: dict, states: dict, key, epoch, rows: dict, data: FitData
     test = logits_of(trainables, data.feats_NxD[split.test_prime])
     n_train = split.hold_train.shape[0]
     labels_val, labels_test = data.labels_N[split.hold_val], data.labels_N[split.test_prime]
-    out = {g: jax.vmap(functools.partial(end_model, grp),
+    val_plain = (data.weak_NxK[split.hold_val], teachers.logits_UxNxK[1, split.hold_val], labels_val)
+    out = {g: jax.vmap(functools.partial(end_model, grp, cfg.select),
                        in_axes=(0, 0, 0, 0, 0, 0, None, None, None, None, None, 0))(
-        states[g], trainables[g], opt_states[g], val[g], test[g], rows[g], shared_teacher(grp, data, split.hold_val),
-        labels_val, labels_test, (epoch + 1) / cfg.epochs, epoch,
+        states[g], trainables[g], opt_states[g], val[g], test[g], rows[g],
+        shared_teacher(grp, data, teachers, split.hold_val), val_plain, labels_test, (epoch + 1) / cfg.epochs, epoch,
         (jnp.sum(sums[g][0], 0) / n_train, jnp.sum(sums[g][1], 0) / n_train))
         for g, grp in groups.items()}
     return {g: o[0] for g, o in out.items()}, {g: o[1] for g, o in out.items()}
@@ -429,15 +490,16 @@ def finish(state: FitState, history: dict) -> FitOutput:
 
 
 def make_fit(method: str, num_classes: int, text_TxKxD, cfg: FitConfig):
-    """-> ``fit(key, hp, data, split) -> FitOutput`` for one model (one seed, one hparam setting) of the method
-    named ``method``: :func:`seed_epoch` with a single model, epochs as ``lax.scan``."""
+    """-> ``fit(key, hp, data, split, teachers, teacher) -> FitOutput`` for one model (one seed, one hparam
+    setting) of the method named ``method``: :func:`seed_epoch` with a single model, epochs as ``lax.scan``;
+    ``teachers``: the seed's targets (:func:`make_teachers`), ``teacher``: the model's index among them."""
     (g, group), = make_groups((method,), num_classes, text_TxKxD).items()
 
-    def fit(key, hp: Hparams, data: FitData, split: SeedSplits) -> FitOutput:
+    def fit(key, hp: Hparams, data: FitData, split: SeedSplits, teachers: Teachers, teacher) -> FitOutput:
         one = lambda tree: jax.tree.map(lambda a: jnp.asarray(a)[None], tree)  # a model axis J of 1
-        rows = {g: group_rows(group, one(hp))}
-        states = {g: one(start_model(group, cfg, key, jax.tree.map(lambda a: a[0], rows[g]), data, split))}
-        run_epoch = lambda st, e: seed_epoch({g: group}, st, key, e, rows, data, split, cfg)
+        rows = {g: group_rows(group, one(hp), one(teacher))}
+        states = {g: one(start_model(group, cfg, key, jax.tree.map(lambda a: a[0], rows[g]), data, split, teachers))}
+        run_epoch = lambda st, e: seed_epoch({g: group}, st, key, e, rows, data, split, cfg, teachers)
         states, history = jax.lax.scan(run_epoch, states, jnp.arange(cfg.epochs))
         return finish(jax.tree.map(lambda a: a[0], states[g]), jax.tree.map(lambda a: a[:, 0], history[g]))
 
@@ -481,7 +543,8 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
     hps = cfg.grid_hparams()
     num_h = len(hps.lr)
     groups = make_groups(cfg.methods, num_classes, text_TxKxD)
-    host_rows = {g: group_rows(grp, hps) for g, grp in groups.items()}
+    specs, teacher_J = teacher_plan(groups, hps, cfg)
+    host_rows = {g: group_rows(grp, hps, teacher_J[g]) for g, grp in groups.items()}
     check_heads(groups, host_rows, data, splits, cfg, num_classes)
     report = progress or (lambda done: None)
     t0 = time.perf_counter()
@@ -494,30 +557,34 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
         plans = {g: shared_starts(grp, jax.tree.map(np.asarray, host_rows[g])) for g, grp in groups.items()}
 
         def start_program(key_data_S, rows, data, splits_S):
-            return {g: start_group(grp, cfg, plans[g], key_data_S, rows[g], data, splits_S)
-                    for g, grp in groups.items()}
+            """Each seed's targets (its refinements, once, before the epochs), then every model's start."""
+            teachers_S = over_seeds(lambda split, data: make_teachers(specs, data, split), splits_S, data, mesh)
+            return {g: start_group(grp, cfg, plans[g], key_data_S, rows[g], data, splits_S, teachers_S)
+                    for g, grp in groups.items()}, teachers_S
 
-        def epoch_program(states, e, key_data_S, rows, data, splits_S):
+        def epoch_program(states, e, key_data_S, rows, data, splits_S, teachers_S):
             def one_seed(seeded, shared):
-                (state, key_data, split), (e, rows, data) = seeded, shared
-                return seed_epoch(groups, state, jax.random.wrap_key_data(key_data), e, rows, data, split, cfg)
+                (state, key_data, split, teachers), (e, rows, data) = seeded, shared
+                return seed_epoch(groups, state, jax.random.wrap_key_data(key_data), e, rows, data, split, cfg,
+                                  teachers)
 
-            return over_seeds(one_seed, (states, key_data_S, splits_S), (e, rows, data), mesh, seed_axis)
+            return over_seeds(one_seed, (states, key_data_S, splits_S, teachers_S), (e, rows, data), mesh, seed_axis)
 
         args = (key_data_S, rows, shared, splits_S)
         by_seed = NamedSharding(mesh, P("seeds"))  # every state and history leaf has the seed axis first
         start = jax.jit(start_program, out_shardings=by_seed).lower(*args).compile()
-        state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_seed),
-                                    jax.eval_shape(start_program, *args))
-        step = jax.jit(epoch_program, out_shardings=(by_seed, by_seed)).lower(state_shapes, jnp.int32(0), *args)
+        state_shapes, teacher_shapes = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_seed), jax.eval_shape(start_program, *args))
+        step = jax.jit(epoch_program, out_shardings=(by_seed, by_seed)).lower(state_shapes, jnp.int32(0), *args,
+                                                                               teacher_shapes)
         step = step.compile()
         t1 = time.perf_counter()  # both programs compiled (or loaded from the compilation cache); nothing run yet
         if on_compiled:
             on_compiled(t1 - t0)
-        states = start(*args)
+        states, teachers_S = start(*args)
         history = []
         for e in range(cfg.epochs):
-            states, h = step(states, jnp.int32(e), *args)
+            states, h = step(states, jnp.int32(e), *args, teachers_S)
             history.append(jax.block_until_ready(h))
             report(cfg.seeds * num_h * len(cfg.methods))  # the padding copies are not counted
         history = jax.tree.map(lambda *per_epoch: jnp.stack(per_epoch, axis=-1), *history)
@@ -529,13 +596,18 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
         hps = jax.tree.map(jnp.asarray, hps)
         splits = jax.tree.map(jnp.asarray, splits)
         compiled = {m: jax.jit(make_fit(m, num_classes, text_TxKxD, cfg)) for m in cfg.methods}
+        targets = jax.jit(make_teachers, static_argnums=0)
         outputs = {}
         t1 = time.perf_counter()
+        teachers = [targets(specs, data, jax.tree.map(lambda a: a[s], splits)) for s in range(cfg.seeds)]
+        model_teacher_J = {m: teacher_J[g][i * num_h:(i + 1) * num_h] for g, grp in groups.items()
+                           for i, m in enumerate(grp.methods)}
         for m, f in compiled.items():
             per_seed = []
             for s in range(cfg.seeds):
                 split_s = jax.tree.map(lambda a: a[s], splits)
-                per_hp = [f(keys[s], jax.tree.map(lambda a: a[h], hps), data, split_s) for h in range(num_h)]
+                per_hp = [f(keys[s], jax.tree.map(lambda a: a[h], hps), data, split_s, teachers[s],
+                            model_teacher_J[m][h]) for h in range(num_h)]
                 per_seed.append(jax.tree.map(lambda *xs: jnp.stack(xs), *per_hp))
             outputs[m] = jax.block_until_ready(jax.tree.map(lambda *xs: jnp.stack(xs), *per_seed))
             report(cfg.seeds * num_h * cfg.epochs)
@@ -546,7 +618,8 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
 
 def estimate_bytes(cfg: FitConfig, n: int, d: int, k: int) -> int:
     """Rough memory per device of the vmapped fit, in bytes (float32): the shared data; per model on that device
-    its params, Adam moments, grads and best copy (6 x params); and, for the one seed running at a time, its J
+    its params, Adam moments, grads and best copy (6 x params); per seed its targets (the weak labels, the
+    reference kNN vote and each refinement, N x (K + 1) each); and, for the one seed running at a time, its J
     models' step (one minibatch's features and J logits, twice for the gradient) and end-of-epoch evaluation
     (hold_val and test' features and J logits, 36% of n rows). Checked against measured peak RSS in
     benchmarks/bench_scaling.py (runtime overhead not included)."""
@@ -557,10 +630,12 @@ def estimate_bytes(cfg: FitConfig, n: int, d: int, k: int) -> int:
     eval_rows = int(0.36 * n)
     running = lambda models: (4 * cfg.batch_size + eval_rows) * (d + 2 * models * k) + n  # one seed's step + eval
     data = n * (d + k * (1 + len(cfg.ensemble)) + 1)  # features, the weak logits (and the ensemble's), labels
+    kinds = {"all": [METHODS[m].refine if m in METHODS else "" for m in cfg.methods]}
+    targets = len(plan(kinds, cfg.grid_hparams(), reference_refinement(cfg))[0]) * n * (k + 1)  # a seed's targets
     if not cfg.vmap:  # one model at a time
-        return 4 * (data + 6 * params + running(1))
+        return 4 * (data + cfg.seeds * targets + 6 * params + running(1))
     seeds_here = math.ceil(cfg.seeds / jax.device_count())
-    return 4 * (data + seeds_here * j * 6 * params + running(j))
+    return 4 * (data + seeds_here * (targets + j * 6 * params) + running(j))
 
 
 def available_bytes() -> int:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from w2s_jax.heads import HEADS
 from w2s_jax.losses import LOSSES, Coeffs, check_coeffs
+from w2s_jax.refine import REFINEMENTS
 
 TORCH_HEADS = ("prompt", "text-encoder")  # need the text encoder: w2s-tp; every head in heads.HEADS is w2s-fit's
 MULTI_WEAK = ("raven", "average")  # targets that combine several weak models (w2s-fit --weak a,b,...)
@@ -31,6 +32,7 @@ class Method(NamedTuple):
     #              "truth": ground truth on hold_train and hold_val (the strong ceiling);
     #              "raven": a convex combination of several weak models, its weights learned with the head;
     #              "average": their uniform average
+    refine: str = ""  # "" or a refinement of the weak target (w2s_jax.refine: knn, graph, filter): METHOD@knn
 
 
 METHODS = {
@@ -61,6 +63,28 @@ METHODS = {
     # Table 4 ablation: fine-tune the whole text encoder with the CPL loss, instead of learning C
     "cpl+textenc": Method("text-encoder", "cpl", "weak"),
 }
+
+
+def refined_method(name: str) -> Method | None:
+    """``METHOD@REFINEMENT`` (``ce+lp@knn``): the method trained on its weak labels refined on the strong features
+    (:mod:`w2s_jax.refine`), registered on first use; None if ``name`` is not one (the base must be a w2s-fit
+    method trained on one weak model's labels)."""
+    base, sep, kind = name.rpartition("@")
+    spec = METHODS.get(base)
+    if not sep or kind not in REFINEMENTS or spec is None or spec.target != "weak" or spec.refine \
+            or spec.head not in HEADS:
+        return None
+    return METHODS.setdefault(name, spec._replace(refine=kind))
+
+
+def register_refinements(names) -> None:
+    """Register every refinement of each method of ``names`` that has them (listed by --list-methods)."""
+    for name in list(names):
+        for kind in REFINEMENTS:
+            refined_method(f"{name}@{kind}")
+
+
+register_refinements(METHODS)
 CEILING_OF_HEAD = {"linear": "ceiling+lp", "prototype": "ceiling+proto", "prompt": "ceiling+tp"}
 # "text-encoder" (cpl+textenc) has no ceiling of its own, so no PGR
 TORCH_METHODS = tuple(m for m, spec in METHODS.items() if spec.head in TORCH_HEADS)
@@ -104,13 +128,15 @@ def define_method(name: str, head: str, **coeffs) -> Method:
         raise ValueError(f"method {name}: the name exists already ({taken}); choose another")
     LOSSES[name] = row
     METHODS[name] = method
+    register_refinements([name])
     return method
 
 
 def definitions(names) -> tuple:
     """``((name, head, ((field, value), ...)), ...)``: the user-defined methods among ``names`` (those whose row is
     their own), as saved in a results folder (``FitConfig.defined``) so that the folder alone rebuilds them."""
-    return tuple((n, METHODS[n].head, tuple(LOSSES[n]._asdict().items())) for n in names
+    bases = dict.fromkeys(n.rpartition("@")[0] if n in METHODS and METHODS[n].refine else n for n in names)
+    return tuple((n, METHODS[n].head, tuple(LOSSES[n]._asdict().items())) for n in bases
                  if n in METHODS and METHODS[n].loss == n)
 
 
@@ -120,16 +146,30 @@ def restore_methods(saved) -> None:
         define_method(name, head, **dict(fields))
 
 
+def restore_names(names) -> None:
+    """Register the ``METHOD@REFINEMENT`` names among ``names`` (read from a results folder)."""
+    for name in names:
+        refined_method(name)
+
+
 def jax_methods(multi_weak: bool = False) -> tuple[str, ...]:
     """The methods w2s-fit runs, in registry order: every method whose head is in ``heads.HEADS``, including
     heads and methods a user registered after import (README: "Add a head"); the multi-weak ones only if asked."""
     return tuple(m for m, spec in METHODS.items()
-                 if spec.head in HEADS and (multi_weak or spec.target not in MULTI_WEAK))
+                 if spec.head in HEADS and (multi_weak or spec.target not in MULTI_WEAK) and not spec.refine)
+
+
+def refinement_methods(names=None) -> tuple[str, ...]:
+    """Every ``METHOD@REFINEMENT`` of ``names`` (default: of every w2s-fit method), registered if needed."""
+    bases = jax_methods() if names is None else names
+    return tuple(f"{m}@{kind}" for m in bases for kind in REFINEMENTS if refined_method(f"{m}@{kind}"))
 
 
 def check_methods(names, valid=None, command="w2s-fit") -> tuple[str, ...]:
     """``names`` as a tuple, or a ValueError naming the unknown ones and the valid ones (default: w2s-fit's)."""
-    valid = jax_methods(multi_weak=True) if valid is None else valid
+    for name in names:
+        refined_method(name)
+    valid = jax_methods(multi_weak=True) + refinement_methods() if valid is None else valid
     wrong_side = [n for n in names if n in METHODS and n not in valid]
     if wrong_side:
         other = "w2s-tp (PyTorch)" if wrong_side[0] in TORCH_METHODS else "w2s-fit (JAX)"

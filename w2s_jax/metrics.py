@@ -65,11 +65,19 @@ def pgr(w2s, weak, ceiling):
     return np.where(gap > 0, (w2s - weak) / np.where(gap > 0, gap, 1.0), np.nan)
 
 
+def at_best_epoch(history_SxHxE, best_epoch_SxH):
+    """A history field at each model's kept epoch (1-based ``best_epoch``): ``S x H``."""
+    index = np.maximum(np.asarray(best_epoch_SxH) - 1, 0)[..., None]
+    return np.take_along_axis(np.asarray(history_SxHxE), index, axis=-1)[..., 0]
+
+
 def evaluate_method(name: str, out: FitOutput, hps, data: FitData, splits: SeedSplits, num_classes):
     """-> {test_acc, agreement, val_score, misfit, test_ce}, each ``S x H``, for the best-epoch variables.
 
     misfit: KL(student ‖ weak) on hold_val (label-free); test_ce: the student's cross-entropy on test'. With
     several weak models, agreement and misfit are against the first; multi-weak methods add weak_weights, ``S x H x M``.
+    val_score here is agreement with the unrefined target; w2s-fit reports the selection rule's score instead
+    (the history's ``val_score`` at the kept epoch).
     """
     method = METHODS[name]
     head = make_head(method.head, num_classes)

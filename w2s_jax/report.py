@@ -194,6 +194,17 @@ def pgr_table(groups: list[Group]) -> Table:
                  ["method", *[f"{g.dataset}/{g.domain}/{g.weak}" for g in groups]], rows, results.TABLE_NOTE)
 
 
+def selection_table(groups: list[Group]) -> Table | None:
+    """Every folder's label-free rules against the oracle (:func:`w2s_jax.results.selection_rows`)."""
+    rows = [[f"{g.dataset}/{g.domain}", g.weak, *r] for g in groups for r in results.selection_rows(g.summary)]
+    if not rows:
+        return None
+    rules = {(g.summary.get("selection") or {}).get("rule", "agreement") for g in groups}
+    header = results.selection_header(rules.pop() if len(rules) == 1 else "")
+    return Table("selection", "Choosing without labels: test' accuracy (%) of what each rule keeps, and its regret",
+                 ["domain", "weak", "method", *header], rows, results.SELECTION_NOTE)
+
+
 def paper_table(groups: list[Group]) -> Table | None:
     """Our DomainNet weak / ceiling / CPL beside the paper's Table 2 (ours, paper, difference)."""
     dn = {g.domain: g for g in groups if g.dataset == "domainnet"}
@@ -532,7 +543,7 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
     compare = (paper_table(groups), paper_table3(groups)) if paper else ()
     crossed, points = cross_domain_tables([f for g in groups for f in g.folders], cross_dir) if cross_domain \
         else ([], {})
-    tables += [t for t in (table4(groups), pgr, multi_weak_table(groups), misfit_gain_table(groups),
+    tables += [t for t in (table4(groups), pgr, selection_table(groups), multi_weak_table(groups), misfit_gain_table(groups),
                            weak_choice_table(groups), *compare, *crossed,
                            sources_table(groups)) if t is not None]
     for t in tables:

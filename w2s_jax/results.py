@@ -15,22 +15,27 @@ from pathlib import Path
 
 import numpy as np
 
-from w2s_jax.methods import CEILING_OF_HEAD, METHODS, MULTI_WEAK, restore_methods
+from w2s_jax.methods import CEILING_OF_HEAD, METHODS, MULTI_WEAK, restore_methods, restore_names
 from w2s_jax.metrics import pgr
 from w2s_jax.outputs import OutputError, staging_folder, swap_in
 from w2s_jax.saved_heads import write_heads
+from w2s_jax.select import CRITERIA, HISTORY_KEY, regret
 
-HISTORY_FIELDS = ("train_loss", "train_acc", "val_loss", "val_score", "test_acc")
+HISTORY_FIELDS = ("train_loss", "train_acc", "val_loss", "val_score", "test_acc",
+                  *(HISTORY_KEY.format(c) for c in CRITERIA))  # w2s-tp's histories have no criterion scores
 
 
-def summarize(evals: dict, best_epochs: dict, hps, weak: dict, zero_shot, failed=None) -> dict:
+def summarize(evals: dict, best_epochs: dict, hps, weak: dict, zero_shot, failed=None, histories=None,
+              select: str = "agreement") -> dict:
     """Pick each method's hparam by mean hold_val score over seeds; add the ceilings, PGR, misfit and gain.
 
     evals: method -> {test_acc, agreement, val_score, misfit, test_ce}, each ``S x H``; best_epochs: method ->
     ``S x H``; hps: Hparams of arrays ``H``; weak: {test_acc, test_ce} each ``S``; zero_shot: {test_acc,
     agreement} each ``S``, or None;
     failed: method -> ``S x H`` bool, True where the training loss went non-finite (never selected, never
-    reported as an accuracy; a method whose every grid point failed is marked ``failed``).
+    reported as an accuracy; a method whose every grid point failed is marked ``failed``);
+    histories: method -> {field: ``S x H x E``}: with the criteria's scores, ``summary["selection"]`` holds what
+    each label-free rule would keep and its regret against the best point on test' (:func:`w2s_jax.select.regret`).
     """
     methods = {}
     for name, ev in evals.items():
@@ -52,6 +57,8 @@ def summarize(evals: dict, best_epochs: dict, hps, weak: dict, zero_shot, failed
     summary = {"weak": {k: np.asarray(v).tolist() for k, v in weak.items()},
                "zero_shot": None if zero_shot is None else {k: np.asarray(v).tolist() for k, v in zero_shot.items()},
                "methods": methods}
+    choices = {name: regret(h, None if not failed else failed[name]) for name, h in (histories or {}).items()}
+    summary["selection"] = {"rule": select, "methods": {m: c for m, c in choices.items() if c is not None}}
     return with_ceilings_and_pgr(summary)
 
 
@@ -95,7 +102,8 @@ def weights_table(summary: dict) -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in lines)
 
 
-TRAINING_KEYS = ("seeds", "root_seed", "epochs", "batch_size", "warmup", "hparams", "grid")  # what makes fits comparable
+TRAINING_KEYS = ("seeds", "root_seed", "epochs", "batch_size", "warmup", "hparams", "grid", "select")  # comparable fits
+KEY_DEFAULTS = {"select": "agreement"}  # folders written before the key existed
 
 
 def check_mergeable(folders) -> None:
@@ -116,7 +124,7 @@ def check_mergeable(folders) -> None:
             fits.append((folder, config))
     for folder, config in fits[1:]:
         first, first_config = fits[0]
-        differ = [k for k in TRAINING_KEYS if config.get(k) != first_config.get(k)]
+        differ = [k for k in TRAINING_KEYS if config.get(k, KEY_DEFAULTS.get(k)) != first_config.get(k, KEY_DEFAULTS.get(k))]
         if differ:
             what = ", ".join(f"{k}: {first_config.get(k)} vs {config.get(k)}" for k in differ)
             raise ValueError(f"{first} and {folder} were fit differently ({what}); their rows would share one table "
@@ -133,8 +141,11 @@ def merge(summaries: list[dict]) -> dict:
     methods = {name: m for s in summaries for name, m in s["methods"].items()}
     zero_shot = next((s["zero_shot"] for s in summaries if s["zero_shot"]), None)
     defined = [d for s in summaries for d in s.get("defined", ())]
+    chosen = [s["selection"] for s in summaries if s.get("selection", {}).get("methods")]
+    selection = {"rule": chosen[0]["rule"] if chosen else "agreement",
+                 "methods": {m: c for sel in chosen for m, c in sel["methods"].items()}}
     merged = with_ceilings_and_pgr({"weak": first["weak"], "zero_shot": zero_shot, "methods": methods,
-                                    **({"defined": defined} if defined else {})})
+                                    "selection": selection, **({"defined": defined} if defined else {})})
     ensembles = [s["ensemble"] for s in summaries if s.get("ensemble")]
     return {**merged, "ensemble": ensembles[0]} if ensembles else merged
 
@@ -173,7 +184,7 @@ def write_results(out_dir, *, config, provenance: dict, splits, summary: dict, h
     _write_json(out / "metrics.json", summary)
     _write_json(out / "timings.json", timings)
     np.savez(out / "history.npz", **{f"{m}/{f}": np.asarray(h[f]) for m, h in histories.items()
-                                     for f in HISTORY_FIELDS})
+                                     for f in HISTORY_FIELDS if f in h})
     _write_csv(out / "metrics.csv", summary, config.grid_hparams())
     (out / "table.md").write_text(all_tables(summary) + "\n")
     write_heads(out, heads, best_epochs, summary, provenance, config.grid_hparams(), feature_dim,
@@ -192,6 +203,7 @@ def load_summary(out_dir) -> dict:
         raise ValueError(f"{path} is not valid JSON ({err}): the file is damaged or cut short; refit into "
                          f"{out_dir} (w2s-fit ... --out {out_dir} --overwrite)") from None
     restore_methods(summary.get("defined", ()))
+    restore_names(summary.get("methods", {}))
     return summary
 
 
@@ -236,10 +248,12 @@ def _mean_std(values) -> str:
 
 def method_order(names) -> list[str]:
     """The paper's row order: W2S baselines (registry order), then CPL, then the multi-weak rows, then the ceilings."""
-    present = [m for m in METHODS if m in names]
-    return ([m for m in present if METHODS[m].target == "weak" and m != "cpl"] + [m for m in present if m == "cpl"]
-            + [m for m in present if METHODS[m].target in MULTI_WEAK]
-            + [m for m in present if METHODS[m].target == "truth"])
+    present = [m for m in METHODS if m in names and not METHODS[m].refine]
+    refined = [m for m in METHODS if m in names and METHODS[m].refine]
+    with_refined = lambda ms: [x for m in ms for x in [m, *(r for r in refined if r.rpartition("@")[0] == m)]]
+    return with_refined([m for m in present if METHODS[m].target == "weak" and m != "cpl"]
+                        + [m for m in present if m == "cpl"]) \
+        + [m for m in present if METHODS[m].target in MULTI_WEAK] + [m for m in present if METHODS[m].target == "truth"]
 
 
 def table_rows(summary: dict) -> list[tuple[str, str, str, str]]:
@@ -294,10 +308,47 @@ def misfit_table(summary: dict) -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n\n" + MISFIT_NOTE
 
 
+SELECTION_NOTE = ("What each label-free rule keeps (epoch and grid point, on hold_val), as test' accuracy (%), "
+                  "and in brackets its regret: that minus the oracle. The oracle, the best grid point and epoch on "
+                  "test', is a yardstick only: no rule can use it, and nothing reported is chosen by it. The rule "
+                  "marked (used) chose the numbers of the tables above. Ceilings are chosen on hold_val accuracy "
+                  "under every rule, so they are left out.")
+
+
+def selection_header(rule: str) -> list[str]:
+    return ["oracle: best on test' (yardstick only)", *[c + (" (used)" if c == rule else "") for c in CRITERIA]]
+
+
+def selection_rows(summary: dict) -> list[list[str]]:
+    """Per W2S method: the oracle's test' accuracy, then each rule's (regret); a last row of mean regrets."""
+    chosen = (summary.get("selection") or {}).get("methods", {})
+    names = [m for m in method_order(chosen) if METHODS[m].target != "truth"]
+    rows = [[m, f"{100 * np.mean(chosen[m]['oracle']['test_acc']):.2f}",
+             *[f"{100 * np.mean(chosen[m][c]['test_acc']):.2f} ({100 * chosen[m][c]['regret']:+.2f})"
+               for c in CRITERIA]] for m in names]
+    if len(names) > 1:
+        rows.append(["mean regret (points)", "",
+                     *[f"{100 * np.mean([chosen[m][c]['regret'] for m in names]):+.2f}" for c in CRITERIA]])
+    return rows
+
+
+def selection_table(summary: dict) -> str:
+    rows = selection_rows(summary)
+    if not rows:
+        return ""
+    header = ["method", *selection_header((summary.get("selection") or {}).get("rule", "agreement"))]
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(r) + " |" for r in lines) + "\n\n" + SELECTION_NOTE
+
+
 def all_tables(summary: dict) -> str:
-    """Markdown: the results table, the misfit table and, for a multi-weak fit, the learned weights."""
+    """Markdown: the results table, the misfit table, the selection rules' regret and, for a multi-weak fit, the
+    learned weights."""
     weights = weights_table(summary)
+    selection = selection_table(summary)
     return "\n\n".join([markdown_table(summary), misfit_table(summary)]
+                        + (["Choosing without labels: what each rule keeps, and its regret\n\n" + selection]
+                           if selection else [])
                         + (["Learned weights of the weak models:\n\n" + weights] if weights else []))
 
 

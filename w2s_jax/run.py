@@ -72,9 +72,10 @@ def _run(cfg: FitConfig, out_dir, log, overwrite) -> tuple[dict, Path]:
         b.close()
     hps = jax.tree.map(jax.numpy.asarray, cfg.grid_hparams())
     jsplits = jax.tree.map(jax.numpy.asarray, splits)
-    evals = {m: metrics.evaluate_method(m, o, hps, data, jsplits, k) for m, o in outputs.items()}
     best_epochs = {m: o.best_epoch for m, o in outputs.items()}
     histories = {m: o.history for m, o in outputs.items()}
+    evals = {m: {**metrics.evaluate_method(m, o, hps, data, jsplits, k),
+                 "val_score": metrics.at_best_epoch(o.history["val_score"], o.best_epoch)} for m, o in outputs.items()}
     failed = {m: ~np.isfinite(np.asarray(h["train_loss"])).all(axis=-1) for m, h in histories.items()}
     if log and any(f.any() for f in failed.values()):
         log("non-finite training loss (reported as failed): " + ", ".join(m for m, f in failed.items() if f.any()))
@@ -97,7 +98,7 @@ def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_d
     text = store.text_TxKxD
     zero_shot = None if text is None else metrics.zero_shot(data, jsplits, text, cfg.hparams.logit_scale)
     summary = results.summarize(evals, best_epochs, cfg.grid_hparams(), metrics.weak_scores(data, jsplits), zero_shot,
-                                failed)
+                                failed, histories, getattr(cfg, "select", "agreement"))
     if getattr(cfg, "defined", ()):  # user-defined methods (rows of the loss family), rebuilt by load_summary
         summary["defined"] = cfg.defined
     if getattr(cfg, "ensemble", ()):  # each weak model's own test' accuracy, beside the learned weights (in order)

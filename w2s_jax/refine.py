@@ -1,0 +1,149 @@
+"""Weak labels refined by the strong model's geometry: transforms of the training target, ``METHOD@knn`` etc.
+
+Each refinement reads the weak model's probabilities ``p_w`` and the strong features r̂ (L2-normalised) of a seed's
+unlabelled pool, ``hold_train ∪ hold_val`` (no label is read), and returns the target the student is trained and
+selected against, with a weight per row:
+
+- ``knn``: the soft vote of the k nearest neighbours (cosine on r̂, the row itself left out),
+  ``q_i = (1/k) Σ_{j ∈ N_k(i)} p_w(j)``;
+- ``graph``: label propagation over the same kNN graph, ``F ← α · mean_{N_k}(F) + (1 − α) · p_w`` from
+  ``F = p_w``, for :data:`PROPAGATION_STEPS` steps (the fixed point's error is at most ``α^steps``);
+  α = 0 keeps the weak labels, α = 1 and one step is ``knn``;
+- ``filter``: the weak labels kept, and the fraction c of rows whose weak label the kNN vote supports least
+  (smallest ``q_i[argmax p_w(i)]``) dropped from the loss (weight 0), as EleutherAI's w2s filters with a kNN probe.
+
+Computed in JAX on the device, once per seed before the epochs, in chunks of query rows so that no ``P x P``
+matrix is ever held: the largest arrays are ``chunk x P`` similarities and ``chunk x k x K`` neighbour labels.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REFINEMENTS = ("knn", "graph", "filter")
+PROPAGATION_STEPS = 20
+CHUNK = 1024  # query rows per block of the neighbour search
+FIELDS = {"knn": ("refine_k",), "graph": ("refine_k", "refine_alpha"), "filter": ("refine_k", "refine_c")}
+
+
+class Refinement(NamedTuple):
+    """One refined target: ``kind`` ("" is the weak labels as they are) and the hyperparameters it reads."""
+
+    kind: str = ""
+    k: int = 0
+    alpha: float = 0.0
+    c: float = 0.0
+
+
+class Teachers(NamedTuple):
+    """A seed's U training targets over all N rows (rows outside its pool keep the weak logits)."""
+
+    logits_UxNxK: jax.Array  # log-probabilities of each refined target (target 0: the weak logits as they are)
+    weight_UxN: jax.Array  # 1, or 0 for a row a filter dropped
+
+
+def spec_of(kind: str, hp) -> Refinement:
+    """The refinement ``kind`` at the (scalar) hyperparameters ``hp``; only the fields it reads are kept."""
+    if not kind:
+        return Refinement()
+    values = {"refine_k": int(round(float(hp.refine_k))), "refine_alpha": float(hp.refine_alpha),
+              "refine_c": float(hp.refine_c)}
+    fields = FIELDS[kind]
+    return Refinement(kind, values["refine_k"], values["refine_alpha"] if "refine_alpha" in fields else 0.0,
+                      values["refine_c"] if "refine_c" in fields else 0.0)
+
+
+def neighbours(feats_PxD, k: int, chunk: int = CHUNK):
+    """The k nearest neighbours of each row by cosine (rows L2-normalised), itself left out: indices ``P x k``."""
+    num_p = feats_PxD.shape[0]
+    if not 1 <= k < num_p:
+        raise ValueError(f"refine_k = {k}: a kNN refinement needs 1 <= k < the pool's {num_p} rows")
+    chunk = min(chunk, num_p)
+    pad = (-num_p) % chunk
+    queries = jnp.pad(feats_PxD, ((0, pad), (0, 0))).reshape(-1, chunk, feats_PxD.shape[1])
+    starts = jnp.arange(queries.shape[0]) * chunk
+
+    def block(args):
+        q_CxD, start = args
+        sims_CxP = q_CxD @ feats_PxD.T
+        itself = jnp.arange(num_p)[None, :] == (start + jnp.arange(chunk))[:, None]
+        return jax.lax.top_k(jnp.where(itself, -jnp.inf, sims_CxP), k)[1]
+
+    return jax.lax.map(block, (queries, starts)).reshape(-1, k)[:num_p]
+
+
+def neighbour_mean(values_PxK, index_Pxk, chunk: int = CHUNK):
+    """``(1/k) Σ_{j ∈ N(i)} values_j`` for every row, in chunks of rows: ``P x K``."""
+    num_p, k = index_Pxk.shape
+    chunk = min(chunk, num_p)
+    pad = (-num_p) % chunk
+    blocks = jnp.pad(index_Pxk, ((0, pad), (0, 0))).reshape(-1, chunk, k)
+    means = jax.lax.map(lambda idx_Cxk: jnp.mean(values_PxK[idx_Cxk], axis=1), blocks)
+    return means.reshape(-1, values_PxK.shape[1])[:num_p]
+
+
+def knn_vote(probs_PxK, index_Pxk):
+    return neighbour_mean(probs_PxK, index_Pxk)
+
+
+def propagate(probs_PxK, index_Pxk, alpha: float, steps: int = PROPAGATION_STEPS):
+    """Label propagation on the kNN graph: ``steps`` of ``F ← α · mean_N(F) + (1 − α) · p_w`` from ``p_w``."""
+    step = lambda _, f: alpha * neighbour_mean(f, index_Pxk) + (1.0 - alpha) * probs_PxK
+    return jax.lax.fori_loop(0, steps, step, probs_PxK)
+
+
+def filter_weights(probs_PxK, vote_PxK, c: float):
+    """1 per row, 0 for the ``floor(c · P)`` rows whose weak label the vote supports least (first rows on ties)."""
+    num_p = probs_PxK.shape[0]
+    support_P = jnp.take_along_axis(vote_PxK, jnp.argmax(probs_PxK, axis=1)[:, None], axis=1)[:, 0]
+    rank_P = jnp.zeros(num_p, jnp.int32).at[jnp.argsort(support_P, stable=True)].set(jnp.arange(num_p))
+    return (rank_P >= int(np.floor(c * num_p))).astype(jnp.float32)
+
+
+def refine(spec: Refinement, feats_PxD, weak_PxK):
+    """The refined target of one pool: (log-probabilities ``P x K``, weights ``P``)."""
+    probs = jax.nn.softmax(weak_PxK)
+    ones = jnp.ones(weak_PxK.shape[0], jnp.float32)
+    if not spec.kind:
+        return weak_PxK, ones
+    index = neighbours(feats_PxD, spec.k)
+    if spec.kind == "knn":
+        return jnp.log(knn_vote(probs, index) + 1e-12), ones
+    if spec.kind == "graph":
+        return jnp.log(propagate(probs, index, spec.alpha) + 1e-12), ones
+    if spec.kind == "filter":
+        return weak_PxK, filter_weights(probs, knn_vote(probs, index), spec.c)
+    raise ValueError(f"unknown refinement {spec.kind!r}; valid: {', '.join(REFINEMENTS)}")
+
+
+def seed_teachers(specs, feats_NxD, weak_NxK, pool_P) -> Teachers:
+    """Every refinement of ``specs`` over one seed's pool rows, as targets over all N rows (leading U)."""
+    outs = [refine(spec, feats_NxD[pool_P], weak_NxK[pool_P]) for spec in specs]
+    logits = jnp.stack([weak_NxK.at[pool_P].set(lg) for lg, _ in outs])
+    weights = jnp.stack([jnp.ones(weak_NxK.shape[0], jnp.float32).at[pool_P].set(w) for _, w in outs])
+    return Teachers(logits, weights)
+
+
+def plan(kinds: dict, hps_H, reference: Refinement) -> tuple[tuple[Refinement, ...], dict]:
+    """The distinct targets a fit needs, and each model's index among them: ``(specs, {group: index_J})``.
+
+    ``kinds``: {group: each of its methods' refinement, "" for none}; ``hps_H``: the grid (arrays H); a group's J
+    models are method-major (model j: method j // H, grid point j % H). Target 0 is always the weak labels as
+    they are, target 1 ``reference`` (what the ``refined`` selection criterion compares with)."""
+    specs = [Refinement(), reference]
+    num_h = len(np.asarray(hps_H.lr))
+    points = [type(hps_H)(*(np.asarray(v)[h] for v in hps_H)) for h in range(num_h)]
+    index = {}
+    for g, methods in kinds.items():
+        index[g] = []
+        for kind in methods:
+            for hp in points:
+                spec = spec_of(kind, hp)
+                if spec not in specs:
+                    specs.append(spec)
+                index[g].append(specs.index(spec))
+        index[g] = np.asarray(index[g], np.int32)
+    return tuple(specs), index

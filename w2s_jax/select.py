@@ -1,0 +1,76 @@
+"""Label-free selection: which epoch and grid point of a method are kept, and what each rule costs.
+
+Every criterion is computed on ``hold_val`` after every epoch, for every model, without a label
+(:func:`scores`); ``--select`` names the one that keeps each model's epoch and each method's grid point.
+The others are kept in the history, so the report can show what each rule would have chosen, and its regret
+against the best grid point on test' (:func:`regret`), a yardstick that no rule may use.
+
+- ``agreement``: agreement with the model's own training target, the paper's rule (the weak labels; their
+  mixture for a multi-weak method; the refined labels for ``METHOD@refinement``, counting only kept rows);
+- ``refined``: agreement with the kNN vote of the weak labels on the strong features (:mod:`w2s_jax.refine`,
+  k = ``refine_k`` of the base hyperparameters), whatever the model trained on;
+- ``misfit``: the largest ``KL(p_student ‖ p_weak)``: W2S gain sits where the student departs from its teacher
+  (Charikar et al.: for a strong class that holds the truth, gain ≥ misfit);
+- ``confidence``: the student's mean top probability on the ``hold_val`` rows where the weak model is least sure
+  (top probability at or below its median).
+
+A ceiling is trained on the truth and is always selected on ``hold_val`` accuracy, whatever the rule.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CRITERIA = ("agreement", "refined", "misfit", "confidence")
+HISTORY_KEY = "score_{}"  # each criterion's per-epoch score in a model's history
+
+
+def scores(val_logits_VxK, teacher_VxK, weight_V, weak_VxK, reference_VxK, labels_V, is_truth) -> dict:
+    """Every criterion's score of one model at one epoch (larger is better): ``{criterion: scalar}``."""
+    student = jnp.argmax(val_logits_VxK, axis=1)
+    kept = jnp.sum(weight_V)
+    p_weak = jax.nn.softmax(weak_VxK)
+    weak_top = jnp.max(p_weak, axis=1)
+    unsure = (weak_top <= jnp.median(weak_top)).astype(jnp.float32)
+    log_ps, log_pw = jax.nn.log_softmax(val_logits_VxK), jax.nn.log_softmax(weak_VxK)
+    label_free = {
+        "agreement": jnp.sum(weight_V * (student == jnp.argmax(teacher_VxK, axis=1))) / jnp.maximum(kept, 1.0),
+        "refined": jnp.mean(student == jnp.argmax(reference_VxK, axis=1)),
+        "misfit": jnp.mean(jnp.sum(jnp.exp(log_ps) * (log_ps - log_pw), axis=1)),
+        "confidence": jnp.sum(unsure * jnp.max(jnp.exp(log_ps), axis=1)) / jnp.maximum(jnp.sum(unsure), 1.0),
+    }
+    truth = jnp.mean(student == labels_V)
+    return {c: jnp.where(is_truth, truth, label_free[c]).astype(jnp.float32) for c in CRITERIA}
+
+
+def choose(score_SxHxE, failed_SxH=None) -> tuple[int, np.ndarray]:
+    """A rule's choice from its per-epoch scores: ``(grid point h, 0-based epoch per seed at h)``. Each model keeps
+    its first best epoch (as the fit does); the grid point is the first with the best mean of those over seeds;
+    a grid point that failed on any seed is never chosen."""
+    score = np.asarray(score_SxHxE, np.float64)
+    best_SxH = np.nanmax(np.where(np.isfinite(score), score, -np.inf), axis=2)
+    failed = np.zeros(best_SxH.shape, bool) if failed_SxH is None else np.asarray(failed_SxH, bool)
+    h = int(np.argmax(np.where(failed.any(axis=0), -np.inf, best_SxH.mean(axis=0))))
+    epochs = np.argmax(np.where(np.isfinite(score[:, h]), score[:, h], -np.inf), axis=1)
+    return h, epochs
+
+
+def regret(history: dict, failed_SxH=None) -> dict | None:
+    """What each rule chose for one method, against the best point on test' (a yardstick, never a choice).
+
+    ``history``: the method's per-epoch fields, each ``S x H x E``, with one ``score_<criterion>`` per rule.
+    Returns ``{"oracle": {...}, criterion: {...}}``, each ``{"grid_index", "test_acc" (per seed)}``, and per
+    criterion ``"regret"``: its mean test' accuracy minus the oracle's (≤ 0); None without the scores (w2s-tp)."""
+    if not all(HISTORY_KEY.format(c) in history for c in CRITERIA):
+        return None
+    test = np.asarray(history["test_acc"], np.float64)
+    seeds = np.arange(test.shape[0])
+    h_oracle, e_oracle = choose(test, failed_SxH)
+    oracle = test[seeds, h_oracle, e_oracle]
+    out = {"oracle": {"grid_index": h_oracle, "test_acc": oracle.tolist()}}
+    for c in CRITERIA:
+        h, epochs = choose(history[HISTORY_KEY.format(c)], failed_SxH)
+        chosen = test[seeds, h, epochs]
+        out[c] = {"grid_index": h, "test_acc": chosen.tolist(), "regret": float(chosen.mean() - oracle.mean())}
+    return out
