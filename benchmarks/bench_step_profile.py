@@ -45,23 +45,27 @@ def main():
     splits = jax.tree.map(jnp.asarray, stacked_splits(args.n, s))
     cfg = FitConfig(store="s", weak="w", methods=methods, seeds=s, epochs=10, batch_size=b)
     groups = fitlib.make_groups(methods, k, text)
-    rows = {g: fitlib.group_rows(grp, cfg.grid_hparams()) for g, grp in groups.items()}
+    specs, teacher_J = fitlib.teacher_plan(groups, cfg.grid_hparams(), cfg)
+    rows = {g: fitlib.group_rows(grp, cfg.grid_hparams(), teacher_J[g]) for g, grp in groups.items()}
     keys = jax.random.key_data(fitlib.seed_keys(0, s))
     # the data goes in as arguments: captured as constants, XLA would fold the whole start at compile time
-    states = jax.jit(lambda data, splits: {g: fitlib.start_seeds(grp, cfg, keys, rows[g], data, splits)
-                                           for g, grp in groups.items()})(data, splits)
+    teachers = jax.jit(lambda data, splits: fitlib.seed_targets(specs, data, splits))(data, splits)
+    states = jax.jit(lambda data, splits, teachers: {g: fitlib.start_seeds(grp, cfg, keys, rows[g], data, splits,
+                                                                           teachers)
+                                                     for g, grp in groups.items()})(data, splits, teachers)
 
     def epoch_of(fuse, seed_axis="map"):
         def one_seed(args, data):
-            state, key_data, split = args
+            state, key_data, split, seed_teachers = args
             return fitlib.seed_epoch(groups, state, jax.random.wrap_key_data(key_data), 0, rows, data, split,
-                                     dataclasses.replace(cfg, fuse=fuse))
+                                     dataclasses.replace(cfg, fuse=fuse), seed_teachers)
 
-        def program(states, data, splits):
-            return fitlib.over_seeds(one_seed, (states, keys, splits), data, sharding.seed_mesh(), seed_axis)
+        def program(states, data, splits, teachers):
+            return fitlib.over_seeds(one_seed, (states, keys, splits, teachers), data, sharding.seed_mesh(),
+                                     seed_axis)
 
         compiled = jax.jit(program)
-        return lambda: jax.block_until_ready(compiled(states, data, splits))
+        return lambda: jax.block_until_ready(compiled(states, data, splits, teachers))
 
     feats = data.feats_NxD
     by_seed = lambda fn: jax.jit(lambda f, *args: jax.lax.map(lambda a: fn(*a, f), args))  # seed after seed

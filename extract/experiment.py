@@ -23,12 +23,14 @@ from extract.cli import DATA_ENV, default_domainnet_root
 from extract.datasets import DatasetError, load_dataset
 from extract.schema import check_types
 from w2s_jax.config import FitConfig, Hparams, check_hparams, check_number
-from w2s_jax.methods import METHODS, MULTI_WEAK, TORCH_METHODS, check_methods, jax_methods, restore_methods
+from w2s_jax.methods import (METHODS, MULTI_WEAK, TORCH_METHODS, check_methods, jax_methods, restore_methods,
+                             with_refinements)
 
 SECTIONS = {
     "": {"name", "out", "strong", "data", "fit", "tp", "extract", "report", "methods"},
     "data": {"dataset", "domains", "root", "weak", "limit"},
-    "fit": {"methods", "seeds", "epochs", "batch_size", "warmup", "hparams", "grid", "multi_weak", "seed_axis"},
+    "fit": {"methods", "seeds", "epochs", "batch_size", "warmup", "hparams", "grid", "multi_weak", "seed_axis",
+            "select", "refine"},
     "tp": {"methods", "seeds", "epochs", "batch_size", "optimizer", "n_ctx", "ctx_init", "hparams", "precision"},
     "extract": {"batch_size", "num_workers", "device", "on_corrupt", "weak_epochs", "feature_dtype", "templates"},
     "report": {"curves", "paper", "cross_domain"},
@@ -138,12 +140,13 @@ def fit_config(fit: dict, store, weak, ensemble=()) -> FitConfig:
         wrong = [m for m in methods if m in METHODS and METHODS[m].target not in MULTI_WEAK]
         if wrong:
             raise ValueError(f"[fit] multi_weak lists {wrong}, which learn from one weak model; put them in methods")
-    else:
-        methods = jax_methods() if methods == ["all"] else methods
+    else:  # "all" is every built-in and defined method; names beside it are added (e.g. ce+lp@knn)
+        methods = [*jax_methods(), *(m for m in methods if m != "all")] if "all" in methods else methods
+        methods = with_refinements(check_methods(methods), fit.get("refine", []))
     return FitConfig(store=str(store), weak=weak, ensemble=tuple(ensemble), methods=check_methods(methods),
                      seeds=fit.get("seeds", 5), epochs=fit.get("epochs", 10), batch_size=fit.get("batch_size", "auto"),
                      warmup=fit.get("warmup", 0.1), hparams=Hparams(**fit.get("hparams", {})),
-                     seed_axis=fit.get("seed_axis", "auto"),
+                     seed_axis=fit.get("seed_axis", "auto"), select=fit.get("select", "agreement"),
                      grid=tuple((k, tuple(v)) for k, v in fit.get("grid", {}).items()))
 
 

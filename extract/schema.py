@@ -35,6 +35,8 @@ class Fit(_Section):
     batch_size: Union[StrictInt, Literal["auto"]] = "auto"
     warmup: Number = 0.1
     seed_axis: StrictStr = "auto"
+    select: StrictStr = "agreement"
+    refine: list[StrictStr] = []
     hparams: dict[str, Number] = {}
     grid: dict[str, list[Number]] = {}
 

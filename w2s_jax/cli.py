@@ -7,7 +7,7 @@ import click
 
 from w2s_jax.config import FitConfig, Hparams
 from w2s_jax.losses import LOSSES, Coeffs
-from w2s_jax.methods import METHODS, import_plugins, jax_methods, refinement_methods
+from w2s_jax.methods import METHODS, import_plugins, jax_methods, refinement_methods, with_refinements
 from w2s_jax.refine import REFINEMENTS
 from w2s_jax.select import CRITERIA
 
@@ -42,17 +42,6 @@ def row_text(row) -> str:
     if row is None:
         return "PyTorch loss of that name"
     return ", ".join(f"{f}={v:g}" for f, v in row._asdict().items() if v != getattr(Coeffs(), f))
-
-
-def with_refinements(methods: tuple, refine: str) -> tuple:
-    """``methods`` then ``METHOD@KIND`` for each of them that can be refined and each KIND of ``refine``
-    ("knn,graph"); a ValueError names an unknown kind."""
-    kinds = [k.strip() for k in refine.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in REFINEMENTS]
-    if unknown:
-        raise ValueError(f"--refine {refine}: unknown refinement(s) {unknown}; valid: {', '.join(REFINEMENTS)}")
-    refined = [f"{m}@{k}" for m in methods for k in kinds if f"{m}@{k}" in refinement_methods(methods)]
-    return tuple(dict.fromkeys([*methods, *refined]))
 
 
 TARGET_WORDS = {"raven": "a learned mix of weak models (--weak A,B)", "average": "the average of weak models (--weak A,B)"}
@@ -189,7 +178,7 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
             else tuple(m.strip() for m in methods.split(",") if m.strip())
         cfg = FitConfig(
             store=str(store), weak=weak.split(",")[0].strip(), ensemble=ensemble,
-            methods=with_refinements(chosen, refine), select=select,
+            methods=with_refinements(chosen, [k.strip() for k in refine.split(",") if k.strip()]), select=select,
             seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size), vmap=vmap, fuse=fuse,
             matmul_dtype=matmul_dtype, seed_axis=seed_axis, imports=tuple(plugins),
             grid=_parse_grid(grid),

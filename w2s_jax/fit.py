@@ -201,6 +201,11 @@ def make_teachers(specs, data: FitData, split: SeedSplits) -> Teachers:
     return seed_teachers(specs, data.feats_NxD, data.weak_NxK, pool_rows(split))
 
 
+def seed_targets(specs, data: FitData, splits_S) -> Teachers:
+    """:func:`make_teachers` for every seed, one after the other: leading S."""
+    return jax.lax.map(lambda split: make_teachers(specs, data, split), splits_S)
+
+
 def plain_teachers(data: FitData) -> Teachers:
     """The weak labels as they are, the only target (U = 1): for shape checks."""
     return Teachers(data.weak_NxK[None], jnp.ones((1, data.weak_NxK.shape[0]), jnp.float32))
@@ -495,7 +500,12 @@ def make_fit(method: str, num_classes: int, text_TxKxD, cfg: FitConfig):
     ``teachers``: the seed's targets (:func:`make_teachers`), ``teacher``: the model's index among them."""
     (g, group), = make_groups((method,), num_classes, text_TxKxD).items()
 
-    def fit(key, hp: Hparams, data: FitData, split: SeedSplits, teachers: Teachers, teacher) -> FitOutput:
+    def fit(key, hp: Hparams, data: FitData, split: SeedSplits, teachers: Teachers | None = None,
+            teacher=0) -> FitOutput:
+        if teachers is None:  # the weak labels as they are, and the reference of the `refined` criterion
+            if METHODS[method].refine:
+                raise ValueError(f"{method} trains on refined labels: pass the seed's teachers (make_teachers)")
+            teachers = make_teachers((Refinement(), reference_refinement(cfg)), data, split)
         one = lambda tree: jax.tree.map(lambda a: jnp.asarray(a)[None], tree)  # a model axis J of 1
         rows = {g: group_rows(group, one(hp), one(teacher))}
         states = {g: one(start_model(group, cfg, key, jax.tree.map(lambda a: a[0], rows[g]), data, split, teachers))}

@@ -180,6 +180,16 @@ def check_methods(names, valid=None, command="w2s-fit") -> tuple[str, ...]:
     return tuple(names)
 
 
+def with_refinements(methods, kinds) -> tuple:
+    """``methods`` then ``METHOD@KIND`` for each of them that can be refined and each of ``kinds``
+    (``w2s-fit --refine knn,graph``, ``[fit] refine``); a ValueError names an unknown kind."""
+    unknown = [k for k in kinds if k not in REFINEMENTS]
+    if unknown:
+        raise ValueError(f"refine: unknown refinement(s) {unknown}; valid: {', '.join(REFINEMENTS)}")
+    refined = [f"{m}@{k}" for m in methods for k in kinds if refined_method(f"{m}@{k}")]
+    return tuple(dict.fromkeys([*methods, *refined]))
+
+
 def plugin_name(name: str) -> str:
     """How an --import is recognised across commands: a .py file by its stem, a module by its dotted name."""
     return Path(name).stem if name.endswith(".py") else name

@@ -58,6 +58,7 @@ def spec_of(kind: str, hp) -> Refinement:
 
 def neighbours(feats_PxD, k: int, chunk: int = CHUNK):
     """The k nearest neighbours of each row by cosine (rows L2-normalised), itself left out: indices ``P x k``."""
+    feats_PxD = jnp.asarray(feats_PxD)
     num_p = feats_PxD.shape[0]
     if not 1 <= k < num_p:
         raise ValueError(f"refine_k = {k}: a kNN refinement needs 1 <= k < the pool's {num_p} rows")
@@ -77,6 +78,7 @@ def neighbours(feats_PxD, k: int, chunk: int = CHUNK):
 
 def neighbour_mean(values_PxK, index_Pxk, chunk: int = CHUNK):
     """``(1/k) Σ_{j ∈ N(i)} values_j`` for every row, in chunks of rows: ``P x K``."""
+    values_PxK, index_Pxk = jnp.asarray(values_PxK), jnp.asarray(index_Pxk)
     num_p, k = index_Pxk.shape
     chunk = min(chunk, num_p)
     pad = (-num_p) % chunk
@@ -91,12 +93,14 @@ def knn_vote(probs_PxK, index_Pxk):
 
 def propagate(probs_PxK, index_Pxk, alpha: float, steps: int = PROPAGATION_STEPS):
     """Label propagation on the kNN graph: ``steps`` of ``F ← α · mean_N(F) + (1 − α) · p_w`` from ``p_w``."""
+    probs_PxK = jnp.asarray(probs_PxK)
     step = lambda _, f: alpha * neighbour_mean(f, index_Pxk) + (1.0 - alpha) * probs_PxK
     return jax.lax.fori_loop(0, steps, step, probs_PxK)
 
 
 def filter_weights(probs_PxK, vote_PxK, c: float):
     """1 per row, 0 for the ``floor(c · P)`` rows whose weak label the vote supports least (first rows on ties)."""
+    probs_PxK, vote_PxK = jnp.asarray(probs_PxK), jnp.asarray(vote_PxK)
     num_p = probs_PxK.shape[0]
     support_P = jnp.take_along_axis(vote_PxK, jnp.argmax(probs_PxK, axis=1)[:, None], axis=1)[:, 0]
     rank_P = jnp.zeros(num_p, jnp.int32).at[jnp.argsort(support_P, stable=True)].set(jnp.arange(num_p))
@@ -105,6 +109,7 @@ def filter_weights(probs_PxK, vote_PxK, c: float):
 
 def refine(spec: Refinement, feats_PxD, weak_PxK):
     """The refined target of one pool: (log-probabilities ``P x K``, weights ``P``)."""
+    weak_PxK = jnp.asarray(weak_PxK)
     probs = jax.nn.softmax(weak_PxK)
     ones = jnp.ones(weak_PxK.shape[0], jnp.float32)
     if not spec.kind:

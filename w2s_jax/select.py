@@ -29,13 +29,13 @@ HISTORY_KEY = "score_{}"  # each criterion's per-epoch score in a model's histor
 def scores(val_logits_VxK, teacher_VxK, weight_V, weak_VxK, reference_VxK, labels_V, is_truth) -> dict:
     """Every criterion's score of one model at one epoch (larger is better): ``{criterion: scalar}``."""
     student = jnp.argmax(val_logits_VxK, axis=1)
-    kept = jnp.sum(weight_V)
+    kept = jnp.mean(weight_V)  # 1 unless a filter dropped rows (then agreement is over the kept rows)
     p_weak = jax.nn.softmax(weak_VxK)
     weak_top = jnp.max(p_weak, axis=1)
     unsure = (weak_top <= jnp.median(weak_top)).astype(jnp.float32)
     log_ps, log_pw = jax.nn.log_softmax(val_logits_VxK), jax.nn.log_softmax(weak_VxK)
     label_free = {
-        "agreement": jnp.sum(weight_V * (student == jnp.argmax(teacher_VxK, axis=1))) / jnp.maximum(kept, 1.0),
+        "agreement": jnp.mean(weight_V * (student == jnp.argmax(teacher_VxK, axis=1))) / jnp.maximum(kept, 1e-6),
         "refined": jnp.mean(student == jnp.argmax(reference_VxK, axis=1)),
         "misfit": jnp.mean(jnp.sum(jnp.exp(log_ps) * (log_ps - log_pw), axis=1)),
         "confidence": jnp.sum(unsure * jnp.max(jnp.exp(log_ps), axis=1)) / jnp.maximum(jnp.sum(unsure), 1.0),

@@ -1,0 +1,224 @@
+"""Issue 23: weak labels refined on the strong features (METHOD@knn, @graph, @filter) and label-free selection."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from w2s_jax import cli, refine, select
+
+
+# ------------------------------------------------------------------ NumPy references
+
+
+def np_neighbours(feats, k):
+    sims = feats @ feats.T
+    np.fill_diagonal(sims, -np.inf)
+    return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+
+def np_softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def np_vote(probs, index):
+    return probs[index].mean(axis=1)
+
+
+def np_propagate(probs, index, alpha, steps):
+    f = probs.copy()
+    for _ in range(steps):
+        f = alpha * f[index].mean(axis=1) + (1 - alpha) * probs
+    return f
+
+
+def np_filter(probs, vote, c):
+    support = vote[np.arange(len(probs)), probs.argmax(axis=1)]
+    dropped = np.argsort(support, kind="stable")[: int(np.floor(c * len(probs)))]
+    weights = np.ones(len(probs), np.float32)
+    weights[dropped] = 0
+    return weights
+
+
+@pytest.fixture
+def pool():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(70, 8)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    return feats, rng.normal(size=(70, 4)).astype(np.float32) * 2
+
+
+def test_each_refinement_matches_its_numpy_reference_in_chunks(pool):
+    """Chunks of 16 query rows over 70 (padding included) give the full-matrix NumPy answer."""
+    feats, weak = pool
+    probs = np_softmax(weak)
+    index = np.asarray(refine.neighbours(feats, 5, chunk=16))
+    reference = np_neighbours(feats, 5)
+    assert all(set(a) == set(b) for a, b in zip(index, reference))
+    assert not (index == np.arange(70)[:, None]).any()  # a row is never its own neighbour
+    np.testing.assert_allclose(np.asarray(refine.knn_vote(probs, index)), np_vote(probs, reference), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(refine.propagate(probs, index, 0.7, steps=12)),
+                               np_propagate(probs, reference, 0.7, 12), atol=1e-5)
+    vote = np_vote(probs, reference)
+    np.testing.assert_array_equal(np.asarray(refine.filter_weights(probs, vote, 0.3)), np_filter(probs, vote, 0.3))
+    # and through refine(): log-probabilities of the refined target, the weights of the kept rows
+    logits, weights = refine.refine(refine.Refinement("graph", 5, 0.7), feats, weak)
+    np.testing.assert_allclose(np.exp(np.asarray(logits)), np_propagate(probs, reference, 0.7, 20), atol=1e-5)
+    assert np.all(np.asarray(weights) == 1)
+    logits, weights = refine.refine(refine.Refinement("filter", 5, 0.0, 0.3), feats, weak)
+    np.testing.assert_array_equal(np.asarray(logits), weak)  # a filter keeps the weak labels, drops rows
+    assert np.asarray(weights).sum() == 70 - 21
+
+
+def test_graph_at_its_limits(pool):
+    """α = 0 keeps the weak labels; α = 1 for one step is the kNN vote."""
+    feats, weak = pool
+    probs = np_softmax(weak)
+    index = refine.neighbours(feats, 5)
+    np.testing.assert_allclose(np.asarray(refine.propagate(probs, index, 0.0)), probs, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(refine.propagate(probs, index, 1.0, steps=1)),
+                               np.asarray(refine.knn_vote(probs, index)), atol=1e-6)
+
+
+def cluster_with_wrong_labels(seed=0, k=4, per_class=60, wrong=0.25):
+    """Well-separated classes; the weak labels are right everywhere except on 25% of class 0, labelled 1."""
+    rng = np.random.default_rng(seed)
+    centers = 4 * np.eye(k, 16)
+    labels = np.repeat(np.arange(k), per_class)
+    feats = (centers[labels] + 0.5 * rng.normal(size=(len(labels), 16))).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    weak_labels = labels.copy()
+    bad = rng.choice(per_class, int(wrong * per_class), replace=False)  # rows of class 0
+    weak_labels[bad] = 1
+    weak = (3.0 * np.eye(k)[weak_labels]).astype(np.float32)
+    return feats, weak, labels, bad
+
+
+def test_refinement_fixes_most_of_a_wrongly_labelled_cluster():
+    feats, weak, labels, bad = cluster_with_wrong_labels()
+    for spec in (refine.Refinement("knn", 10), refine.Refinement("graph", 10, 0.9)):
+        logits, _ = refine.refine(spec, feats, weak)
+        fixed = np.mean(np.asarray(logits).argmax(1)[bad] == 0)
+        assert fixed >= 0.8, (spec, fixed)
+        assert np.mean(np.asarray(logits).argmax(1) == labels) > 0.95
+    _, weights = refine.refine(refine.Refinement("filter", 10, 0.0, len(bad) / len(labels)), feats, weak)
+    dropped = np.flatnonzero(np.asarray(weights) == 0)
+    assert np.mean(np.isin(dropped, bad)) >= 0.8  # what the filter drops is mostly the wrong labels
+
+
+def test_refinement_needs_fewer_neighbours_than_rows(pool):
+    with pytest.raises(ValueError, match="refine_k = 70"):
+        refine.neighbours(pool[0], 70)
+
+
+# ------------------------------------------------------------------ selection
+
+
+def test_regret_of_rules_whose_answer_is_known_by_construction():
+    """Test' accuracy peaks at grid point 1, epoch 3. 'refined' follows it; 'agreement' peaks at grid point 0, epoch
+    1 (the student that agrees most with its teacher generalises worst); the others are constant, so they keep the
+    first point and epoch. Regrets are then known exactly."""
+    seeds, points, epochs = 2, 2, 3
+    test = np.zeros((seeds, points, epochs)) + 0.5
+    test[:, 1, 2] = 0.9
+    test[:, 0, 0] = 0.4
+    history = {"test_acc": test,
+               "score_agreement": 1.0 - test, "score_refined": test + 0.01,
+               "score_misfit": np.zeros_like(test), "score_confidence": np.ones_like(test)}
+    out = select.regret(history)
+    assert out["oracle"]["grid_index"] == 1 and out["oracle"]["test_acc"] == [0.9, 0.9]
+    assert out["refined"]["regret"] == pytest.approx(0.0)
+    assert out["agreement"]["grid_index"] == 0 and out["agreement"]["regret"] == pytest.approx(0.4 - 0.9)
+    assert out["misfit"]["regret"] == out["confidence"]["regret"] == pytest.approx(0.4 - 0.9)
+    # a grid point that failed on a seed is never chosen, by any rule, even the oracle
+    failed = np.array([[False, True], [False, False]])
+    assert select.regret(history, failed)["oracle"]["grid_index"] == 0
+    assert select.regret({"test_acc": test}) is None  # w2s-tp's histories have no scores
+
+
+def test_scores_of_one_model():
+    import jax.numpy as jnp
+
+    weak = jnp.array([[3.0, 0, 0], [0, 3.0, 0], [1.0, 0.9, 0], [0, 0, 3.0]])
+    student = jnp.array([[5.0, 0, 0], [5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]])
+    labels = jnp.array([0, 0, 1, 2])
+    got = select.scores(student, weak, jnp.ones(4), weak, student, labels, False)
+    assert float(got["agreement"]) == pytest.approx(0.5) and float(got["refined"]) == 1.0
+    assert float(got["misfit"]) > 0
+    # unsure rows: weak top probability at or below its median, rows 1.. here the third row (and the tied ones)
+    assert 0 < float(got["confidence"]) <= 1
+    kept = select.scores(student, weak, jnp.array([1.0, 0.0, 0.0, 1.0]), weak, student, labels, False)
+    assert float(kept["agreement"]) == 1.0  # only rows a filter kept count
+    truth = select.scores(student, weak, jnp.ones(4), weak, student, labels, True)
+    assert all(float(v) == 1.0 for v in truth.values())  # a ceiling is chosen on the truth under every rule
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def fit(store, out, *args):
+    result = CliRunner().invoke(cli.main, ["--store", str(store), "--seeds", "2", "--epochs", "4", "--out", str(out),
+                                           "--no-compile-cache", *args])
+    assert result.exit_code == 0, result.output
+    return result.output, json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture
+def noisy_store(tmp_path):
+    """Class clusters, weak labels right about 60% of the time (conftest.synthetic_store)."""
+    from conftest import synthetic_store
+
+    path = tmp_path / "noisy.h5"
+    synthetic_store(path)
+    return path
+
+
+def test_refined_rows_from_the_cli_beat_the_unrefined_one(noisy_store, tmp_path):
+    out, summary = fit(noisy_store, tmp_path / "r", "--methods", "ce+lp,ceiling+lp",
+                       "--refine", "knn,graph,filter", "--grid", "refine_k=5,10")
+    methods = summary["methods"]
+    assert set(methods) == {"ce+lp", "ce+lp@knn", "ce+lp@graph", "ce+lp@filter", "ceiling+lp"}
+    plain = np.mean(methods["ce+lp"]["test_acc"])
+    for name in ("ce+lp@knn", "ce+lp@graph"):
+        assert np.mean(methods[name]["test_acc"]) > plain + 0.05, (name, plain)  # measured +10 to +15 points
+    assert "ce+lp@knn" in summary["pgr"]  # PGR against the linear ceiling
+    assert "Choosing without labels" in out and "oracle: best on test' (yardstick only)" in out
+    # the rule used chose the reported numbers: its column of the regret table is the table's accuracy
+    for name, choice in summary["selection"]["methods"].items():
+        assert choice["agreement"]["test_acc"] == pytest.approx(methods[name]["test_acc"])
+        assert choice["agreement"]["grid_index"] == methods[name]["grid_index"]
+        assert all(choice[c]["regret"] <= 1e-9 for c in select.CRITERIA)
+    assert (tmp_path / "r" / "heads" / "ce+lp@knn.msgpack").is_file()  # saved heads, for w2s-predict
+
+
+def test_select_changes_what_is_kept_and_is_recorded(noisy_store, tmp_path):
+    _, by_agreement = fit(noisy_store, tmp_path / "a", "--methods", "ce+lp", "--grid", "lp_shrinkage=0.1,0.9")
+    _, by_refined = fit(noisy_store, tmp_path / "b", "--methods", "ce+lp", "--grid", "lp_shrinkage=0.1,0.9",
+                        "--select", "refined")
+    assert by_refined["selection"]["rule"] == "refined"
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["select"] == "refined"
+    # each fit reports what its rule chose; both fits score every rule alike, so the tables agree across them
+    chosen = by_agreement["selection"]["methods"]["ce+lp"]["refined"]
+    assert by_refined["methods"]["ce+lp"]["test_acc"] == pytest.approx(chosen["test_acc"])
+    assert by_refined["methods"]["ce+lp"]["grid_index"] == chosen["grid_index"]
+
+
+def test_refinement_and_selection_refusals(noisy_store, tmp_path):
+    runner = CliRunner()
+    base = ["--store", str(noisy_store), "--seeds", "1", "--epochs", "1", "--no-compile-cache"]
+    result = runner.invoke(cli.main, [*base, "--methods", "ce+lp", "--refine", "smooth", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "unknown refinement(s) ['smooth']" in result.output
+    result = runner.invoke(cli.main, [*base, "--methods", "ce+lp", "--select", "oracle", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "oracle" in result.output
+    result = runner.invoke(cli.main, [*base, "--methods", "ce+lp@knn", "--grid", "refine_k=2.5",
+                                      "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "refine_k = 2.5 is not a whole number" in result.output
+    result = runner.invoke(cli.main, [*base, "--methods", "ceiling+lp@knn", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "unknown method(s) ['ceiling+lp@knn']" in result.output
+
+
+def test_list_methods_shows_the_refinements():
+    out = CliRunner().invoke(cli.main, ["--list-methods"]).output
+    assert "ce+lp@knn" in out and "cpl@graph" in out and "refined by filter" in out
+    assert "ceiling+lp@knn" not in out and "raven+lp@knn" not in out
