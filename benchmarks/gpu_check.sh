@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures in one device call (issues #21, #22): under 8 minutes, a timeout per step, JSON lines to $OUT.
+# The GPU figures in one device call (issues #21, #22, #23): under 8 minutes, a timeout per step, JSON lines to $OUT.
 #
 #   run on the device machine, from the repository root, with open_clip's wheels carried in .whl
 #   (shared/DEVICE.md: "A recipe that works"):
@@ -8,12 +8,14 @@
 #     TINY=1 OUT=/tmp/out bash benchmarks/gpu_check.sh
 #
 # Each line: {"step", "rc", "seconds", "command", "output"}; rc 124 is a step stopped by its timeout, or skipped
-# because the script's budget (BUDGET_S, default 450 s, so the call stays under 8 minutes) was spent. A step that
+# because the script's budget (BUDGET_S, default 450 s, so the call stays under 8 minutes) was spent; ONLY="a b" runs
+# the named steps alone (a second call for what the first left out). A step that
 # fails does not stop the others. Steps: machine, bench_fit at DomainNet shape (fused, bf16, PyTorch on the same
 # GPU), the many-model shape, bench_step_profile (fused epoch against its GEMMs, seeds mapped and vmapped) and
 # bench_compile_cache (cache off/warm, one method against all), then bench_extract (ViT-B-32, random weights:
 # start-up apart from the steady state, against the encoder alone) and bench_tp (K = 345 prompts: stored features
-# against re-encoding, and the text tower in bf16 against fp32).
+# against re-encoding, and the text tower in bf16 against fp32), the same extraction decoding on the GPU, and
+# bench_refine (the weak-label refinements at DomainNet's largest pool, against scikit-learn).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
@@ -32,6 +34,7 @@ DEADLINE=$(( $(date +%s) + ${BUDGET_S:-450} ))  # the whole script ends within t
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run it within its limit and the script's deadline, append one JSON line
   local name=$1 limit=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi  # ONLY="a b": those steps alone
   local left=$(( DEADLINE - $(date +%s) ))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 10 ]; then
@@ -57,6 +60,7 @@ if [ "${TINY:-0}" = 1 ]; then  # seconds on a CPU: the suite checks that every s
   CACHE="--n 600 --d 16 --k 5 --seeds 2 --epochs 1 --batch 64 --repeats 1"
   EXTRACT="--images 24 --classes 3 --size 32 --batch 8 --workers 0"
   TP="--images 16 --classes 3 --batch 8 --image-size 32"
+  REFINE="--pool 300 --d 16 --classes 5 --runs 1"
 else
   FIT="--runs 1"                                                  # DomainNet shape: 52,041 x 512, k = 345
   MANY="--n 2500 --d 1280 --k 10 --batch 64 --grid-lr 1e-2,3e-3 --runs 1"   # demo shape, 100 models
@@ -64,6 +68,7 @@ else
   CACHE="--repeats 1"
   EXTRACT="--images 8192 --classes 100 --batch 256 --workers 12 --model ViT-B-32"
   TP="--images 1024 --classes 345 --batch 256 --model ViT-B-32"
+  REFINE="--runs 3"                                               # DomainNet's largest pool, 41,600 x 512, K = 345
 fi
 
 # in order of what matters most, since the budget may end the last steps
@@ -76,4 +81,5 @@ step extract 90 $PY bench_extract.py $EXTRACT
 step prompt_tuning 60 $PY bench_tp.py $TP
 [ "${TINY:-0}" = 1 ] || step extract_gpu_decode 60 $PY bench_extract.py $EXTRACT --decode gpu
 step compile_cache 60 $PY bench_compile_cache.py $CACHE
+step refine 90 $PY bench_refine.py $REFINE
 echo "wrote $LOG"

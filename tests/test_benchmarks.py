@@ -56,13 +56,19 @@ def test_gpu_check_writes_one_json_line_per_step(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     lines = {x["step"]: x for x in map(json.loads, (tmp_path / "gpu_check.jsonl").read_text().splitlines())}
     assert set(lines) == {"machine", "fit_domainnet", "fit_many_models", "step_profile", "compile_cache",
-                          "compile_methods", "extract", "prompt_tuning"}
+                          "compile_methods", "extract", "prompt_tuning", "refine"}
     for name, x in lines.items():
         assert x["rc"] == 0, (name, x["output"][-2000:])
     assert "PyTorch / ours" in lines["fit_many_models"]["output"]
     assert "all methods / one method" in lines["compile_methods"]["output"]
     assert "steady-state efficiency" in lines["extract"]["output"]
     assert "fp32/bf16 per epoch" in lines["prompt_tuning"]["output"]
+
+
+def test_bench_refine_compares_with_scikit_learn():
+    out = run_script("bench_refine.py", "--pool", "300", "--d", "16", "--classes", "5", "--runs", "1")
+    assert "knn     JAX: compile" in out and "graph   JAX" in out and "filter  JAX" in out
+    assert "agrees with ours on 1.0000 of rows" in out and "scikit-learn / ours =" in out
 
 
 def test_bench_extract_separates_the_pipeline_from_the_encoder():

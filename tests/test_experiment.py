@@ -66,6 +66,7 @@ def test_runs_skips_and_resumes(tmp_path, monkeypatch):
     assert (report / "curves-demo-mnist-pixels@3.png").exists()
     assert "raven+cpl" in (report / "multi-weak.md").read_text() and (report / "weak-choice.md").exists()
     assert (report / "misfit-gain-demo-mnist.png").exists()
+    assert "oracle: best on test' (yardstick only)" in (report / "selection.md").read_text()  # issue 23
     # nothing left to do; an edit (more epochs) redoes only the fits
     experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
     assert len(calls) == 4
@@ -87,6 +88,8 @@ def test_runs_skips_and_resumes(tmp_path, monkeypatch):
     (lambda t: t.replace('dataset = "demo"', 'dataset = "domainnet"\nroot = "/nowhere"'), "/nowhere does not exist"),
     (lambda t: t + "\n[fit.grid]\nbogus = [1, 2]\n", "unknown hyperparameter(s) ['bogus']"),
     (lambda t: "typo = 1\n" + t, "unknown key(s) ['typo'] in the top level"),
+    (lambda t: t.replace("seeds = 2", 'seeds = 2\nselect = "oracle"'), "select 'oracle': use one of agreement"),
+    (lambda t: t.replace("seeds = 2", 'seeds = 2\nrefine = ["smooth"]'), "unknown refinement(s) ['smooth']"),
 ])
 def test_bad_experiment_files(tmp_path, edit, message):
     path = write(tmp_path, edit(TOML.format(out=tmp_path / "out")))
@@ -105,3 +108,13 @@ def test_domainnet_root_follows_w2s_data_and_a_missing_one_names_both(tmp_path, 
     assert str(tmp_path / "mydata" / "domainnet") in r.output and "W2S_DATA" in r.output, r.output
     assert experiment.data_root({"dataset": "domainnet"}) == str(tmp_path / "mydata" / "domainnet")
     assert 'root = "/data' not in (Path(__file__).parent.parent / "experiments" / "domainnet.toml").read_text()
+
+
+def test_fit_table_selects_and_refines(tmp_path):
+    """[fit] select and refine reach the FitConfig; "all" takes named rows beside it (issue 23)."""
+    cfg = experiment.fit_config({"methods": ["kd+lp", "cpl"], "refine": ["knn", "filter"], "select": "misfit"},
+                                tmp_path / "s.h5", "pixels@2")
+    assert cfg.methods == ("kd+lp", "cpl", "kd+lp@knn", "kd+lp@filter", "cpl@knn", "cpl@filter")
+    assert cfg.select == "misfit"
+    cfg = experiment.fit_config({"methods": ["all", "ce+lp@graph"]}, tmp_path / "s.h5", "pixels@2")
+    assert cfg.methods[-1] == "ce+lp@graph" and "cpl" in cfg.methods and cfg.select == "agreement"
