@@ -79,7 +79,8 @@ step fit_many_models 90 $PY bench_fit.py $MANY --skip-novmap --skip-unfused
 step compile_methods 60 $PY bench_compile_cache.py $CACHE --methods-scaling
 step extract 90 $PY bench_extract.py $EXTRACT
 step prompt_tuning 60 $PY bench_tp.py $TP
+step refine 90 $PY bench_refine.py $REFINE
+step fit_domainnet_jax 90 $PY bench_fit.py $FIT --skip-novmap --skip-torch --skip-unfused   # ours alone, after #23
 [ "${TINY:-0}" = 1 ] || step extract_gpu_decode 60 $PY bench_extract.py $EXTRACT --decode gpu
 step compile_cache 60 $PY bench_compile_cache.py $CACHE
-step refine 90 $PY bench_refine.py $REFINE
 echo "wrote $LOG"

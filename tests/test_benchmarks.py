@@ -56,7 +56,7 @@ def test_gpu_check_writes_one_json_line_per_step(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     lines = {x["step"]: x for x in map(json.loads, (tmp_path / "gpu_check.jsonl").read_text().splitlines())}
     assert set(lines) == {"machine", "fit_domainnet", "fit_many_models", "step_profile", "compile_cache",
-                          "compile_methods", "extract", "prompt_tuning", "refine"}
+                          "compile_methods", "extract", "prompt_tuning", "refine", "fit_domainnet_jax"}
     for name, x in lines.items():
         assert x["rc"] == 0, (name, x["output"][-2000:])
     assert "PyTorch / ours" in lines["fit_many_models"]["output"]
