@@ -44,7 +44,7 @@ def main():
     centers = rng.normal(size=(args.classes, args.d))
     feats = (centers[labels] + 2.0 * rng.normal(size=(args.pool, args.d))).astype(np.float32)
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-    weak = (2.0 * np.eye(args.classes)[labels] + 1.5 * rng.normal(size=(args.pool, args.classes))).astype(np.float32)
+    weak = (5.0 * np.eye(args.classes)[labels] + 1.5 * rng.normal(size=(args.pool, args.classes))).astype(np.float32)
     feats_j, weak_j = jnp.asarray(feats), jnp.asarray(weak)
     print(f"machine: {machine()}; JAX backend {jax.default_backend()}")
     print(f"pool {args.pool:,} rows x d={args.d}, K={args.classes}, k={args.k}; chunks of {refine.CHUNK} query rows "

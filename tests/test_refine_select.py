@@ -57,6 +57,8 @@ def test_each_refinement_matches_its_numpy_reference_in_chunks(pool):
     reference = np_neighbours(feats, 5)
     assert all(set(a) == set(b) for a, b in zip(index, reference))
     assert not (index == np.arange(70)[:, None]).any()  # a row is never its own neighbour
+    tail = np.asarray(refine.neighbours(feats, 5, chunk=16, first=50))  # the hold_val rows alone, among the pool
+    assert all(set(a) == set(b) for a, b in zip(tail, reference[50:]))
     np.testing.assert_allclose(np.asarray(refine.knn_vote(probs, index)), np_vote(probs, reference), atol=1e-6)
     np.testing.assert_allclose(np.asarray(refine.propagate(probs, index, 0.7, steps=12)),
                                np_propagate(probs, reference, 0.7, 12), atol=1e-5)
@@ -69,6 +71,23 @@ def test_each_refinement_matches_its_numpy_reference_in_chunks(pool):
     logits, weights = refine.refine(refine.Refinement("filter", 5, 0.0, 0.3), feats, weak)
     np.testing.assert_array_equal(np.asarray(logits), weak)  # a filter keeps the weak labels, drops rows
     assert np.asarray(weights).sum() == 70 - 21
+
+
+def test_a_seeds_targets_refine_the_pool_only(pool):
+    """Targets over all N rows: rows outside the pool keep the weak logits; the reference of the `refined` rule
+    (val_only) is refined on the pool's last rows (hold_val) alone, with neighbours from the whole pool."""
+    feats, weak = pool
+    pool_rows = np.arange(10, 70)  # rows 0..9 are test', outside the pool; the last 15 pool rows are hold_val
+    specs = (refine.Refinement(), refine.Refinement("knn", 5, val_only=True), refine.Refinement("knn", 5))
+    got = refine.seed_teachers(specs, feats, weak, pool_rows, 15)
+    logits = np.asarray(got.logits_UxNxK)
+    for u in range(3):
+        np.testing.assert_array_equal(logits[u, :10], weak[:10])
+    np.testing.assert_array_equal(logits[0], weak)
+    np.testing.assert_array_equal(logits[1, :55], weak[:55])  # hold_train rows: not refined for the reference
+    vote = np_vote(np_softmax(weak[pool_rows]), np_neighbours(feats[pool_rows], 5))
+    np.testing.assert_allclose(np.exp(logits[1, 55:]), vote[45:], atol=1e-5)
+    np.testing.assert_allclose(np.exp(logits[2, 10:]), vote, atol=1e-5)
 
 
 def test_graph_at_its_limits(pool):
@@ -143,14 +162,15 @@ def test_scores_of_one_model():
     weak = jnp.array([[3.0, 0, 0], [0, 3.0, 0], [1.0, 0.9, 0], [0, 0, 3.0]])
     student = jnp.array([[5.0, 0, 0], [5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]])
     labels = jnp.array([0, 0, 1, 2])
-    got = select.scores(student, weak, jnp.ones(4), weak, student, labels, False)
+    view = select.val_view(weak, student, labels)
+    got = select.scores(student, weak, jnp.ones(4), view, False)
     assert float(got["agreement"]) == pytest.approx(0.5) and float(got["refined"]) == 1.0
     assert float(got["misfit"]) > 0
     # unsure rows: weak top probability at or below its median, rows 1.. here the third row (and the tied ones)
     assert 0 < float(got["confidence"]) <= 1
-    kept = select.scores(student, weak, jnp.array([1.0, 0.0, 0.0, 1.0]), weak, student, labels, False)
+    kept = select.scores(student, weak, jnp.array([1.0, 0.0, 0.0, 1.0]), view, False)
     assert float(kept["agreement"]) == 1.0  # only rows a filter kept count
-    truth = select.scores(student, weak, jnp.ones(4), weak, student, labels, True)
+    truth = select.scores(student, weak, jnp.ones(4), view, True)
     assert all(float(v) == 1.0 for v in truth.values())  # a ceiling is chosen on the truth under every rule
 
 
@@ -189,7 +209,17 @@ def test_refined_rows_from_the_cli_beat_the_unrefined_one(noisy_store, tmp_path)
         assert choice["agreement"]["test_acc"] == pytest.approx(methods[name]["test_acc"])
         assert choice["agreement"]["grid_index"] == methods[name]["grid_index"]
         assert all(choice[c]["regret"] <= 1e-9 for c in select.CRITERIA)
-    assert (tmp_path / "r" / "heads" / "ce+lp@knn.msgpack").is_file()  # saved heads, for w2s-predict
+    # saved heads, for w2s-predict and load_heads; a heads.json written before the refine_* fields still loads
+    from w2s_jax import load_heads, store as st
+
+    feats = st.read_store(noisy_store).splits["test"].features_NxD[:7]
+    assert load_heads(tmp_path / "r", ["ce+lp@knn"])["ce+lp@knn"].logits(feats).shape == (7, 5)
+    index_path = tmp_path / "r" / "heads" / "heads.json"
+    index = json.loads(index_path.read_text())
+    for field in ("refine_k", "refine_alpha", "refine_c"):
+        del index["hparams"][field]
+    index_path.write_text(json.dumps(index))
+    assert load_heads(tmp_path / "r", ["ce+lp"])["ce+lp"].logits(feats).shape == (7, 5)
 
 
 def test_select_changes_what_is_kept_and_is_recorded(noisy_store, tmp_path):
@@ -216,6 +246,16 @@ def test_refinement_and_selection_refusals(noisy_store, tmp_path):
     assert result.exit_code != 0 and "refine_k = 2.5 is not a whole number" in result.output
     result = runner.invoke(cli.main, [*base, "--methods", "ceiling+lp@knn", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "unknown method(s) ['ceiling+lp@knn']" in result.output
+
+
+def test_a_defined_method_gets_refinements_and_may_not_take_an_at_name(registries):
+    from w2s_jax import methods
+
+    methods.define_method("mix+lp", "linear", weak_soft=0.5, weak_hard=0.5)
+    assert methods.METHODS["mix+lp@graph"] == methods.Method("linear", "mix+lp", "weak", "graph")
+    assert methods.definitions(["mix+lp@graph"]) == methods.definitions(["mix+lp"])  # the folder rebuilds the base
+    with pytest.raises(ValueError, match="METHOD@KIND names a refinement"):
+        methods.define_method("mine@knn", "linear", weak_hard=1.0)
 
 
 def test_list_methods_shows_the_refinements():

@@ -2,8 +2,13 @@
 
 Axis order everywhere: (seed S, model J, ...) inside the fit, (seed S, hparam H, ...) in its outputs. Each model is
 trained with Adam (linear warmup, then linear decay), minibatches as ``lax.scan`` over on-device arrays, and keeps
-the parameters of the epoch with the best ``hold_val`` score (agreement with the weak labels, or ground-truth
-accuracy for a ceiling).
+the parameters of the epoch with the best ``hold_val`` score of the ``--select`` rule (by default agreement with
+its training target, the paper's; ground-truth accuracy for a ceiling); every rule's score is kept in the
+history (:mod:`w2s_jax.select`).
+
+Each seed first computes its training targets once (:class:`w2s_jax.refine.Teachers`: the weak labels, the
+reference kNN vote of the ``refined`` rule, and each refinement the methods ``METHOD@knn`` etc. ask for); a
+model's row holds the index of its own.
 
 The models of a seed are grouped by head (and by whether their teacher mixes several weak models): a
 :class:`Group` holds the J = methods x hparams models of one head with their parameters stacked from the start,
@@ -36,7 +41,7 @@ from w2s_jax.heads import Start, get_head, l2_normalize
 from w2s_jax.losses import Coeffs, family_loss, stack_rows
 from w2s_jax.methods import METHODS, MULTI_WEAK, Method, coeffs_of
 from w2s_jax.refine import Refinement, Teachers, plan, seed_teachers
-from w2s_jax.select import CRITERIA, HISTORY_KEY, scores
+from w2s_jax.select import CRITERIA, HISTORY_KEY, ValView, scores, val_view
 from w2s_jax.splits import SeedSplits, split_sizes
 
 
@@ -183,7 +188,7 @@ def group_rows(group: Group, hps_H: Hparams, teacher_J=None) -> Rows:
 
 def reference_refinement(cfg: FitConfig) -> Refinement:
     """What the ``refined`` selection criterion compares with: the kNN vote at the base ``refine_k``."""
-    return Refinement("knn", int(round(cfg.hparams.refine_k)))
+    return Refinement("knn", int(round(cfg.hparams.refine_k)), val_only=True)
 
 
 def teacher_plan(groups: dict, hps_H: Hparams, cfg: FitConfig):
@@ -198,7 +203,7 @@ def pool_rows(split: SeedSplits):
 
 
 def make_teachers(specs, data: FitData, split: SeedSplits) -> Teachers:
-    return seed_teachers(specs, data.feats_NxD, data.weak_NxK, pool_rows(split))
+    return seed_teachers(specs, data.feats_NxD, data.weak_NxK, pool_rows(split), split.hold_val.shape[-1])
 
 
 def seed_targets(specs, data: FitData, splits_S) -> Teachers:
@@ -409,13 +414,13 @@ def model_loss(group: Group, trainable, logits_BxK, shared: Shared, labels_B, ma
 
 
 def end_model(group: Group, select: str, state: FitState, trainable, opt_state, val_logits, test_logits, row: Rows,
-              val_shared: Shared, val_plain: tuple, labels_test, progress, epoch, train):
+              val_shared: Shared, view: ValView, labels_test, progress, epoch, train):
     """hold_val picks a model's best epoch by the ``select`` criterion (:mod:`w2s_jax.select`; every criterion's
-    score is kept in the history); test' accuracy is kept for curves only. ``val_plain``: (weak logits, reference
-    target, labels) on hold_val; ``train``: (loss, accuracy)."""
-    weak_VxK, reference_VxK, labels_val = val_plain
+    score is kept in the history); test' accuracy is kept for curves only. ``view``: what the rules read on
+    hold_val, once for all models (:func:`w2s_jax.select.val_view`); ``train``: (loss, accuracy)."""
+    labels_val = view.labels_V
     teacher_BxK, weight_B = model_teacher(group, trainable, val_shared, row)
-    criteria = scores(val_logits, teacher_BxK, weight_B, weak_VxK, reference_VxK, labels_val, row.target == TRUTH)
+    criteria = scores(val_logits, teacher_BxK, weight_B, view, row.target == TRUTH)
     val_score = criteria[select]
     val_loss = jnp.mean(family_loss(val_logits, teacher_BxK, labels_val, row.coeffs, progress=progress, hp=row.hp))
     test_acc = jnp.mean(jnp.argmax(test_logits, 1) == labels_test)
@@ -480,11 +485,11 @@ def seed_epoch(groups: dict, states: dict, key, epoch, rows: dict, data: FitData
     test = logits_of(trainables, data.feats_NxD[split.test_prime])
     n_train = split.hold_train.shape[0]
     labels_val, labels_test = data.labels_N[split.hold_val], data.labels_N[split.test_prime]
-    val_plain = (data.weak_NxK[split.hold_val], teachers.logits_UxNxK[1, split.hold_val], labels_val)
+    view = val_view(data.weak_NxK[split.hold_val], teachers.logits_UxNxK[1, split.hold_val], labels_val)
     out = {g: jax.vmap(functools.partial(end_model, grp, cfg.select),
                        in_axes=(0, 0, 0, 0, 0, 0, None, None, None, None, None, 0))(
         states[g], trainables[g], opt_states[g], val[g], test[g], rows[g],
-        shared_teacher(grp, data, teachers, split.hold_val), val_plain, labels_test, (epoch + 1) / cfg.epochs, epoch,
+        shared_teacher(grp, data, teachers, split.hold_val), view, labels_test, (epoch + 1) / cfg.epochs, epoch,
         (jnp.sum(sums[g][0], 0) / n_train, jnp.sum(sums[g][1], 0) / n_train))
         for g, grp in groups.items()}
     return {g: o[0] for g, o in out.items()}, {g: o[1] for g, o in out.items()}

@@ -109,8 +109,9 @@ def define_method(name: str, head: str, **coeffs) -> Method:
     ``LOSSES`` under the method's name. Defining the same method again (a plugin imported twice) changes nothing.
     A ValueError names the problem: a name taken by a built-in or another definition, an unknown head or field,
     a negative weight, weights that do not sum to 1. Returns the registered :class:`Method`."""
-    if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\,") or name != name.strip():
-        raise ValueError(f"method name {name!r}: use a plain name without '/', '\\', ',' or surrounding spaces")
+    if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\,@") or name != name.strip():
+        raise ValueError(f"method name {name!r}: use a plain name without '/', '\\', ',', '@' (METHOD@KIND names a "
+                         "refinement) or surrounding spaces")
     if head not in HEADS:
         raise ValueError(f"method {name}: unknown head {head!r}; valid: {', '.join(HEADS)} (a head of your own: "
                          "register it first, README: Add a head)")

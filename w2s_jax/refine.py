@@ -36,6 +36,7 @@ class Refinement(NamedTuple):
     k: int = 0
     alpha: float = 0.0
     c: float = 0.0
+    val_only: bool = False  # refine the hold_val rows alone (the `refined` selection rule's reference, a kNN vote)
 
 
 class Teachers(NamedTuple):
@@ -56,24 +57,26 @@ def spec_of(kind: str, hp) -> Refinement:
                       values["refine_c"] if "refine_c" in fields else 0.0)
 
 
-def neighbours(feats_PxD, k: int, chunk: int = CHUNK):
-    """The k nearest neighbours of each row by cosine (rows L2-normalised), itself left out: indices ``P x k``."""
+def neighbours(feats_PxD, k: int, chunk: int = CHUNK, first: int = 0):
+    """The k nearest neighbours in the pool of each row from ``first`` on, by cosine (rows L2-normalised), itself
+    left out: indices ``(P - first) x k`` into the pool."""
     feats_PxD = jnp.asarray(feats_PxD)
     num_p = feats_PxD.shape[0]
     if not 1 <= k < num_p:
         raise ValueError(f"refine_k = {k}: a kNN refinement needs 1 <= k < the pool's {num_p} rows")
-    chunk = min(chunk, num_p)
-    pad = (-num_p) % chunk
-    queries = jnp.pad(feats_PxD, ((0, pad), (0, 0))).reshape(-1, chunk, feats_PxD.shape[1])
-    starts = jnp.arange(queries.shape[0]) * chunk
+    num_q = num_p - first
+    chunk = min(chunk, num_q)
+    pad = (-num_q) % chunk
+    queries = jnp.pad(feats_PxD[first:], ((0, pad), (0, 0))).reshape(-1, chunk, feats_PxD.shape[1])
+    starts = first + jnp.arange(queries.shape[0]) * chunk
 
     def block(args):
         q_CxD, start = args
-        sims_CxP = q_CxD @ feats_PxD.T
+        sims_CxP = jnp.dot(q_CxD, feats_PxD.T, precision="highest")  # full float32: TF32 reorders near-ties
         itself = jnp.arange(num_p)[None, :] == (start + jnp.arange(chunk))[:, None]
         return jax.lax.top_k(jnp.where(itself, -jnp.inf, sims_CxP), k)[1]
 
-    return jax.lax.map(block, (queries, starts)).reshape(-1, k)[:num_p]
+    return jax.lax.map(block, (queries, starts)).reshape(-1, k)[:num_q]
 
 
 def neighbour_mean(values_PxK, index_Pxk, chunk: int = CHUNK):
@@ -107,14 +110,15 @@ def filter_weights(probs_PxK, vote_PxK, c: float):
     return (rank_P >= int(np.floor(c * num_p))).astype(jnp.float32)
 
 
-def refine(spec: Refinement, feats_PxD, weak_PxK):
-    """The refined target of one pool: (log-probabilities ``P x K``, weights ``P``)."""
+def refine(spec: Refinement, feats_PxD, weak_PxK, index_Pxk=None):
+    """The refined target of one pool: (log-probabilities ``P x K``, weights ``P``); ``index_Pxk``: the pool's
+    :func:`neighbours` at ``spec.k`` if already found."""
     weak_PxK = jnp.asarray(weak_PxK)
     probs = jax.nn.softmax(weak_PxK)
     ones = jnp.ones(weak_PxK.shape[0], jnp.float32)
     if not spec.kind:
         return weak_PxK, ones
-    index = neighbours(feats_PxD, spec.k)
+    index = neighbours(feats_PxD, spec.k) if index_Pxk is None else index_Pxk
     if spec.kind == "knn":
         return jnp.log(knn_vote(probs, index) + 1e-12), ones
     if spec.kind == "graph":
@@ -124,9 +128,21 @@ def refine(spec: Refinement, feats_PxD, weak_PxK):
     raise ValueError(f"unknown refinement {spec.kind!r}; valid: {', '.join(REFINEMENTS)}")
 
 
-def seed_teachers(specs, feats_NxD, weak_NxK, pool_P) -> Teachers:
-    """Every refinement of ``specs`` over one seed's pool rows, as targets over all N rows (leading U)."""
-    outs = [refine(spec, feats_NxD[pool_P], weak_NxK[pool_P]) for spec in specs]
+def seed_teachers(specs, feats_NxD, weak_NxK, pool_P, num_val: int) -> Teachers:
+    """Every refinement of ``specs`` over one seed's pool rows (its last ``num_val`` are hold_val), as targets
+    over all N rows (leading U). The neighbours are searched once per distinct k, and only for the hold_val rows
+    when no refinement of the whole pool needs that k (the ``refined`` rule's reference alone)."""
+    feats_NxD, weak_NxK, pool_P = jnp.asarray(feats_NxD), jnp.asarray(weak_NxK), jnp.asarray(pool_P)
+    feats_PxD, weak_PxK = feats_NxD[pool_P], weak_NxK[pool_P]
+    first_val = pool_P.shape[0] - num_val
+    whole = {spec.k for spec in specs if spec.kind and not spec.val_only}
+    index = {k: neighbours(feats_PxD, k) for k in sorted(whole)}
+    val_index = {spec.k: index[spec.k][first_val:] if spec.k in index
+                 else neighbours(feats_PxD, spec.k, first=first_val) for spec in specs if spec.val_only}
+    probs = jax.nn.softmax(weak_PxK)
+    outs = [(jnp.concatenate([weak_PxK[:first_val], jnp.log(knn_vote(probs, val_index[spec.k]) + 1e-12)]),
+             jnp.ones(pool_P.shape[0], jnp.float32)) if spec.val_only
+            else refine(spec, feats_PxD, weak_PxK, index.get(spec.k)) for spec in specs]
     logits = jnp.stack([weak_NxK.at[pool_P].set(lg) for lg, _ in outs])
     weights = jnp.stack([jnp.ones(weak_NxK.shape[0], jnp.float32).at[pool_P].set(w) for _, w in outs])
     return Teachers(logits, weights)
@@ -138,7 +154,7 @@ def plan(kinds: dict, hps_H, reference: Refinement) -> tuple[tuple[Refinement, .
     ``kinds``: {group: each of its methods' refinement, "" for none}; ``hps_H``: the grid (arrays H); a group's J
     models are method-major (model j: method j // H, grid point j % H). Target 0 is always the weak labels as
     they are, target 1 ``reference`` (what the ``refined`` selection criterion compares with)."""
-    specs = [Refinement(), reference]
+    specs = [Refinement(), reference._replace(val_only=True)]
     num_h = len(np.asarray(hps_H.lr))
     points = [type(hps_H)(*(np.asarray(v)[h] for v in hps_H)) for h in range(num_h)]
     index = {}

@@ -31,7 +31,7 @@ BEST_CEILING = "best ceiling (hold_val)"
 DELTA = "Δ (cpl − best baseline by hold_val)"
 DELTA_TEST = "Δ (cpl − best baseline by test', paper's convention)"
 TABLE2_NOTE = ("The best baseline of Δ is the weak-supervised method (not cpl) with the highest mean hold_val "
-               "agreement with the weak labels, the only label-free criterion; the row marked \"paper's convention\" "
+               "agreement with the weak labels, the paper's label-free criterion; the row marked \"paper's convention\" "
                "picks it by test' accuracy instead, a selection on test'. The best ceiling is the ground-truth head "
                "with the highest hold_val accuracy.")
 

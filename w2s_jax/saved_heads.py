@@ -168,7 +168,9 @@ def load_heads(results_dir, methods=None) -> dict[str, SavedHead]:
     ``methods``: read only these (default: all). Every head is checked against heads.json (:func:`check_saved`)."""
     index = read_index(results_dir)
     folder = Path(results_dir) / FOLDER
-    hps = Hparams(*(np.asarray(index["hparams"][f], np.float32) for f in Hparams._fields))
+    saved = index["hparams"]
+    num_h = len(np.atleast_1d(saved["lr"]))  # a field added since the folder was written takes its default
+    hps = Hparams(*(np.asarray(saved.get(f, [getattr(Hparams(), f)] * num_h), np.float32) for f in Hparams._fields))
     found = {}
     for method, m in index["methods"].items():
         if methods is not None and method not in methods:

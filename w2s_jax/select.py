@@ -18,6 +18,8 @@ A ceiling is trained on the truth and is always selected on ``hold_val`` accurac
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,21 +28,35 @@ CRITERIA = ("agreement", "refined", "misfit", "confidence")
 HISTORY_KEY = "score_{}"  # each criterion's per-epoch score in a model's history
 
 
-def scores(val_logits_VxK, teacher_VxK, weight_V, weak_VxK, reference_VxK, labels_V, is_truth) -> dict:
+class ValView(NamedTuple):
+    """What every model of a seed is scored against on hold_val, computed once per seed and epoch."""
+
+    log_weak_VxK: jax.Array  # the weak model's log-probabilities
+    unsure_V: jax.Array  # 1 where the weak model's top probability is at or below its median
+    reference_V: jax.Array  # the `refined` rule's labels: the argmax of the kNN vote
+    labels_V: jax.Array  # ground truth, for the ceilings only
+
+
+def val_view(weak_VxK, reference_VxK, labels_V) -> ValView:
+    log_weak = jax.nn.log_softmax(weak_VxK)
+    weak_top = jnp.max(jnp.exp(log_weak), axis=1)
+    return ValView(log_weak, (weak_top <= jnp.median(weak_top)).astype(jnp.float32),
+                   jnp.argmax(reference_VxK, axis=1), labels_V)
+
+
+def scores(val_logits_VxK, teacher_VxK, weight_V, view: ValView, is_truth) -> dict:
     """Every criterion's score of one model at one epoch (larger is better): ``{criterion: scalar}``."""
     student = jnp.argmax(val_logits_VxK, axis=1)
     kept = jnp.mean(weight_V)  # 1 unless a filter dropped rows (then agreement is over the kept rows)
-    p_weak = jax.nn.softmax(weak_VxK)
-    weak_top = jnp.max(p_weak, axis=1)
-    unsure = (weak_top <= jnp.median(weak_top)).astype(jnp.float32)
-    log_ps, log_pw = jax.nn.log_softmax(val_logits_VxK), jax.nn.log_softmax(weak_VxK)
+    unsure = view.unsure_V
+    log_ps, log_pw = jax.nn.log_softmax(val_logits_VxK), view.log_weak_VxK
     label_free = {
         "agreement": jnp.mean(weight_V * (student == jnp.argmax(teacher_VxK, axis=1))) / jnp.maximum(kept, 1e-6),
-        "refined": jnp.mean(student == jnp.argmax(reference_VxK, axis=1)),
+        "refined": jnp.mean(student == view.reference_V),
         "misfit": jnp.mean(jnp.sum(jnp.exp(log_ps) * (log_ps - log_pw), axis=1)),
         "confidence": jnp.sum(unsure * jnp.max(jnp.exp(log_ps), axis=1)) / jnp.maximum(jnp.sum(unsure), 1.0),
     }
-    truth = jnp.mean(student == labels_V)
+    truth = jnp.mean(student == view.labels_V)
     return {c: jnp.where(is_truth, truth, label_free[c]).astype(jnp.float32) for c in CRITERIA}
 
 
