@@ -24,7 +24,7 @@ from extract.datasets import DatasetError, load_dataset
 from extract.schema import check_types
 from w2s_jax.config import FitConfig, Hparams, check_hparams, check_number
 from w2s_jax.methods import (METHODS, MULTI_WEAK, TORCH_METHODS, check_methods, jax_methods, restore_methods,
-                             with_refinements)
+                             tp_methods, with_refinements)
 
 SECTIONS = {
     "": {"name", "out", "strong", "data", "fit", "tp", "extract", "report", "methods"},
@@ -93,7 +93,7 @@ def load_experiment(path) -> dict:
             fit_config(exp["fit"], "unused", "a", ensemble=("a", "b"))
         _check_extract(exp.get("extract", {}))
         if "tp" in exp:
-            check_methods(exp["tp"].get("methods", TORCH_METHODS), valid=TORCH_METHODS, command="w2s-tp")
+            check_methods(exp["tp"].get("methods", TORCH_METHODS), valid=tp_methods(), command="w2s-tp")
             _check_tp(exp["tp"])
     except (DatasetError, weaklib.WeakModelError, ValueError, KeyError, TypeError) as err:
         raise ExperimentError(f"{path}: {err}") from None
@@ -197,7 +197,7 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
     """Run everything ``exp`` asks for that is not done yet; returns the report folder. At the end it prints one
     screen: the headline table (the first weak model's Table 2 analogue, with PGR) and where the full report is;
     ``verbose``: every table of the report."""
-    from w2s_jax.report import to_markdown, write_report
+    from w2s_jax.report import selection_line, to_markdown, write_report
     from w2s_jax.run import run
     from w2s_jax.store import read_store
 
@@ -247,6 +247,9 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
                                    cross_domain=rep.get("cross_domain", False), cross_dir=out / "cross-weak")
     for table in tables if verbose else tables[:1]:
         log(to_markdown(table) + "\n")
+    regret = selection_line(tables)
+    if regret:
+        log(regret)
     log(f"The full report, {len(tables)} tables (.md .csv .tex) and {len(figures)} figures, is in {report}; "
         "`w2s-run --verbose` prints every table.")
     return report

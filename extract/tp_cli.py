@@ -16,11 +16,32 @@ from extract.prompt import (OPTIMIZERS, PRECISIONS, PromptError, PromptLearner, 
                             check_text_tower, default_precision, fit_prompts)
 from w2s_jax import outputs
 from w2s_jax.config import Hparams
-from w2s_jax.methods import METHODS, TORCH_METHODS, check_methods
+from w2s_jax.methods import METHODS, TORCH_METHODS, check_methods, tp_methods
 from w2s_jax.splits import seed_splits, stacked_splits
 from w2s_jax.store import StoreError, read_store
 
 DEFAULTS = Hparams()
+
+
+def refined_target(method: str, test, cfg: TPConfig, split):
+    """``(weak logits, split)`` a TP model of ``method`` trains on for one seed: the store's weak logits and the
+    seed's split, or, for ``METHOD@KIND``, the weak labels refined on the stored features (:mod:`w2s_jax.refine`,
+    as w2s-fit does) and the split without the rows a filter drops."""
+    weak = test.weak_logits[cfg.weak]
+    kind = METHODS[method].refine
+    if not kind:
+        return weak, split
+    import jax
+    import jax.numpy as jnp
+
+    from w2s_jax import fit as fitlib, refine
+
+    data = fitlib.make_data(test.features_NxD, weak, test.labels_N)
+    teachers = fitlib.make_teachers((refine.Refinement(), refine.spec_of(kind, cfg.hparams)), data,
+                                    jax.tree.map(jnp.asarray, split))
+    keep = np.asarray(teachers.weight_UxN[1]) > 0
+    return np.array(teachers.logits_UxNxK[1]), split._replace(hold_train=split.hold_train[keep[split.hold_train]],
+                                                                hold_val=split.hold_val[keep[split.hold_val]])
 
 
 def run_tp(cfg: TPConfig, out_dir, overwrite: bool = False) -> tuple[dict, Path]:
@@ -33,7 +54,7 @@ def _run_tp(cfg: TPConfig, out_dir, overwrite) -> tuple[dict, Path]:
     from w2s_jax import results
     from w2s_jax.run import finish_run
 
-    check_methods(cfg.methods, valid=TORCH_METHODS, command="w2s-tp")
+    check_methods(cfg.methods, valid=tp_methods(), command="w2s-tp")
     results.check_replace(out_dir, cfg, overwrite)
     store = read_store(cfg.store, need_weak=(cfg.weak,))
     if store.text_TxKxD is None:
@@ -58,8 +79,9 @@ def _run_tp(cfg: TPConfig, out_dir, overwrite) -> tuple[dict, Path]:
     evals, best_epochs, histories, heads = {}, {}, {}, {}
     t0 = time.perf_counter()
     for method in cfg.methods:
-        runs = [fit_prompts(method, makers[METHODS[method].head](s), test.features_NxD, test.weak_logits[cfg.weak],
-                            test.labels_N, seed_splits(n, s), cfg, seed=s) for s in range(cfg.seeds)]
+        targets = [refined_target(method, test, cfg, seed_splits(n, s)) for s in range(cfg.seeds)]
+        runs = [fit_prompts(method, makers[METHODS[method].head](s), test.features_NxD, weak, test.labels_N, split,
+                            cfg, seed=s) for s, (weak, split) in enumerate(targets)]
         evals[method] = {key: np.asarray([[r[0][key]] for r in runs]) for key in runs[0][0]}
         best_epochs[method] = np.asarray([[r[2]] for r in runs])
         histories[method] = {f: np.asarray([[r[1][f]] for r in runs]) for f in runs[0][1]}

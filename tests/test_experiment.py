@@ -61,6 +61,7 @@ def test_runs_skips_and_resumes(tmp_path, monkeypatch):
     text = "\n".join(lines)
     assert "Table 2 analogue: test' accuracy (%) by domain, weak model pixels@2, with PGR" in text
     assert "PGR (avg.)" in text and "The full report," in text and "--verbose" in text
+    assert "Choosing without labels (selection.md): mean regret" in text and "agreement (used)" in text
     assert "Misfit predicts gain?" not in text and (report / "misfit-gain.md").exists()
     assert (report / "table2-pixels@2.md").exists() and (report / "table3-demo-mnist.md").exists()
     assert (report / "curves-demo-mnist-pixels@3.png").exists()

@@ -130,3 +130,27 @@ def test_tp_on_an_image_only_store_says_why(tmp_path, tiny_clip):
 def test_tp_refuses_another_encoder(clip_store):
     r = CliRunner().invoke(tp_cli.main, ["--store", str(clip_store), "--strong", "ViT-B-32:openai", "--seeds", "1"])
     assert r.exit_code != 0 and "store was built with" in r.output
+
+
+def test_tp_trains_on_refined_weak_labels(clip_store, tiny_clip, tmp_path):
+    """ce+tp@knn and ce+tp@filter (issue 23): the refinements reach w2s-tp, named, saved and reported like w2s-fit's;
+    the kNN vote changes what the prompts learn, and a filter trains on fewer rows."""
+    out = tmp_path / "tp"
+    r = CliRunner().invoke(tp_cli.main, ["--store", str(clip_store), "--strong", tiny_clip, "--seeds", "2",
+                                         "--epochs", "2", "--batch-size", "32", "--n-ctx", "4", "--device", "cpu",
+                                         "--methods", "ce+tp,ce+tp@knn,ce+tp@filter", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "| ce+tp@knn |" in r.output and "| ce+tp@filter |" in r.output
+    from w2s_jax.store import read_store
+
+    test = read_store(clip_store).splits["test"]
+    split = tp_cli.seed_splits(150, 0)
+    cfg = tp_cli.TPConfig(store=str(clip_store), strong=tiny_clip, weak="noisy", methods=("ce+tp@knn",))
+    weak, same = tp_cli.refined_target("ce+tp@knn", test, cfg, split)
+    assert not np.array_equal(weak.argmax(1)[split.hold_train], test.weak_logits["noisy"].argmax(1)[split.hold_train])
+    np.testing.assert_array_equal(weak[split.test_prime], test.weak_logits["noisy"][split.test_prime])
+    _, kept = tp_cli.refined_target("ce+tp@filter", test, cfg, split)
+    assert len(kept.hold_train) < len(split.hold_train) and len(kept.test_prime) == len(split.test_prime)
+    r = CliRunner().invoke(tp_cli.main, ["--store", str(clip_store), "--strong", tiny_clip, "--methods",
+                                         "ceiling+tp@knn"])
+    assert r.exit_code != 0 and "unknown method(s) ['ceiling+tp@knn']" in r.output

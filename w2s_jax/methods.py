@@ -67,12 +67,12 @@ METHODS = {
 
 def refined_method(name: str) -> Method | None:
     """``METHOD@REFINEMENT`` (``ce+lp@knn``): the method trained on its weak labels refined on the strong features
-    (:mod:`w2s_jax.refine`), registered on first use; None if ``name`` is not one (the base must be a w2s-fit
-    method trained on one weak model's labels)."""
+    (:mod:`w2s_jax.refine`), registered on first use; None if ``name`` is not one (the base must be a method
+    trained on one weak model's labels: a w2s-fit head, or w2s-tp's)."""
     base, sep, kind = name.rpartition("@")
     spec = METHODS.get(base)
     if not sep or kind not in REFINEMENTS or spec is None or spec.target != "weak" or spec.refine \
-            or spec.head not in HEADS:
+            or spec.head not in (*HEADS, *TORCH_HEADS):
         return None
     return METHODS.setdefault(name, spec._replace(refine=kind))
 
@@ -87,7 +87,7 @@ def register_refinements(names) -> None:
 register_refinements(METHODS)
 CEILING_OF_HEAD = {"linear": "ceiling+lp", "prototype": "ceiling+proto", "prompt": "ceiling+tp"}
 # "text-encoder" (cpl+textenc) has no ceiling of its own, so no PGR
-TORCH_METHODS = tuple(m for m, spec in METHODS.items() if spec.head in TORCH_HEADS)
+TORCH_METHODS = tuple(m for m, spec in METHODS.items() if spec.head in TORCH_HEADS and not spec.refine)
 
 
 def coeffs_of(method: Method) -> Coeffs:
@@ -160,6 +160,11 @@ def jax_methods(multi_weak: bool = False) -> tuple[str, ...]:
                  if spec.head in HEADS and (multi_weak or spec.target not in MULTI_WEAK) and not spec.refine)
 
 
+def tp_methods() -> tuple[str, ...]:
+    """What w2s-tp runs: its methods and their refinements."""
+    return TORCH_METHODS + refinement_methods(TORCH_METHODS)
+
+
 def refinement_methods(names=None) -> tuple[str, ...]:
     """Every ``METHOD@REFINEMENT`` of ``names`` (default: of every w2s-fit method), registered if needed."""
     bases = jax_methods() if names is None else names
@@ -173,7 +178,7 @@ def check_methods(names, valid=None, command="w2s-fit") -> tuple[str, ...]:
     valid = jax_methods(multi_weak=True) + refinement_methods() if valid is None else valid
     wrong_side = [n for n in names if n in METHODS and n not in valid]
     if wrong_side:
-        other = "w2s-tp (PyTorch)" if wrong_side[0] in TORCH_METHODS else "w2s-fit (JAX)"
+        other = "w2s-tp (PyTorch)" if METHODS[wrong_side[0]].head in TORCH_HEADS else "w2s-fit (JAX)"
         raise ValueError(f"method(s) {wrong_side} are not run by {command}; use {other}")
     unknown = [n for n in names if n not in METHODS]
     if unknown:

@@ -208,6 +208,18 @@ def selection_table(groups: list[Group]) -> Table | None:
                  ["domain", "weak", "method", *header], rows, results.SELECTION_NOTE)
 
 
+def selection_line(tables: list[Table]) -> str | None:
+    """One line for a short screen: each rule's mean regret over the selection table's folders, or None."""
+    t = next((t for t in tables if t.name == "selection"), None)
+    means = [r[4:] for r in t.rows if r[2] == "mean regret (points)"] if t else []
+    if not means:
+        return None
+    regret = np.mean([[float(v) for v in row] for row in means], axis=0)
+    rules = ", ".join(f"{h} {r:+.2f}" for h, r in zip(t.header[4:], regret))
+    return (f"Choosing without labels ({t.name}.md): mean regret against the best point on test' (a yardstick "
+            f"only), in points: {rules}.")
+
+
 def paper_table(groups: list[Group]) -> Table | None:
     """Our DomainNet weak / ceiling / CPL beside the paper's Table 2 (ours, paper, difference)."""
     dn = {g.domain: g for g in groups if g.dataset == "domainnet"}
