@@ -100,7 +100,7 @@ SEED_AXES = ("auto", "map", "vmap")
 
 
 def resolve_seed_axis(seed_axis: str) -> str:
-    """"auto": seeds vmapped on an accelerator (2.4x faster an epoch on an H200), mapped one after the other on
+    """"auto": seeds vmapped on an accelerator (1.38x faster an epoch on an H200), mapped one after the other on
     the CPU (vmapped, XLA's CPU GEMMs become batched and 24% slower); benchmarks/RESULTS.md."""
     if seed_axis != "auto":
         return seed_axis

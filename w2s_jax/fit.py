@@ -526,7 +526,7 @@ def over_seeds(fn, seeded, shared, mesh, seed_axis: str = "map"):
 
     Each device runs its own seeds either one after the other (``seed_axis="map"``, ``lax.map``) or batched
     (``"vmap"``). A seed's step is already one wide GEMM per head; on XLA's CPU runtime batching the seeds made
-    its GEMMs batched and the epoch about 25% slower, on a GPU vmapping them made it 2.4x faster
+    its GEMMs batched and the epoch about 25% slower, on an H200 vmapping them made it 1.38x faster
     (benchmarks/RESULTS.md), so the default follows the backend (:func:`w2s_jax.config.resolve_seed_axis`)."""
     if seed_axis == "vmap":
         local = lambda seeded, shared: jax.vmap(fn, in_axes=(0, None))(seeded, shared)
