@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from w2s_jax.fit import FitData, FitOutput, mixture_weights, teacher_logits
+from w2s_jax.fit import FitData, FitOutput, mixture_weights
 from w2s_jax.heads import make_head, zero_shot_prototypes
 from w2s_jax.methods import METHODS
 from w2s_jax.splits import SeedSplits
@@ -72,12 +72,12 @@ def at_best_epoch(history_SxHxE, best_epoch_SxH):
 
 
 def evaluate_method(name: str, out: FitOutput, hps, data: FitData, splits: SeedSplits, num_classes):
-    """-> {test_acc, agreement, val_score, misfit, test_ce}, each ``S x H``, for the best-epoch variables.
+    """-> {test_acc, agreement, misfit, test_ce}, each ``S x H``, for the best-epoch variables.
 
     misfit: KL(student ‖ weak) on hold_val (label-free); test_ce: the student's cross-entropy on test'. With
     several weak models, agreement and misfit are against the first; multi-weak methods add weak_weights, ``S x H x M``.
-    val_score here is agreement with the unrefined target; w2s-fit reports the selection rule's score instead
-    (the history's ``val_score`` at the kept epoch).
+    The selection rule's hold_val score is the fit's own (its history's ``val_score`` at the kept epoch,
+    :func:`at_best_epoch`), not recomputed here.
     """
     method = METHODS[name]
     head = make_head(method.head, num_classes)
@@ -88,7 +88,6 @@ def evaluate_method(name: str, out: FitOutput, hps, data: FitData, splits: SeedS
         scores = {
             "test_acc": accuracy(test_logits, data.labels_N[split.test_prime]),
             "agreement": agreement(test_logits, data.weak_NxK[split.test_prime]),
-            "val_score": agreement(val_logits, teacher_logits(method, data, num_classes, split.hold_val, variables)),
             "misfit": misfit(val_logits, data.weak_NxK[split.hold_val]),
             "test_ce": cross_entropy(test_logits, data.labels_N[split.test_prime]),
         }

@@ -26,7 +26,6 @@ import numpy as np
 REFINEMENTS = ("knn", "graph", "filter")
 PROPAGATION_STEPS = 20
 CHUNK = 1024  # query rows per block of the neighbour search
-FIELDS = {"knn": ("refine_k",), "graph": ("refine_k", "refine_alpha"), "filter": ("refine_k", "refine_c")}
 
 
 class Refinement(NamedTuple):
@@ -50,11 +49,8 @@ def spec_of(kind: str, hp) -> Refinement:
     """The refinement ``kind`` at the (scalar) hyperparameters ``hp``; only the fields it reads are kept."""
     if not kind:
         return Refinement()
-    values = {"refine_k": int(round(float(hp.refine_k))), "refine_alpha": float(hp.refine_alpha),
-              "refine_c": float(hp.refine_c)}
-    fields = FIELDS[kind]
-    return Refinement(kind, values["refine_k"], values["refine_alpha"] if "refine_alpha" in fields else 0.0,
-                      values["refine_c"] if "refine_c" in fields else 0.0)
+    return Refinement(kind, int(round(float(hp.refine_k))), float(hp.refine_alpha) if kind == "graph" else 0.0,
+                      float(hp.refine_c) if kind == "filter" else 0.0)
 
 
 def neighbours(feats_PxD, k: int, chunk: int = CHUNK, first: int = 0):
@@ -94,6 +90,11 @@ def knn_vote(probs_PxK, index_Pxk):
     return neighbour_mean(probs_PxK, index_Pxk)
 
 
+def log_of(probs_PxK):
+    """A refined distribution as the logits a loss reads (its softmax gives it back)."""
+    return jnp.log(probs_PxK + 1e-12)
+
+
 def propagate(probs_PxK, index_Pxk, alpha: float, steps: int = PROPAGATION_STEPS):
     """Label propagation on the kNN graph: ``steps`` of ``F ← α · mean_N(F) + (1 − α) · p_w`` from ``p_w``."""
     probs_PxK = jnp.asarray(probs_PxK)
@@ -120,9 +121,9 @@ def refine(spec: Refinement, feats_PxD, weak_PxK, index_Pxk=None):
         return weak_PxK, ones
     index = neighbours(feats_PxD, spec.k) if index_Pxk is None else index_Pxk
     if spec.kind == "knn":
-        return jnp.log(knn_vote(probs, index) + 1e-12), ones
+        return log_of(knn_vote(probs, index)), ones
     if spec.kind == "graph":
-        return jnp.log(propagate(probs, index, spec.alpha) + 1e-12), ones
+        return log_of(propagate(probs, index, spec.alpha)), ones
     if spec.kind == "filter":
         return weak_PxK, filter_weights(probs, knn_vote(probs, index), spec.c)
     raise ValueError(f"unknown refinement {spec.kind!r}; valid: {', '.join(REFINEMENTS)}")
@@ -140,7 +141,7 @@ def seed_teachers(specs, feats_NxD, weak_NxK, pool_P, num_val: int) -> Teachers:
     val_index = {spec.k: index[spec.k][first_val:] if spec.k in index
                  else neighbours(feats_PxD, spec.k, first=first_val) for spec in specs if spec.val_only}
     probs = jax.nn.softmax(weak_PxK)
-    outs = [(jnp.concatenate([weak_PxK[:first_val], jnp.log(knn_vote(probs, val_index[spec.k]) + 1e-12)]),
+    outs = [(jnp.concatenate([weak_PxK[:first_val], log_of(knn_vote(probs, val_index[spec.k]))]),
              jnp.ones(pool_P.shape[0], jnp.float32)) if spec.val_only
             else refine(spec, feats_PxD, weak_PxK, index.get(spec.k)) for spec in specs]
     logits = jnp.stack([weak_NxK.at[pool_P].set(lg) for lg, _ in outs])
@@ -153,8 +154,8 @@ def plan(kinds: dict, hps_H, reference: Refinement) -> tuple[tuple[Refinement, .
 
     ``kinds``: {group: each of its methods' refinement, "" for none}; ``hps_H``: the grid (arrays H); a group's J
     models are method-major (model j: method j // H, grid point j % H). Target 0 is always the weak labels as
-    they are, target 1 ``reference`` (what the ``refined`` selection criterion compares with)."""
-    specs = [Refinement(), reference._replace(val_only=True)]
+    they are, target 1 ``reference`` (what the ``refined`` selection criterion compares with, ``val_only``)."""
+    specs = [Refinement(), reference]
     num_h = len(np.asarray(hps_H.lr))
     points = [type(hps_H)(*(np.asarray(v)[h] for v in hps_H)) for h in range(num_h)]
     index = {}

@@ -19,7 +19,7 @@ from w2s_jax.methods import CEILING_OF_HEAD, METHODS, MULTI_WEAK, restore_method
 from w2s_jax.metrics import pgr
 from w2s_jax.outputs import OutputError, staging_folder, swap_in
 from w2s_jax.saved_heads import write_heads
-from w2s_jax.select import CRITERIA, HISTORY_KEY, regret
+from w2s_jax.select import CRITERIA, HISTORY_KEY, grid_point, regret
 
 HISTORY_FIELDS = ("train_loss", "train_acc", "val_loss", "val_score", "test_acc",
                   *(HISTORY_KEY.format(c) for c in CRITERIA))  # w2s-tp's histories have no criterion scores
@@ -40,8 +40,7 @@ def summarize(evals: dict, best_epochs: dict, hps, weak: dict, zero_shot, failed
     methods = {}
     for name, ev in evals.items():
         bad_SxH = np.zeros(np.shape(ev["val_score"]), bool) if not failed else np.asarray(failed[name], bool)
-        score_H = np.where(bad_SxH.any(axis=0), -np.inf, np.asarray(ev["val_score"]).mean(axis=0))
-        h = int(np.argmax(score_H))  # first best on ties
+        h = grid_point(ev["val_score"], bad_SxH)
         methods[name] = {
             "failed": bool(bad_SxH[:, h].any()),
             "grid_index": h,

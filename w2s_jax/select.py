@@ -60,16 +60,21 @@ def scores(val_logits_VxK, teacher_VxK, weight_V, view: ValView, is_truth) -> di
     return {c: jnp.where(is_truth, truth, label_free[c]).astype(jnp.float32) for c in CRITERIA}
 
 
+def grid_point(score_SxH, failed_SxH=None) -> int:
+    """The grid point kept: the first with the best mean score over seeds (each model's score at its kept
+    epoch); a grid point that failed on any seed is never chosen."""
+    score_SxH = np.asarray(score_SxH, np.float64)
+    failed = np.zeros(score_SxH.shape, bool) if failed_SxH is None else np.asarray(failed_SxH, bool)
+    return int(np.argmax(np.where(failed.any(axis=0), -np.inf, score_SxH.mean(axis=0))))
+
+
 def choose(score_SxHxE, failed_SxH=None) -> tuple[int, np.ndarray]:
     """A rule's choice from its per-epoch scores: ``(grid point h, 0-based epoch per seed at h)``. Each model keeps
-    its first best epoch (as the fit does); the grid point is the first with the best mean of those over seeds;
-    a grid point that failed on any seed is never chosen."""
+    its first best epoch (as the fit does), then :func:`grid_point`."""
     score = np.asarray(score_SxHxE, np.float64)
-    best_SxH = np.nanmax(np.where(np.isfinite(score), score, -np.inf), axis=2)
-    failed = np.zeros(best_SxH.shape, bool) if failed_SxH is None else np.asarray(failed_SxH, bool)
-    h = int(np.argmax(np.where(failed.any(axis=0), -np.inf, best_SxH.mean(axis=0))))
-    epochs = np.argmax(np.where(np.isfinite(score[:, h]), score[:, h], -np.inf), axis=1)
-    return h, epochs
+    score = np.where(np.isfinite(score), score, -np.inf)
+    h = grid_point(score.max(axis=2), failed_SxH)
+    return h, np.argmax(score[:, h], axis=1)
 
 
 def regret(history: dict, failed_SxH=None) -> dict | None:
