@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from extract.losses_torch import LOSSES
+from extract.losses_torch import family_loss, rows_to_torch
 from extract.weak import warmup_linear
 from w2s_jax.heads import shrunk_lda
-from w2s_jax.methods import METHODS
+from w2s_jax.methods import METHODS, coeffs_of
 
 
 def _fused_adam_works() -> bool:
@@ -73,10 +73,11 @@ def fit_one(method, feats_NxD, weak_NxK, labels_N, text_KxD, split, *, seed, epo
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(epochs * steps, warmup))
     gen = torch.Generator().manual_seed(seed)
     best_score, best_state = -1.0, None
-    loss_fn = LOSSES[spec.loss]
+    row, hp_row = rows_to_torch([coeffs_of(spec)], device), rows_to_torch([hp], device)  # the family's row, J = 1
     for epoch in range(epochs):
         for b, rows in enumerate(train[torch.randperm(len(train), generator=gen).to(device)].split(batch)):
-            loss = loss_fn(forward(r[rows]), targets[rows], progress=(epoch * steps + b) / (epochs * steps), hp=hp)
+            loss = family_loss(forward(r[rows])[None], targets[rows][None], labels[rows][None], row,
+                               progress=(epoch * steps + b) / (epochs * steps), hp=hp_row)
             opt.zero_grad()
             loss.mean().backward()
             opt.step()

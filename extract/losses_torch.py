@@ -1,55 +1,57 @@
-"""The W2S losses in PyTorch for prompt tuning: the rows of ``w2s_jax.losses.LOSSES`` of the same names, written out.
+"""The loss family of :mod:`w2s_jax.losses` in PyTorch, for prompt tuning: one function reads the same
+:class:`w2s_jax.losses.Coeffs` rows, so every TP method, a user's ``[methods.NAME]`` with a prompt head included,
+is a row of data and the two sides cannot drift (a test checks values and gradients against ``family_loss``).
 
-``loss(student_BxK, teacher_BxK, *, progress, hp) -> per_example_B``. A test checks each against the JAX loss
-family with the row of the same name, so the two cannot drift apart.
+Vectorized over the J models of a TP step: logits ``J x B x K``, one row of coefficients and hyperparameters
+per model (tensors ``J``).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-
-def _ce_hard(student_BxK, labels_B):
-    return F.cross_entropy(student_BxK, labels_B, reduction="none")
-
-
-def _kl(teacher_BxK, student_BxK, temperature):
-    """KL(softmax(teacher/T) || softmax(student/T)), per example."""
-    logp_t = F.log_softmax(teacher_BxK / temperature, dim=1)
-    logp_s = F.log_softmax(student_BxK / temperature, dim=1)
-    return torch.sum(logp_t.exp() * (logp_t - logp_s), dim=1)
+from w2s_jax.config import Hparams
+from w2s_jax.losses import Coeffs
 
 
-def ce(student_BxK, teacher_BxK, *, progress, hp):
-    return _ce_hard(student_BxK, teacher_BxK.argmax(1))
+def _ce_hard(logp_JxBxK, labels_JxB):
+    return -torch.gather(logp_JxBxK, -1, labels_JxB.unsqueeze(-1)).squeeze(-1)
 
 
-def kd(student_BxK, teacher_BxK, *, progress, hp):
-    return hp.temperature**2 * _kl(teacher_BxK, student_BxK, hp.temperature)
+def _kl(teacher_JxBxK, student_JxBxK, t_Jx1x1):
+    """KL(softmax(teacher/T) || softmax(student/T)), per example ``J x B``."""
+    logp_t = F.log_softmax(teacher_JxBxK / t_Jx1x1, dim=-1)
+    logp_s = F.log_softmax(student_JxBxK / t_Jx1x1, dim=-1)
+    return torch.sum(logp_t.exp() * (logp_t - logp_s), dim=-1)
 
 
-def cpl(student_BxK, teacher_BxK, *, progress, hp):
-    """sum p^w log(p^w / p^s), the paper's Eq. 5 as expanded (see w2s_jax.losses.cpl)."""
-    return _kl(teacher_BxK, student_BxK, hp.temperature)
+def family_loss(student_JxBxK, teacher_JxBxK, labels_JxB, coeffs: Coeffs, *, progress: float, hp: Hparams):
+    """The loss of each of J models per example, ``J x B``: :func:`w2s_jax.losses.family_loss` with a models axis.
+
+    ``coeffs`` and ``hp`` hold tensors ``J`` (:func:`rows_to_torch`); the teacher and the gates are constants for
+    the gradient; the caller reduces. A part whose weight is 0 is computed at a harmless temperature, so a NaN
+    it could produce never reaches the loss (the same in JAX)."""
+    col = lambda v: v.unsqueeze(-1)  # J -> J x 1, broadcast over the batch
+    logp = F.log_softmax(student_JxBxK, dim=-1)
+    ce_weak = _ce_hard(logp, teacher_JxBxK.argmax(-1))
+    ce_self = _ce_hard(logp, student_JxBxK.detach().argmax(-1))
+    ce_truth = _ce_hard(logp, labels_JxB)
+    t = torch.where((coeffs.soft_at_t > 0) & (coeffs.weak_soft > 0), hp.temperature, torch.ones_like(hp.temperature))
+    soft = col(torch.where(coeffs.t_squared > 0, t**2, torch.ones_like(t))) * _kl(
+        teacher_JxBxK, student_JxBxK, t[:, None, None])
+    scheduled = hp.alpha_max * torch.clamp(progress / hp.aux_warmup, max=1.0)
+    gate = torch.sigmoid((ce_self - ce_weak) / col(hp.tau_a)).detach()
+    move = col(coeffs.schedule * scheduled) + col(coeffs.adaptive) * gate
+    keep = 1.0 - move
+    return (keep * (col(coeffs.weak_soft) * soft + col(coeffs.weak_hard) * ce_weak + col(coeffs.truth) * ce_truth)
+            + (keep * col(coeffs.self_hard) + move) * ce_self)
 
 
-def auxconf(student_BxK, teacher_BxK, *, progress, hp):
-    """(1-a_t) KL(softmax(zw) || softmax(zs)) + a_t CE(zs, argmax zs): CE against the mixed target less the
-    teacher's entropy, a constant (the JAX family's value)."""
-    alpha = hp.alpha_max * min(1.0, progress / hp.aux_warmup)
-    return (1.0 - alpha) * _kl(teacher_BxK, student_BxK, 1.0) + alpha * _ce_hard(student_BxK, student_BxK.detach().argmax(1))
-
-
-def adaptconf(student_BxK, teacher_BxK, *, progress, hp):
-    self_ce = _ce_hard(student_BxK, student_BxK.argmax(1))
-    weak_ce = _ce_hard(student_BxK, teacher_BxK.argmax(1))
-    alpha = torch.sigmoid((self_ce - weak_ce) / hp.tau_a).detach()
-    return (1.0 - alpha) * kd(student_BxK, teacher_BxK, progress=progress, hp=hp) + alpha * self_ce
-
-
-def truth(student_BxK, teacher_BxK, *, progress, hp):
-    """The ceilings' row: CE against ground truth, passed in as a one-hot teacher."""
-    return _ce_hard(student_BxK, teacher_BxK.argmax(1))
-
-
-LOSSES = {"ce": ce, "kd": kd, "cpl": cpl, "auxconf": auxconf, "adaptconf": adaptconf, "truth": truth}
+def rows_to_torch(rows, device) -> "Coeffs | Hparams":
+    """A NamedTuple of rows (``Coeffs`` or ``Hparams``; a list of them, or one of arrays ``J``) as float32 tensors
+    ``J`` on ``device``."""
+    if isinstance(rows, (list, tuple)) and rows and isinstance(rows[0], tuple):
+        kind = type(rows[0])
+        return kind(*(torch.tensor([float(getattr(r, f)) for r in rows], dtype=torch.float32, device=device)
+                      for f in kind._fields))
+    return type(rows)(*(torch.as_tensor(v, dtype=torch.float32, device=device).reshape(-1) for v in rows))

@@ -1,27 +1,23 @@
-"""Textual prompt tuning (TP, CoOp-style) on stored image features, and the text-encoder ablation.
+"""Textual prompt tuning (TP, CoOp-style) on stored image features: the text side.
 
-The image features come from the store and are never re-encoded. Per step, the text tower runs
-once over all K prompts ``[SOS][ctx_1..ctx_M][CLASS].[EOS]``; logits are ``s * cos(text_k, image)``.
-Splits, best-epoch rule and defaults are those of ``w2s-fit`` (the split code is shared).
+The image features come from the store and are never re-encoded. TP models are data (DESIGN.md §3 "TP is data
+too"): J models differ only by their context ``M x W``, so :class:`PromptBank` stacks them as ``J x M x W`` and
+runs the frozen text tower once over the ``J·K`` prompts ``[SOS][ctx_1..ctx_M][CLASS].[EOT]``. CLIP's text tower is
+causal and reads its feature at the EOT token, so positions after the longest EOT never matter: every prompt is
+cut there (:func:`cut_length`), exactly. The training loop is :mod:`extract.tp_fit`.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from extract.losses_torch import LOSSES
-from extract.weak import warmup_linear
-from w2s_jax.config import Hparams
-from w2s_jax.methods import METHODS
-from w2s_jax.splits import SeedSplits
+from w2s_jax.config import Hparams, check_hparams, hparam_grid
 
 OPTIMIZERS = ("adam", "coop")  # adam: paper defaults; coop: SGD lr 0.002, cosine (CoOp's own)
 PRECISIONS = ("fp32", "bf16")  # the text tower's compute: float32, or bfloat16 autocast (the learned context stays float32)
+UNUSED_BY_TP = ("lp_scale", "lp_shrinkage", "lp_l2", "raven_lr")  # linear-head and multi-weak fields
 
 
 def default_precision(device: str) -> str:
@@ -37,7 +33,7 @@ class PromptError(ValueError):
 class TPConfig:
     store: str  # path of the feature store
     strong: str  # --strong spec of the store's open_clip encoder (its text tower is tuned)
-    weak: str  # weak model in the store
+    weak: str  # the weak model of this results folder (w2s-tp --weak A,B fits all of them in one loop)
     methods: tuple[str, ...]  # TP methods from w2s_jax.methods.METHODS (head "prompt" or "text-encoder")
     seeds: int = 5  # seeds 0..S-1 -> the same splits as w2s-fit
     epochs: int = 10  # paper: 10
@@ -46,20 +42,37 @@ class TPConfig:
     optimizer: str = "adam"  # "adam" (lr = hparams.lr) or "coop" (SGD 0.002, momentum 0.9, cosine)
     n_ctx: int = 16  # M context vectors (ignored with ctx_init)
     ctx_init: str = ""  # e.g. "a photo of a": initialise the context from this phrase
-    hparams: Hparams = Hparams()  # lr, temperature, logit_scale, alpha_max, aux_warmup, tau_a
+    hparams: Hparams = Hparams()  # lr, temperature, logit_scale, alpha_max, aux_warmup, tau_a, refine_*
     device: str = "cpu"
     precision: str = "fp32"  # the text tower under "fp32" or "bf16" autocast (default_precision: bf16 on CUDA)
+    grid: tuple = ()  # ((field, (values...)), ...): swept for every method, cartesian product, as w2s-fit's
+    select: str = "agreement"  # the label-free rule that keeps a model's epoch and grid point (w2s_jax.select)
+    imports: tuple[str, ...] = ()  # the --import modules that registered user methods
+    defined: tuple = ()  # the user-defined methods among `methods` (w2s_jax.methods.definitions), filled in by w2s-tp
 
     def __post_init__(self):
+        from w2s_jax.config import check_number
+        from w2s_jax.select import CRITERIA
+
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        if self.select not in CRITERIA:
+            raise ValueError(f"select {self.select!r}: use one of {', '.join(CRITERIA)} (w2s-tp --select)")
+        if not self.methods:
+            raise ValueError("no methods to fit: name at least one (w2s-tp --methods kd+tp,ceiling+tp)")
+        for name in ("seeds", "epochs", "batch_size", "n_ctx"):
+            check_number(name, getattr(self, name), 1, math.inf, integer=True)
+        check_number("warmup", self.warmup, 0.0, 1.0, True, False)
+        check_hparams(self.hparams, self.grid)
+        unused = [f for f, _ in self.grid if f in UNUSED_BY_TP]
+        if unused:
+            raise ValueError(f"grid {unused[0]}: prompt tuning does not read it (a linear-head or multi-weak field); "
+                             f"sweep lr, temperature, logit_scale, alpha_max, aux_warmup, tau_a or refine_*")
 
     def grid_hparams(self) -> Hparams:
-        return Hparams(*(np.asarray([v], np.float32) for v in self.hparams))
-
-    @property
-    def grid(self) -> tuple:
-        return ()
+        return hparam_grid(self.hparams, dict(self.grid))
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "hparams": self.hparams._asdict()}
@@ -74,152 +87,138 @@ def check_text_tower(model, encoder_id: str) -> None:
         )
 
 
-def encode_token_embeddings(model, embeds_KxLxW, tokens_KxL):
-    """open_clip's ``CLIP.encode_text`` from token embeddings instead of token ids."""
+# ------------------------------------------------------------------ the text tower, cut at the last EOT
+
+
+def pool_positions(model, tokens_NxL):
+    """Where the tower reads each prompt's feature, ``N``: open_clip's ``text_global_pool`` (the EOT token, the
+    highest id, for CLIP's ``argmax`` pooling)."""
+    pool = getattr(model, "text_pool_type", "argmax")
+    n, length = tokens_NxL.shape
+    if pool == "argmax":
+        return tokens_NxL.argmax(dim=-1)
+    if pool == "eos":
+        return (tokens_NxL == model.text_eos_id).int().argmax(dim=-1)
+    return torch.full((n,), 0 if pool == "first" else length - 1, dtype=torch.long, device=tokens_NxL.device)
+
+
+def cut_length(model, positions_N, full_length: int) -> tuple[int, str]:
+    """``(L, why)``: how many positions the tower must run. With a causal mask, a position after the last one read
+    never reaches it, so ``L = max(positions) + 1`` is exact; without one, every position matters."""
+    if getattr(model, "attn_mask", None) is None:
+        return full_length, f"prompts run at full length ({full_length} tokens): this text tower has no causal mask"
+    length = int(positions_N.max()) + 1
+    return length, f"prompts cut at their last EOT: {length} of {full_length} tokens (exact under the causal mask)"
+
+
+def encode_token_embeddings(model, embeds_NxLxW, positions_N, length: int | None = None):
+    """open_clip's ``CLIP.encode_text`` from token embeddings instead of token ids, run over the first ``length``
+    positions only (:func:`cut_length`; default all): text features ``N x D``."""
+    length = embeds_NxLxW.shape[1] if length is None else length
     cast = model.transformer.get_cast_dtype()
-    x = embeds_KxLxW.to(cast) + model.positional_embedding.to(cast)
-    x = model.transformer(x, attn_mask=model.attn_mask)
+    x = embeds_NxLxW[:, :length].to(cast) + model.positional_embedding[:length].to(cast)
+    mask = None if model.attn_mask is None else model.attn_mask[:length, :length]
+    x = model.transformer(x, attn_mask=mask)
     x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), tokens_KxL.argmax(dim=-1)]  # EOT token (highest id)
+    x = x[torch.arange(x.shape[0], device=x.device), positions_N]
     proj = model.text_projection
+    if proj is None:
+        return x
     return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
 
 
-class PromptLearner(torch.nn.Module):
-    """Shared context vectors; the class token at the end; ``forward() -> text features K x D``."""
+def class_tokens(tokenizer, class_names, prefix: str):
+    """Tokens ``K x L`` of ``"{prefix} {name}."`` per class (``_`` read as a space)."""
+    return tokenizer([f"{prefix} {name.replace('_', ' ')}." for name in class_names])
 
-    def __init__(self, model, tokenizer, class_names, *, n_ctx=16, ctx_init="", seed=0):
+
+class PromptBank(torch.nn.Module):
+    """J prompt models over the same K classes: contexts ``J x M x W``, ``forward() -> text features J x K x D``
+    from one pass of the frozen tower over the ``J·K`` cut prompts. Model j's context starts from ``seeds_J[j]``
+    (``randn · 0.02``, CoOp's) or from the phrase ``ctx_init``. Each context is its own parameter (``contexts``),
+    stacked per step, so one optimizer can give each model its own learning rate."""
+
+    def __init__(self, model, tokenizer, class_names, seeds_J, *, n_ctx=16, ctx_init=""):
         super().__init__()
         self.model = model
         width = model.token_embedding.weight.shape[1]
         if ctx_init:
             phrase = ctx_init.replace("_", " ")
-            n_ctx = int((tokenizer([phrase])[0] > 0).sum()) - 2  # minus SOS and EOS
-        placeholder = " ".join(["X"] * n_ctx)
+            n_ctx = int((tokenizer([phrase])[0] > 0).sum()) - 2  # minus SOS and EOT
         device = model.token_embedding.weight.device
-        tokens = tokenizer([f"{placeholder} {name.replace('_', ' ')}." for name in class_names]).to(device)
+        tokens = class_tokens(tokenizer, class_names, " ".join(["X"] * n_ctx)).to(device)
+        positions = pool_positions(model, tokens)
+        self.length, self.cut_note = cut_length(model, positions, tokens.shape[1])
         with torch.no_grad():
-            embeds = model.token_embedding(tokens)
-            if ctx_init:
-                ctx = model.token_embedding(tokenizer([phrase]).to(device))[0, 1:1 + n_ctx].clone()
-            else:
-                ctx = torch.randn(n_ctx, width, generator=torch.Generator().manual_seed(seed)) * 0.02
-        self.register_buffer("tokens_KxL", tokens)
+            embeds = model.token_embedding(tokens)[:, :self.length]
+            phrase_ctx = model.token_embedding(tokenizer([phrase]).to(device))[0, 1:1 + n_ctx] if ctx_init else None
+        self.register_buffer("positions_K", positions)
         self.register_buffer("prefix_Kx1xW", embeds[:, :1].clone())
         self.register_buffer("suffix_KxRxW", embeds[:, 1 + n_ctx:].clone())
-        self.ctx_MxW = torch.nn.Parameter(ctx.to(embeds.dtype))
+        starts = [phrase_ctx.clone() if ctx_init else
+                  torch.randn(n_ctx, width, generator=torch.Generator().manual_seed(int(s))) * 0.02 for s in seeds_J]
+        self.contexts = torch.nn.ParameterList([torch.nn.Parameter(c.to(embeds.dtype).to(device)) for c in starts])
 
     def forward(self):
-        k = self.tokens_KxL.shape[0]
-        embeds = torch.cat([self.prefix_Kx1xW, self.ctx_MxW.expand(k, -1, -1), self.suffix_KxRxW], dim=1)
-        return encode_token_embeddings(self.model, embeds, self.tokens_KxL)
+        ctx_JxMxW = torch.stack(list(self.contexts))
+        j, m, w = ctx_JxMxW.shape
+        k = self.prefix_Kx1xW.shape[0]
+        embeds = torch.cat([self.prefix_Kx1xW.expand(j, -1, -1, -1), ctx_JxMxW[:, None].expand(-1, k, -1, -1),
+                            self.suffix_KxRxW.expand(j, -1, -1, -1)], dim=2).reshape(j * k, -1, w)
+        text = encode_token_embeddings(self.model, embeds, self.positions_K.repeat(j), self.length)
+        return text.reshape(j, k, -1)
+
+    def param_groups(self, lrs_J) -> list[dict]:
+        """One optimizer group per distinct learning rate (the grid's), each model's context in its own."""
+        groups = {}
+        for ctx, lr in zip(self.contexts, lrs_J):
+            groups.setdefault(float(lr), []).append(ctx)
+        return [{"params": params, "lr": lr} for lr, params in groups.items()]
 
 
-class TextEncoderPrompts(torch.nn.Module):
-    """Table 4 ablation: fixed prompts 'a photo of a {class}.', the whole text tower trainable."""
+class TextEncoderBank(torch.nn.Module):
+    """Table 4 ablation: fixed prompts 'a photo of a {class}.', the whole text tower trainable; one model (J = 1).
+
+    It trains the tower's weights, which differ per model, so its models cannot share a pass: each runs alone
+    (with cut prompts all the same)."""
 
     def __init__(self, model, tokenizer, class_names):
         super().__init__()
         self.model = model
-        self.register_buffer("tokens_KxL", tokenizer([f"a photo of a {n.replace('_', ' ')}." for n in class_names]))
+        tokens = class_tokens(tokenizer, class_names, "a photo of a").to(model.token_embedding.weight.device)
+        self.register_buffer("tokens_KxL", tokens)
+        self.register_buffer("positions_K", pool_positions(model, tokens))
+        self.length, self.cut_note = cut_length(model, self.positions_K, tokens.shape[1])
 
     def forward(self):
-        return self.model.encode_text(self.tokens_KxL)
+        embeds = self.model.token_embedding(self.tokens_KxL)
+        return encode_token_embeddings(self.model, embeds, self.positions_K, self.length)[None]
 
-
-def trainable(module: torch.nn.Module, head: str) -> list:
-    """Freeze everything but the context (prompt) or the text tower (text-encoder)."""
-    for p in module.parameters():
-        p.requires_grad_(False)
-    if head == "prompt":
-        params = [module.ctx_MxW]
-    else:
-        m = module.model
+    def param_groups(self, lrs_J) -> list[dict]:
+        m = self.model
         towers = [m.transformer, m.token_embedding, m.ln_final]
         params = [p for t in towers for p in t.parameters()] + [m.positional_embedding, m.text_projection]
-        params = [p for p in params if isinstance(p, torch.nn.Parameter)]
-    for p in params:
-        p.requires_grad_(True)
-    return params
+        return [{"params": [p for p in params if isinstance(p, torch.nn.Parameter)], "lr": float(lrs_J[0])}]
 
 
-def fit_prompts(method: str, make_module: Callable, feats_NxD, weak_NxK, labels_N, split: SeedSplits,
-                cfg: TPConfig, seed: int):
-    """Train one TP model for one seed.
+def freeze_all_but(bank: torch.nn.Module, groups: list[dict]) -> None:
+    """Only the parameters of ``groups`` (the contexts, or the text tower) are trained."""
+    for p in bank.parameters():
+        p.requires_grad_(False)
+    for group in groups:
+        for p in group["params"]:
+            p.requires_grad_(True)
 
-    Returns (metrics dict, history dict of lists, best epoch, prototypes_KxD): the last is the text features of
-    the best epoch's prompts, the TP head in its applied form (a prototype head, ``zs = s cos(C_i, r)``).
-    """
-    spec = METHODS[method]
-    dev = cfg.device
-    loss_fn = LOSSES[spec.loss]
-    hp = cfg.hparams
-    k = weak_NxK.shape[1]
-    torch.manual_seed(seed)
-    module = make_module().to(dev)
-    params = trainable(module, spec.head)
-    feats = F.normalize(torch.as_tensor(feats_NxD, dtype=torch.float32), dim=1).to(dev)  # r̂, once
-    labels = torch.as_tensor(labels_N, dtype=torch.long, device=dev)
-    weak = torch.as_tensor(weak_NxK, dtype=torch.float32, device=dev)
-    targets = F.one_hot(labels, k).float() if spec.target == "truth" else weak
-    train_idx, val_idx, test_idx = (torch.as_tensor(a, dtype=torch.long, device=dev) for a in split)
-    steps = math.ceil(len(train_idx) / cfg.batch_size)
-    total = cfg.epochs * steps
-    if cfg.optimizer == "coop":
-        opt = torch.optim.SGD(params, lr=0.002, momentum=0.9)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-    else:
-        opt = torch.optim.Adam(params, lr=hp.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(total, cfg.warmup))
-    gen = torch.Generator().manual_seed(seed)
 
-    def logits_for(text_KxD, rows):
-        return hp.logit_scale * feats[rows] @ F.normalize(text_KxD.float(), dim=1).T
+def tower_bytes(model, num_prompts: int, length: int, precision: str) -> int:
+    """Rough memory of one forward and backward pass of the text tower over ``num_prompts`` prompts of ``length``
+    tokens (the activations autograd keeps): per layer and token about 20 widths (attention's q, k, v, its output,
+    the MLP's 4-wide hidden twice, the norms and residuals) plus the attention weights, at 4 bytes a value in
+    float32 and 3 under bf16 autocast (the norms stay float32)."""
+    width = model.token_embedding.weight.shape[1]
+    blocks = getattr(model.transformer, "resblocks", [])
+    layers = len(blocks) or 12
+    heads = getattr(getattr(blocks[0], "attn", None), "num_heads", 8) if layers and blocks else 8
+    per_token = 20 * width + 2 * heads * length
+    return int(layers * num_prompts * length * per_token * (4 if precision == "fp32" else 3))
 
-    def text_features():
-        """The text tower over all K prompts; under bf16 autocast with ``--precision bf16`` (its parameters and the
-        learned context stay float32; the logits and the loss are float32)."""
-        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            return module()
-
-    history = {"train_loss": [], "train_acc": [], "val_loss": [], "val_score": [], "test_acc": []}
-    best = (-1.0, 0, None)
-    for epoch in range(cfg.epochs):
-        order = train_idx[torch.randperm(len(train_idx), generator=gen).to(dev)]
-        running, hits = 0.0, 0
-        for b, rows in enumerate(order.split(cfg.batch_size)):
-            text = text_features()  # the text tower once per step, over all K prompts
-            logits = logits_for(text, rows)
-            loss = loss_fn(logits, targets[rows], progress=(epoch * steps + b) / total, hp=hp).mean()
-            hits += int((logits.argmax(1) == targets[rows].argmax(1)).sum())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            running += float(loss.detach()) * len(rows)
-        with torch.no_grad():
-            text = text_features()
-            val_logits = logits_for(text, val_idx)
-            val_score = float((val_logits.argmax(1) == targets[val_idx].argmax(1)).float().mean())
-            val_loss = float(loss_fn(val_logits, targets[val_idx], progress=(epoch + 1) / cfg.epochs, hp=hp).mean())
-            test_acc = float((logits_for(text, test_idx).argmax(1) == labels[test_idx]).float().mean())
-        n_train = len(train_idx)
-        for key, value in zip(history, (running / n_train, hits / n_train, val_loss, val_score, test_acc)):
-            history[key].append(value)
-        if val_score > best[0]:
-            best = (val_score, epoch + 1, [p.detach().clone() for p in params])
-    with torch.no_grad():
-        for p, kept in zip(params, best[2]):
-            p.copy_(kept)
-        text = text_features()
-        test_logits = logits_for(text, test_idx)
-        metrics = {
-            "test_acc": float((test_logits.argmax(1) == labels[test_idx]).float().mean()),
-            "agreement": float((test_logits.argmax(1) == weak[test_idx].argmax(1)).float().mean()),
-            "val_score": best[0],
-            # misfit-gain diagnostics, as w2s_jax.metrics.misfit / cross_entropy
-            "misfit": float(F.kl_div(F.log_softmax(weak[val_idx], 1), F.log_softmax(logits_for(text, val_idx), 1),
-                                     reduction="batchmean", log_target=True)),
-            "test_ce": float(F.cross_entropy(test_logits, labels[test_idx])),
-        }
-    return metrics, history, best[1], text.float().cpu().numpy()

@@ -116,8 +116,9 @@ def store_path(tmp_path_factory):
 
 
 def synthetic_store(path, *, n_test=600, n_train=60, d=16, k=5, weak_noise=1.6, text=True, seed=0,
-                    encoder="synthetic", text_TxKxD=None, domain="clusters"):
-    """A store with class clusters and noisy weak logits (the weak model is right ~60% of the time)."""
+                    encoder="synthetic", text_TxKxD=None, domain="clusters", more_weak=()):
+    """A store with class clusters and noisy weak logits (the weak model is right ~60% of the time);
+    ``more_weak``: ``(name, noise)`` pairs of further weak models."""
     from w2s_jax import store as st
 
     rng = np.random.default_rng(seed)
@@ -126,9 +127,9 @@ def synthetic_store(path, *, n_test=600, n_train=60, d=16, k=5, weak_noise=1.6, 
     def split(n):
         labels = rng.integers(0, k, n)
         feats = centers_KxD[labels] + 1.3 * rng.normal(size=(n, d))
-        weak = 2.0 * np.eye(k)[labels] + weak_noise * rng.normal(size=(n, k))
-        return st.Split(feats.astype(np.float32), labels, tuple(f"img/{i}" for i in range(n)),
-                        {"noisy": weak.astype(np.float32)})
+        weak = {name: (2.0 * np.eye(k)[labels] + noise * rng.normal(size=(n, k))).astype(np.float32)
+                for name, noise in (("noisy", weak_noise), *more_weak)}
+        return st.Split(feats.astype(np.float32), labels, tuple(f"img/{i}" for i in range(n)), weak)
 
     prov = st.Provenance(
         dataset="synthetic", domain=domain, class_names=tuple(f"class {i}" for i in range(k)),
@@ -138,7 +139,7 @@ def synthetic_store(path, *, n_test=600, n_train=60, d=16, k=5, weak_noise=1.6, 
     if text_TxKxD is None and text:
         text_TxKxD = (centers_KxD + 0.5 * rng.normal(size=(k, d)))[None].astype(np.float32)
     store = st.Store(prov, {"train": split(n_train), "test": split(n_test)}, text_TxKxD,
-                     {"noisy": {"source": "synthetic"}})
+                     {name: {"source": "synthetic"} for name in ("noisy", *dict(more_weak))})
     st.write_store(path, store)
     return store
 

@@ -110,7 +110,8 @@ def family_loss(student_BxK, teacher_BxK, labels_B, coeffs: Coeffs, *, progress,
     ce_weak_B = _ce_hard(logp_BxK, jnp.argmax(teacher_BxK, axis=1))
     ce_self_B = _ce_hard(logp_BxK, jnp.argmax(jax.lax.stop_gradient(student_BxK), axis=1))
     ce_truth_B = _ce_hard(logp_BxK, labels_B)
-    t = jnp.where(coeffs.soft_at_t > 0, hp.temperature, 1.0)
+    # an unused soft part (weight 0) is computed at T = 1, so that a NaN it could make never reaches the loss
+    t = jnp.where((coeffs.soft_at_t > 0) & (coeffs.weak_soft > 0), hp.temperature, 1.0)
     soft_B = jnp.where(coeffs.t_squared > 0, t**2, 1.0) * _kl(teacher_BxK, student_BxK, t)
     scheduled = hp.alpha_max * jnp.minimum(1.0, progress / hp.aux_warmup)
     gate_B = jax.lax.stop_gradient(jax.nn.sigmoid((ce_self_B - ce_weak_B) / hp.tau_a))

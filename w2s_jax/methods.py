@@ -112,9 +112,9 @@ def define_method(name: str, head: str, **coeffs) -> Method:
     if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\,@") or name != name.strip():
         raise ValueError(f"method name {name!r}: use a plain name without '/', '\\', ',', '@' (METHOD@KIND names a "
                          "refinement) or surrounding spaces")
-    if head not in HEADS:
-        raise ValueError(f"method {name}: unknown head {head!r}; valid: {', '.join(HEADS)} (a head of your own: "
-                         "register it first, README: Add a head)")
+    if head not in HEADS and head != "prompt":
+        raise ValueError(f"method {name}: unknown head {head!r}; valid: {', '.join(HEADS)}, prompt (w2s-tp) (a head "
+                         "of your own: register it first, README: Add a head)")
     unknown = sorted(set(coeffs) - set(Coeffs._fields))
     if unknown:
         raise ValueError(f"method {name}: unknown field(s) {unknown}; valid: head, {', '.join(Coeffs._fields)}")
@@ -160,9 +160,11 @@ def jax_methods(multi_weak: bool = False) -> tuple[str, ...]:
                  if spec.head in HEADS and (multi_weak or spec.target not in MULTI_WEAK) and not spec.refine)
 
 
-def tp_methods() -> tuple[str, ...]:
-    """What w2s-tp runs: its methods and their refinements."""
-    return TORCH_METHODS + refinement_methods(TORCH_METHODS)
+def tp_methods(refined: bool = True) -> tuple[str, ...]:
+    """What w2s-tp runs, in registry order: every method with a prompt or text-encoder head (the built-in ones,
+    ``TORCH_METHODS``, and any a user defined), and, if ``refined``, their refinements."""
+    names = tuple(m for m, spec in METHODS.items() if spec.head in TORCH_HEADS and not spec.refine)
+    return names + (refinement_methods(names) if refined else ())
 
 
 def refinement_methods(names=None) -> tuple[str, ...]:

@@ -71,16 +71,17 @@ def at_best_epoch(history_SxHxE, best_epoch_SxH):
     return np.take_along_axis(np.asarray(history_SxHxE), index, axis=-1)[..., 0]
 
 
-def evaluate_method(name: str, out: FitOutput, hps, data: FitData, splits: SeedSplits, num_classes):
+def evaluate_method(name: str, out: FitOutput, hps, data: FitData, splits: SeedSplits, num_classes,
+                    head: str | None = None):
     """-> {test_acc, agreement, misfit, test_ce}, each ``S x H``, for the best-epoch variables.
 
     misfit: KL(student ‖ weak) on hold_val (label-free); test_ce: the student's cross-entropy on test'. With
     several weak models, agreement and misfit are against the first; multi-weak methods add weak_weights, ``S x H x M``.
     The selection rule's hold_val score is the fit's own (its history's ``val_score`` at the kept epoch,
-    :func:`at_best_epoch`), not recomputed here.
+    :func:`at_best_epoch`), not recomputed here. ``head``: the head that applies the variables (default the
+    method's; w2s-tp's prompt heads are saved in their applied form, ``"prototype"``).
     """
-    method = METHODS[name]
-    head = make_head(method.head, num_classes)
+    head = make_head(head or METHODS[name].head, num_classes)
 
     def one(variables, hp, split):
         test_logits = head.apply(variables, data.feats_NxD[split.test_prime], hp)
