@@ -22,16 +22,17 @@ from extract import pipeline, weak as weaklib
 from extract.cli import DATA_ENV, default_domainnet_root
 from extract.datasets import DatasetError, load_dataset
 from extract.schema import check_types
-from w2s_jax.config import FitConfig, Hparams, check_hparams, check_number
-from w2s_jax.methods import (METHODS, MULTI_WEAK, TORCH_METHODS, check_methods, jax_methods, restore_methods,
-                             tp_methods, with_refinements)
+from w2s_jax.config import FitConfig, Hparams, check_number
+from w2s_jax.methods import (METHODS, MULTI_WEAK, TORCH_METHODS, check_methods, definitions, jax_methods,
+                             restore_methods, tp_methods, with_refinements)
 
 SECTIONS = {
     "": {"name", "out", "strong", "data", "fit", "tp", "extract", "report", "methods"},
     "data": {"dataset", "domains", "root", "weak", "limit"},
     "fit": {"methods", "seeds", "epochs", "batch_size", "warmup", "hparams", "grid", "multi_weak", "seed_axis",
             "select", "refine"},
-    "tp": {"methods", "seeds", "epochs", "batch_size", "optimizer", "n_ctx", "ctx_init", "hparams", "precision"},
+    "tp": {"methods", "seeds", "epochs", "batch_size", "optimizer", "n_ctx", "ctx_init", "hparams", "precision",
+           "grid", "select", "refine"},
     "extract": {"batch_size", "num_workers", "device", "on_corrupt", "weak_epochs", "feature_dtype", "templates"},
     "report": {"curves", "paper", "cross_domain"},
 }
@@ -93,8 +94,7 @@ def load_experiment(path) -> dict:
             fit_config(exp["fit"], "unused", "a", ensemble=("a", "b"))
         _check_extract(exp.get("extract", {}))
         if "tp" in exp:
-            check_methods(exp["tp"].get("methods", TORCH_METHODS), valid=tp_methods(), command="w2s-tp")
-            _check_tp(exp["tp"])
+            tp_config(exp["tp"], "unused", "unused", "unused", "cpu")  # every [tp] value in range, before any work
     except (DatasetError, weaklib.WeakModelError, ValueError, KeyError, TypeError) as err:
         raise ExperimentError(f"{path}: {err}") from None
     exp.setdefault("out", f"experiments-out/{path.stem}")
@@ -110,7 +110,7 @@ def define_methods(tables: dict) -> None:
                          "family's weights")
     for name, table in tables.items():
         if not isinstance(table, dict) or "head" not in table:
-            raise ValueError(f"[methods.{name}] needs head = \"linear\" or \"prototype\" (or a head you "
+            raise ValueError(f"[methods.{name}] needs head = \"linear\", \"prototype\", \"prompt\" (or a head you "
                              "registered) and the loss family's weights, e.g. weak_soft = 0.5, weak_hard = 0.5")
         fields = {k: v for k, v in table.items() if k != "head"}
         restore_methods([(name, table["head"], fields)])
@@ -144,6 +144,7 @@ def fit_config(fit: dict, store, weak, ensemble=()) -> FitConfig:
         methods = [*jax_methods(), *(m for m in methods if m != "all")] if "all" in methods else methods
         methods = with_refinements(check_methods(methods), fit.get("refine", []))
     return FitConfig(store=str(store), weak=weak, ensemble=tuple(ensemble), methods=check_methods(methods),
+                     defined=definitions(methods),  # in the folder's key: editing a [methods.X] fits it again
                      seeds=fit.get("seeds", 5), epochs=fit.get("epochs", 10), batch_size=fit.get("batch_size", "auto"),
                      warmup=fit.get("warmup", 0.1), hparams=Hparams(**fit.get("hparams", {})),
                      seed_axis=fit.get("seed_axis", "auto"), select=fit.get("select", "agreement"),
@@ -162,15 +163,20 @@ def _check_extract(ex: dict) -> None:
         raise ValueError(f"[extract] device = {ex['device']!r}; valid: a torch device name such as 'cpu' or 'cuda'")
 
 
-def _check_tp(tp: dict) -> None:
-    from extract.prompt import PRECISIONS
+def tp_config(tp: dict, store, strong: str, weak: str, device: str):
+    """The TPConfig of one (store, weak model) from the [tp] table; raises ValueError for a bad value. ``methods``
+    "all" is every method with a prompt or text-encoder head, the defined ones included."""
+    from extract.prompt import TPConfig, default_precision
 
-    if "precision" in tp and tp["precision"] not in PRECISIONS:
-        raise ValueError(f"[tp] precision = {tp['precision']!r}; valid: {', '.join(PRECISIONS)}")
-    for key, low in (("seeds", 1), ("epochs", 1), ("batch_size", 1), ("n_ctx", 1)):
-        if key in tp:
-            check_number(f"[tp] {key}", tp[key], low, math.inf, integer=True)
-    check_hparams(Hparams(**tp.get("hparams", {})))
+    methods = tp.get("methods", list(TORCH_METHODS))
+    methods = [*tp_methods(refined=False), *(m for m in methods if m != "all")] if "all" in methods else methods
+    methods = with_refinements(check_methods(methods, valid=tp_methods(), command="w2s-tp"), tp.get("refine", []))
+    return TPConfig(store=str(store), strong=strong, weak=weak, methods=methods, defined=definitions(methods),
+                    seeds=tp.get("seeds", 5), epochs=tp.get("epochs", 10), batch_size=tp.get("batch_size", 512),
+                    optimizer=tp.get("optimizer", "adam"), n_ctx=tp.get("n_ctx", 16), ctx_init=tp.get("ctx_init", ""),
+                    hparams=Hparams(**tp.get("hparams", {})), device=device,
+                    precision=tp.get("precision", default_precision(device)), select=tp.get("select", "agreement"),
+                    grid=tuple((k, tuple(v)) for k, v in tp.get("grid", {}).items()))
 
 
 def _key(obj) -> str:
@@ -181,15 +187,21 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9@.-]+", "-", Path(spec).name if "/" in spec else spec)[:40]
 
 
-def _once(folder: Path, work, log) -> Path:
-    """Run ``work(folder)`` unless ``folder`` is complete; results folders appear whole (w2s_jax.outputs)."""
+def _done(folder: Path, log) -> bool:
+    """Whether ``folder`` is complete (results folders appear whole, w2s_jax.outputs), said in the log."""
     if (folder / "metrics.json").exists() and (folder / "heads" / "heads.json").exists():
         log(f"done already: {folder}")
-        return folder
+        return True
     if (folder / "metrics.json").exists():
         log(f"{folder} was written before heads were saved with each fit: fitting it again")
-    work(folder)
-    log(f"finished: {folder}")
+    return False
+
+
+def _once(folder: Path, work, log) -> Path:
+    """Run ``work(folder)`` unless ``folder`` is complete."""
+    if not _done(folder, log):
+        work(folder)
+        log(f"finished: {folder}")
     return folder
 
 
@@ -236,8 +248,9 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
                 cfg = fit_config(fit, store_path, weak, ensemble)
                 current.append(_once(where / f"fit-{_key([cfg.to_dict(), store_id])}",
                                      lambda tmp: run(cfg, tmp, log=log), log))
-                if tp is not None and store.text_TxKxD is not None and not ensemble:
-                    current.append(_run_tp(tp, store_path, strong, weak, store_id, where, opts.device, log))
+            if tp is not None and store.text_TxKxD is not None:  # every weak model's TP models in one loop
+                where = out / "results" / f"{dataset.name}-{dataset.domain}"
+                current.extend(_run_tp(tp, store_path, strong, names, store_id, where, opts.device, log))
         if rep.get("cross_domain") and len(made) > 1:
             weak_across_domains(made, out / "cross-weak", opts, log)
     report = out / "report"
@@ -276,17 +289,19 @@ def weak_across_domains(made: list, folder: Path, opts, log) -> None:
                         f"{source_path} (a store made before they were), so no PGR on {target.domain}")
 
 
-def _run_tp(tp: dict, store_path, strong, weak, store_id, where: Path, device, log) -> Path:
-    from extract.prompt import TPConfig, default_precision
+def _run_tp(tp: dict, store_path, strong, weaks, store_id, where: Path, device, log) -> list[Path]:
+    """The TP folders of a store's weak models (``where/WEAK/tp-KEY``); those not done are fitted in one loop."""
     from extract.tp_cli import run_tp
 
-    cfg = TPConfig(store=str(store_path), strong=strong, weak=weak,
-                   methods=tuple(tp.get("methods", TORCH_METHODS)), seeds=tp.get("seeds", 5),
-                   epochs=tp.get("epochs", 10), batch_size=tp.get("batch_size", 512),
-                   optimizer=tp.get("optimizer", "adam"), n_ctx=tp.get("n_ctx", 16), ctx_init=tp.get("ctx_init", ""),
-                   hparams=Hparams(**tp.get("hparams", {})), device=device,
-                   precision=tp.get("precision", default_precision(device)))
-    return _once(where / f"tp-{_key([cfg.to_dict(), store_id])}", lambda tmp: run_tp(cfg, tmp), log)
+    configs = {w: tp_config(tp, store_path, strong, w, device) for w in weaks}
+    folders = {w: where / w / f"tp-{_key([configs[w].to_dict(), store_id])}" for w in weaks}
+    pending = {w: f for w, f in folders.items() if not _done(f, log)}
+    if pending:
+        log(f"== prompt tuning: weak model(s) {', '.join(pending)}")
+        run_tp(configs[next(iter(pending))], pending, log=log)
+        for f in pending.values():
+            log(f"finished: {f}")
+    return list(folders.values())
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -119,3 +119,29 @@ def test_fit_table_selects_and_refines(tmp_path):
     assert cfg.select == "misfit"
     cfg = experiment.fit_config({"methods": ["all", "ce+lp@graph"]}, tmp_path / "s.h5", "pixels@2")
     assert cfg.methods[-1] == "ce+lp@graph" and "cpl" in cfg.methods and cfg.select == "agreement"
+
+
+def test_prompt_tuning_runs_once_per_store_for_every_weak_model(tmp_path, monkeypatch, tiny_clip):
+    """[tp] in an experiment file: one w2s-tp loop per store trains the TP models of all its weak models (one folder
+    each, in the report); a rerun finds them done."""
+    from extract import tp_cli
+
+    text = (TOML.format(out=tmp_path / "out").replace("efficientnet-lite0@32", tiny_clip)
+            .replace('multi_weak = ["raven+cpl"]\n', "").replace('"cpl", "kd+lp", "ceiling+proto"', '"cpl"')
+            + '[tp]\nmethods = ["kd+tp", "ceiling+tp"]\nseeds = 2\nepochs = 2\nbatch_size = 32\nn_ctx = 4\n'
+            + 'grid = {lr = [0.01, 0.003]}\n')
+    path = write(tmp_path, text)
+    calls = []
+    real = tp_cli.run_tp
+    monkeypatch.setattr(tp_cli, "run_tp", lambda cfg, outs, **kw: (calls.append(tuple(outs)), real(cfg, outs, **kw))[1])
+    lines = []
+    report = experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: lines.append(" ".join(a)))
+    assert calls == [("pixels@2", "pixels@3")]
+    assert any("prompts cut at their last EOT" in line for line in lines)
+    assert "| kd+tp |" in (report / "table2-pixels@3.md").read_text()
+    assert "| pixels@3 | kd+tp |" in (report / "selection.md").read_text()  # TP's regret rows
+    for weak in ("pixels@2", "pixels@3"):
+        (folder,) = (tmp_path / "out" / "results" / "demo-mnist" / weak).glob("tp-*")
+        assert (folder / "heads" / "heads.json").exists()
+    experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
+    assert len(calls) == 1  # done already
