@@ -136,9 +136,10 @@ class PromptBank(torch.nn.Module):
     """J prompt models over the same K classes: contexts ``J x M x W``, ``forward() -> text features J x K x D``
     from one pass of the frozen tower over the ``J·K`` cut prompts. Model j's context starts from ``seeds_J[j]``
     (``randn · 0.02``, CoOp's) or from the phrase ``ctx_init``. Each context is its own parameter (``contexts``),
-    stacked per step, so one optimizer can give each model its own learning rate."""
+    stacked per step, so one optimizer can give each model its own learning rate. ``cut=False`` runs the full
+    length (for benchmarks)."""
 
-    def __init__(self, model, tokenizer, class_names, seeds_J, *, n_ctx=16, ctx_init=""):
+    def __init__(self, model, tokenizer, class_names, seeds_J, *, n_ctx=16, ctx_init="", cut=True):
         super().__init__()
         self.model = model
         width = model.token_embedding.weight.shape[1]
@@ -148,7 +149,8 @@ class PromptBank(torch.nn.Module):
         device = model.token_embedding.weight.device
         tokens = class_tokens(tokenizer, class_names, " ".join(["X"] * n_ctx)).to(device)
         positions = pool_positions(model, tokens)
-        self.length, self.cut_note = cut_length(model, positions, tokens.shape[1])
+        self.length, self.cut_note = (cut_length(model, positions, tokens.shape[1]) if cut else
+                                      (tokens.shape[1], f"prompts run at full length ({tokens.shape[1]} tokens)"))
         with torch.no_grad():
             embeds = model.token_embedding(tokens)[:, :self.length]
             phrase_ctx = model.token_embedding(tokenizer([phrase]).to(device))[0, 1:1 + n_ctx] if ctx_init else None

@@ -131,7 +131,28 @@ def _score_models(val_logits_JxVxK, teacher_JxVxK, weight_JxV, views_J, truth_J)
     return {c: np.asarray(v) for c, v in scored.items()}
 
 
-def _optimizer(bank, lrs_J, cfg, total: int):
+def text_features(bank, device: str, precision: str):
+    """``bank()``, the text features ``J x K x D``, under bf16 autocast with ``precision="bf16"`` (the contexts and
+    the tower's parameters stay float32)."""
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return bank()
+
+
+def prompt_logits(text_JxKxD, feats_JxBxD, scale_J):
+    """Each model's prototype logits on its own rows, ``s · r̂ · normalize(text)ᵀ``: ``J x B x K``."""
+    protos = F.normalize(text_JxKxD.float(), dim=-1)
+    return scale_J[:, None, None] * torch.bmm(feats_JxBxD, protos.transpose(1, 2))
+
+
+def step_loss(text_JxKxD, feats_JxBxD, teacher_JxBxK, weight_JxB, labels_JxB, coeffs, hp, progress):
+    """One step's training loss of each of J models, ``J`` (the mean over its rows that a filter kept), and their
+    logits ``J x B x K``; summed, it gives each model its own gradient, as they share no parameter."""
+    logits = prompt_logits(text_JxKxD, feats_JxBxD, hp.logit_scale)
+    per = family_loss(logits, teacher_JxBxK, labels_JxB, coeffs, progress=progress, hp=hp)
+    return (per * weight_JxB).sum(1) / weight_JxB.sum(1).clamp(min=1.0), logits
+
+
+def make_optimizer(bank, lrs_J, cfg, total: int):
     groups = bank.param_groups([0.002] * len(lrs_J) if cfg.optimizer == "coop" else lrs_J)
     freeze_all_but(bank, groups)
     if cfg.optimizer == "coop":
@@ -167,18 +188,9 @@ def train_chunk(bank, models: list[TPModel], targets: Targets, feats_NxD, labels
     n_train = rows["hold_train"].shape[1]
     steps = math.ceil(n_train / cfg.batch_size)
     total = cfg.epochs * steps
-    opt, sched = _optimizer(bank, hp.lr.cpu().tolist(), cfg, total)
+    opt, sched = make_optimizer(bank, hp.lr.cpu().tolist(), cfg, total)
     gens = [torch.Generator().manual_seed(s) for s in seeds]  # each seed's minibatch order, as one model's alone
-    scale = hp.logit_scale[:, None, None]
-
-    def logits_on(text_JxKxD, rows_JxB):
-        protos = F.normalize(text_JxKxD.float(), dim=-1)
-        return scale * torch.bmm(feats[rows_JxB], protos.transpose(1, 2))
-
-    def text_features():
-        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            return bank()
-
+    logits_on = lambda text, rows_JxB: prompt_logits(text, feats[rows_JxB], hp.logit_scale)  # noqa: E731
     def gathered(rows_JxB):
         q = q_J[:, None]
         return logits_QxNxK[q, rows_JxB], weight_QxN[q, rows_JxB], labels[rows_JxB]
@@ -193,10 +205,9 @@ def train_chunk(bank, models: list[TPModel], targets: Targets, feats_NxD, labels
         running = torch.zeros(num_j, device=dev)
         hits = torch.zeros(num_j, device=dev)
         for b, rows_JxB in enumerate(order.split(cfg.batch_size, dim=1)):
-            logits = logits_on(text_features(), rows_JxB)
             teacher, weight, lab = gathered(rows_JxB)
-            per = family_loss(logits, teacher, lab, coeffs, progress=(epoch * steps + b) / total, hp=hp)
-            loss_J = (per * weight).sum(1) / weight.sum(1).clamp(min=1.0)
+            loss_J, logits = step_loss(text_features(bank, dev, cfg.precision), feats[rows_JxB], teacher, weight, lab,
+                                       coeffs, hp, (epoch * steps + b) / total)
             opt.zero_grad(set_to_none=True)
             loss_J.sum().backward()
             opt.step()
@@ -206,7 +217,7 @@ def train_chunk(bank, models: list[TPModel], targets: Targets, feats_NxD, labels
                 hits += ((logits.argmax(-1) == target).float() * weight).sum(1)
                 running += loss_J.detach() * rows_JxB.shape[1]
         with torch.no_grad():
-            text = text_features().float()
+            text = text_features(bank, dev, cfg.precision).float()
             val_rows, test_rows = rows["hold_val"][seed_J], rows["test_prime"][seed_J]
             val_logits = logits_on(text, val_rows)
             teacher, weight, lab = gathered(val_rows)

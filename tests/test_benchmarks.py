@@ -79,11 +79,14 @@ def test_bench_extract_separates_the_pipeline_from_the_encoder():
     assert "start-up: model load" in out and "steady-state efficiency" in out
 
 
-def test_bench_tp_prints_both_epochs():
-    out = run_script("bench_tp.py", "--images", "16", "--classes", "3", "--batch", "8", "--image-size", "32",
-                     "--device", "cpu")
-    assert "epoch on stored features:" in out and "ratio re-encode/stored per epoch" in out
-    assert "fp32/bf16 per epoch:" in out
+def test_bench_tp_prints_every_figure_and_its_json():
+    out = run_script("bench_tp.py", "--classes", "6", "--models", "3", "--batch", "8", "--rows", "64", "--steps", "1",
+                     "--device", "cpu", "--json")
+    for figure in ("full/cut =", "loop/one step =", "time per model-step:", "share of the floor"):
+        assert figure in out, figure
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["tokens_cut"] < figures["tokens_full"] == 77 and figures["models"] == 3
+    assert {"cut_speedup", "one_step_speedup", "model_step_ms", "floor_share", "gemm_tflops_bf16"} <= set(figures)
 
 
 def test_bench_fit_variants_prints_every_variant():
