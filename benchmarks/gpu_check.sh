@@ -13,8 +13,8 @@
 # fails does not stop the others. Steps: machine, bench_fit at DomainNet shape (fused, bf16, PyTorch on the same
 # GPU), the many-model shape, bench_step_profile (fused epoch against its GEMMs, seeds mapped and vmapped) and
 # bench_compile_cache (cache off/warm, one method against all), then bench_extract (ViT-B-32, random weights:
-# start-up apart from the steady state, against the encoder alone) and bench_tp (K = 345 prompts: stored features
-# against re-encoding, and the text tower in bf16 against fp32), the same extraction decoding on the GPU, and
+# start-up apart from the steady state, against the encoder alone) and bench_tp (K = 345 prompts: full against cut
+# prompts, 30 models one after another against one step, time per model-step, share of the tower's FLOP floor), the same extraction decoding on the GPU, and
 # bench_refine (the weak-label refinements at DomainNet's largest pool, against scikit-learn).
 set -u
 cd "$(dirname "$0")/.."
@@ -59,7 +59,7 @@ if [ "${TINY:-0}" = 1 ]; then  # seconds on a CPU: the suite checks that every s
   PROFILE="--n 600 --d 16 --k 5 --seeds 2 --batch 64 --runs 1"
   CACHE="--n 600 --d 16 --k 5 --seeds 2 --epochs 1 --batch 64 --repeats 1"
   EXTRACT="--images 24 --classes 3 --size 32 --batch 8 --workers 0"
-  TP="--images 16 --classes 3 --batch 8 --image-size 32"
+  TP="--classes 3 --models 2 --batch 8 --rows 64 --steps 1"
   REFINE="--pool 300 --d 16 --classes 5 --runs 1"
 else
   FIT="--runs 1"                                                  # DomainNet shape: 52,041 x 512, k = 345
@@ -67,7 +67,7 @@ else
   PROFILE="--runs 3"
   CACHE="--repeats 1"
   EXTRACT="--images 8192 --classes 100 --batch 256 --workers 12 --model ViT-B-32"
-  TP="--images 1024 --classes 345 --batch 256 --model ViT-B-32"
+  TP="--classes 345 --models 30 --batch 256 --steps 3 --model ViT-B-32"   # 6 methods x 5 seeds, bf16
   REFINE="--runs 3"                                               # DomainNet's largest pool, 41,600 x 512, K = 345
 fi
 
@@ -78,7 +78,7 @@ step step_profile 90 $PY bench_step_profile.py $PROFILE
 step fit_many_models 90 $PY bench_fit.py $MANY --skip-novmap --skip-unfused
 step compile_methods 60 $PY bench_compile_cache.py $CACHE --methods-scaling
 step extract 90 $PY bench_extract.py $EXTRACT
-step prompt_tuning 60 $PY bench_tp.py $TP
+step prompt_tuning 120 $PY bench_tp.py $TP --json
 step refine 90 $PY bench_refine.py $REFINE
 step fit_domainnet_jax 90 $PY bench_fit.py $FIT --skip-novmap --skip-torch --skip-unfused   # ours alone, after #23
 [ "${TINY:-0}" = 1 ] || step extract_gpu_decode 60 $PY bench_extract.py $EXTRACT --decode gpu

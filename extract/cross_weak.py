@@ -33,10 +33,8 @@ def probe_features(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Pat
 def finetuned_logits(spec: weak.WeakSpec, weights: Path, target: Dataset, target_rows: tuple, parts: Path,
                      opts: pipeline.Options) -> np.ndarray:
     """A fine-tuned weak model, loaded from its kept ``weights``, on the target's rows: logits ``N x K``."""
-    import torch
-
     model = weak.load_hf(spec, len(target.class_names), opts.device)
-    model.load_state_dict(torch.load(weights, map_location=opts.device))
+    model.load_state_dict(weak.load_weights(weights, opts.device))
     model.eval()
     transform = weak.weak_transform(spec)
     with pipeline.ImageSource(target.load, {"weak": [transform]}, opts) as source:

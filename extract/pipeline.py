@@ -257,7 +257,7 @@ def weak_logits(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, 
         model = weak.load_hf(spec, k, opts.device)
         ckpt = parts / f"weak-{spec.name}.pt"
         if ckpt.exists():
-            model.load_state_dict(torch.load(ckpt, map_location=opts.device))
+            model.load_state_dict(weak.load_weights(ckpt, opts.device))
             opts.log(f"resumed fine-tuned weak model from {ckpt}")
         else:
             ids, labels = rows["train"]

@@ -20,9 +20,9 @@ import numpy as np
 from extract import encoders
 from extract.datasets import IMAGE_SUFFIXES, FileLoader, is_hidden
 from w2s_jax import outputs
-from w2s_jax.methods import import_plugins, plugin_name
+from w2s_jax.methods import import_plugins
 from w2s_jax.saved_heads import HeadsError, SavedHead, load_heads, read_index, read_json
-from w2s_jax.store import StoreError, ids_digest, read_store
+from w2s_jax.store import StoreError, read_store, rows_differ, rows_record
 
 
 class Predictions(NamedTuple):
@@ -31,16 +31,13 @@ class Predictions(NamedTuple):
     labels_N: np.ndarray  # ground truth, -1 where unknown
     readable_N: np.ndarray  # False for an image that could not be read
     store: object = None  # the Provenance of the store the rows came from; None for images
+    rows: dict | None = None  # the store split's rows_record (count, ids and content hashes); None for images
 
 
-def choose_head(results_dir, method: str, plugins=()) -> SavedHead:
+def choose_head(results_dir, method: str) -> SavedHead:
     """The saved head of ``method``; a HeadsError if the folder has none, or was fit with an ``--import`` that is
-    not given here (its heads or methods would be rebuilt from the built-in registry)."""
+    not given here (:func:`w2s_jax.saved_heads.check_imports`)."""
     index = read_index(results_dir)
-    missing = [m for m in index.get("imports", []) if plugin_name(m) not in {plugin_name(p) for p in plugins}]
-    if missing:
-        raise HeadsError(f"{results_dir} was fit with --import {' --import '.join(missing)}; pass the same "
-                         "--import here, so that its heads are rebuilt as they were trained")
     heads = load_heads(results_dir, methods=(method,))
     if method not in heads:
         raise HeadsError(f"{results_dir} has no saved {method!r} head; saved: {', '.join(index['methods'])} (--method)")
@@ -68,7 +65,8 @@ def predict_store(head: SavedHead, store_path, split: str, seed: int, grid_index
     check_features_match(head, store.provenance.encoder, store.provenance.class_names, rows.features_NxD.shape[1],
                          f"store {store_path}")
     logits = head.logits(rows.features_NxD, seed, grid_index)
-    return Predictions(rows.ids_N, logits, np.asarray(rows.labels_N), np.ones(len(rows.ids_N), bool), store.provenance)
+    return Predictions(rows.ids_N, logits, np.asarray(rows.labels_N), np.ones(len(rows.ids_N), bool), store.provenance,
+                       rows_record(rows))
 
 
 def list_images(folder: Path, class_names) -> tuple[tuple[str, ...], np.ndarray]:
@@ -167,13 +165,8 @@ def accuracy_lines(preds: Predictions, head: SavedHead, results_dir, split, seed
     if here is None or split != "test" or \
             (here.dataset, here.domain, here.split_hash) != (fitted["dataset"], fitted["domain"], fitted["split_hash"]):
         return lines
-    rows_here = {"rows": len(preds.ids), "ids_sha256": ids_digest(preds.ids)}
-    if fitted.get("test_rows") != rows_here:
-        why = ("the folder does not record which rows it was fit on (fit before w2s 0.1's row record; refit to "
-               "compare)" if "test_rows" not in fitted else
-               f"this store's test split has {rows_here['rows']:,} rows (ids hash {rows_here['ids_sha256'][:12]}), "
-               f"the fit's had {fitted['test_rows']['rows']:,} ({fitted['test_rows']['ids_sha256'][:12]}): "
-               "the same dataset and split files, but other rows (a re-extraction that skipped files, say)")
+    why = rows_differ(fitted.get("test_rows"), preds.rows)
+    if why:
         return lines + [f"test' accuracy not compared with the fit's: {why}"]
     rows = np.load(results_dir / "splits.npz")["test_prime"][seed]
     summary = read_json(results_dir / "metrics.json", "the fit's metrics")["methods"].get(head.method)
@@ -226,7 +219,7 @@ def main(results_dir, store, split, images, export_prototypes, method, seed, gri
         if target.exists() and not overwrite:
             again = "--export-prototypes path" if export_prototypes else "--out"
             raise outputs.OutputError(f"{target} exists; pass --overwrite to replace it, or another {again}")
-        head = choose_head(results_dir, method, plugins)
+        head = choose_head(results_dir, method)
         if export_prototypes:
             np.save(target, head.prototypes(seed, grid_index).astype(np.float32))
             click.echo(f"wrote the {len(head.class_names)} x {head.feature_dim} prototypes of {method} (seed {seed}) "

@@ -34,7 +34,8 @@ from w2s_jax.store import StoreError, read_store
 DEFAULTS = Hparams()
 
 
-def run_tp(cfg: TPConfig, outs, overwrite: bool = False, log=None, memory_gib: float = 0.0) -> dict:
+def run_tp(cfg: TPConfig, outs, overwrite: bool = False, log=None, memory_gib: float = 0.0,
+           models_per_step: int = 0) -> dict:
     """Fit every TP model of ``cfg`` for each weak model of ``outs`` ({weak: results folder}; a single folder means
     ``cfg.weak`` alone) and write the folders. Returns {weak: (summary, folder)}. The folders are checked and
     locked, and the memory plan made, before any training."""
@@ -43,10 +44,17 @@ def run_tp(cfg: TPConfig, outs, overwrite: bool = False, log=None, memory_gib: f
     with contextlib.ExitStack() as stack:
         for o in outs.values():
             stack.enter_context(outputs.exclusive(o))
-        return _run_tp(cfg, outs, overwrite, log or (lambda text: None), memory_gib)
+        return _run_tp(cfg, outs, overwrite, log or (lambda text: None), memory_gib, models_per_step)
 
 
-def _run_tp(cfg: TPConfig, outs: dict, overwrite, log, memory_gib) -> dict:
+def default_models_per_step(device: str) -> int:
+    """0 (as many as memory allows) on a GPU, where one model's K prompts underfill it; 1 on the CPU, where one
+    model's step already keeps the cores busy and a wide step measured slower per model (RESULTS §3: 0.32x at 30
+    models, tiny CLIP, K = 345)."""
+    return 0 if str(device).startswith("cuda") else 1
+
+
+def _run_tp(cfg: TPConfig, outs: dict, overwrite, log, memory_gib, models_per_step) -> dict:
     from w2s_jax import results
     from w2s_jax.run import finish_run
 
@@ -86,6 +94,7 @@ def _run_tp(cfg: TPConfig, outs: dict, overwrite, log, memory_gib) -> dict:
     fixed = 4 * (sum(p.numel() for p in model.parameters()) + n * (dim + 1) + targets_count * n * (k + 1))
     per_model = model_bytes(model, k, probe.length, cfg, n, dim)
     size = chunk_size(max(len(prompt_models), 1), per_model, fixed, budget_bytes(cfg.device, memory_gib))
+    size = min(size, models_per_step or default_models_per_step(cfg.device) or size)
     chunks = [prompt_models[i:i + size] for i in range(0, len(prompt_models), size)] + [[m] for m in alone]
     log(f"prompt tuning {len(models)} models ({len(cfg.methods)} methods x {len(weaks)} weak model(s) x {num_h} grid "
         f"point(s) x {cfg.seeds} seeds; ceilings once per seed) on {cfg.store}\n  {probe.cut_note}\n"
@@ -172,6 +181,9 @@ def out_folders(out, store: str, weaks) -> dict:
 @click.option("--memory-gib", default=0.0, show_default=True,
               help="Memory budget of a step in GiB (how many models train at once); 0: 90% of the GPU's free memory, "
                    "or 80% of RAM.")
+@click.option("--models-per-step", default=0, show_default=True,
+              help="At most this many TP models share a step; 0: as many as memory allows on a GPU, 1 on the CPU "
+                   "(where a wide step measured slower per model).")
 @click.option("--import", "plugins", multiple=True, metavar="MODULE",
               help="Import a module (or .py file) that registers methods (define_method with head='prompt').")
 @click.option("--out", type=click.Path(), default=None,
@@ -179,7 +191,7 @@ def out_folders(out, store: str, weaks) -> dict:
                    "(OUT/WEAK) or a pattern holding {weak}.")
 @click.option("--overwrite", is_flag=True, help="Replace a results folder that holds another config.")
 def main(store, strong, weak, methods, refine, seeds, epochs, batch_size, optimizer, lr, temperature, logit_scale,
-         grid, select, n_ctx, ctx_init, device, precision, memory_gib, plugins, out, overwrite):
+         grid, select, n_ctx, ctx_init, device, precision, memory_gib, models_per_step, plugins, out, overwrite):
     """Prompt tuning (CoOp) with every TP method as data, and the text-encoder ablation."""
     from extract.cli import default_device
     from w2s_jax import results
@@ -201,7 +213,10 @@ def main(store, strong, weak, methods, refine, seeds, epochs, batch_size, optimi
                        select=select, imports=tuple(plugins))
         if len(set(weaks)) != len(weaks):
             raise ValueError(f"--weak {weak}: name each weak model once")
-        done = run_tp(cfg, out_folders(out, store, weaks), overwrite, log=click.echo, memory_gib=memory_gib)
+        if models_per_step < 0:
+            raise ValueError(f"--models-per-step {models_per_step}: give 0 (automatic) or a positive number")
+        done = run_tp(cfg, out_folders(out, store, weaks), overwrite, log=click.echo, memory_gib=memory_gib,
+                      models_per_step=models_per_step)
     except (StoreError, PromptError, encoders.EncoderError, outputs.OutputError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     for w, (summary, path) in done.items():

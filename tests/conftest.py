@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import sys
 import os
 import tempfile
 import threading
@@ -101,10 +102,14 @@ def registries():
 
     registries = (heads.HEADS, methods.METHODS, methods.CEILING_OF_HEAD, losses.LOSSES)
     saved = [dict(d) for d in registries]
+    imported = set(methods.IMPORTED)
     yield
     for d, items in zip(registries, saved):
         d.clear()
         d.update(items)
+    for name in methods.IMPORTED - imported:  # as if the plugin had been imported by another process
+        sys.modules.pop(name, None)
+    methods.IMPORTED.intersection_update(imported)
 
 
 @pytest.fixture(scope="module")

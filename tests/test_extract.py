@@ -238,3 +238,35 @@ def test_extraction_stops_its_loader_workers_before_returning(imagefolder_root, 
     assert not multiprocessing.active_children()  # ...until close
     pipeline.extract(data, tiny_clip, ["pixels@2"], tmp_path / "s.h5", opts)
     assert not multiprocessing.active_children()
+
+
+class _Payload:
+    """Pickled, it would create a file when loaded: what an unsafe load of a planted weights file runs."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_kept_weak_weights_load_as_tensors_only(tmp_path, monkeypatch):
+    """STORE.weak/NAME.pt and the fine-tuning resume load with weights_only=True, even under the documented
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1: a planted pickle runs nothing, and it, like a truncated file, is a named error."""
+    import torch
+
+    from extract import weak
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    assert torch.equal(weak.load_weights(good, "cpu")["w"], torch.ones(2))
+    marker, planted = tmp_path / "ran", tmp_path / "planted.pt"
+    torch.save({"w": _Payload(marker)}, planted)
+    with pytest.raises(weak.WeakModelError, match="planted.pt: cannot be loaded as plain weights"):
+        weak.load_weights(planted, "cpu")
+    assert not marker.exists()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(weak.WeakModelError, match="Delete it and run again"):
+        weak.load_weights(truncated, "cpu")

@@ -91,6 +91,9 @@ def test_import_replacing_a_builtin_head_is_refused_unless_asked(fitted, tmp_pat
     r = fit(store, tmp_path / "r", "--import", plugin, "--allow-replace")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "r" / "config.json").read_text())["imports"] == [str(plugin)]
+    import sys
+
+    sys.modules.pop(plugin.stem)  # w2s-predict runs in a new process, where the plugin is not imported
     clean(predict("--results", tmp_path / "r", "--store", store, "--method", "kd+lp", "--out", tmp_path / "p.csv"),
           f"was fit with --import {plugin}")
 

@@ -258,8 +258,9 @@ def test_every_weak_model_in_one_loop_with_a_grid_a_user_method_and_regret(tiny_
     r = CliRunner().invoke(tp_cli.main, ["--store", str(store), "--strong", tiny_clip, "--weak", "noisy,noisier",
                                          "--methods", "all", "--import", str(plugin), "--grid", "lr=0.01,0.003",
                                          "--seeds", "2", "--epochs", "2", "--batch-size", "32", "--n-ctx", "4",
-                                         "--device", "cpu", "--out", str(tmp_path / "tp")])
+                                         "--device", "cpu", "--models-per-step", "8", "--out", str(tmp_path / "tp")])
     assert r.exit_code == 0, r.output
+    assert "44 prompt models in 6 step(s) of up to 8" in r.output  # (5 methods x 2 weak + ceiling) x 2 lr x 2 seeds
     assert "prompts cut at their last EOT" in r.output and "model-epoch" not in r.output.split("## weak")[1]
     folders = {w: tmp_path / "tp" / w for w in ("noisy", "noisier")}
     summaries = {w: json.loads((f / "metrics.json").read_text()) for w, f in folders.items()}

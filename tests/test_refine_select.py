@@ -153,7 +153,26 @@ def test_regret_of_rules_whose_answer_is_known_by_construction():
     # a grid point that failed on a seed is never chosen, by any rule, even the oracle
     failed = np.array([[False, True], [False, False]])
     assert select.regret(history, failed)["oracle"]["grid_index"] == 0
-    assert select.regret({"test_acc": test}) is None  # w2s-tp's histories have no scores
+    assert select.regret({"test_acc": test}) is None  # a history without the rules' scores
+
+
+def test_a_method_whose_every_grid_point_failed_has_no_regret_row():
+    """Issue 31 (5): a failed method is reported as failed, never as an accuracy with regret +0.00 in the mean."""
+    from w2s_jax import results
+    from w2s_jax.config import Hparams
+
+    seeds, points, epochs = 2, 2, 3
+    test = np.full((seeds, points, epochs), 0.5)
+    history = {"test_acc": test, "train_loss": np.zeros_like(test),
+               **{f"score_{c}": test for c in select.CRITERIA}}
+    evals = {k: np.full((seeds, points), 0.5) for k in ("test_acc", "agreement", "val_score", "misfit", "test_ce")}
+    hps = Hparams(*(np.full(points, v, np.float32) for v in Hparams()))
+    weak = {"test_acc": np.full(seeds, 0.4), "test_ce": np.ones(seeds)}
+    failed = {"ce+lp": np.zeros((seeds, points), bool), "kd+lp": np.array([[True, False], [False, True]])}
+    summary = results.summarize({m: evals for m in failed}, {m: np.ones((seeds, points)) for m in failed}, hps, weak,
+                                None, failed, {m: history for m in failed})
+    assert summary["methods"]["kd+lp"]["failed"] and set(summary["selection"]["methods"]) == {"ce+lp"}
+    assert "kd+lp" not in results.selection_table(summary)
 
 
 def test_scores_of_one_model():
@@ -256,6 +275,21 @@ def test_a_defined_method_gets_refinements_and_may_not_take_an_at_name(registrie
     assert methods.definitions(["mix+lp@graph"]) == methods.definitions(["mix+lp"])  # the folder rebuilds the base
     with pytest.raises(ValueError, match="METHOD@KIND names a refinement"):
         methods.define_method("mine@knn", "linear", weak_hard=1.0)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("weak", "row label of the tables"), ("zero-shot", "row label"), ("mean regret (points)", "row label"),
+    ("best ceiling (x)", "row label"), ("a|b", "'|' is not allowed"), ("a\nb", "is not allowed"),
+    ("a\x00b", "is not allowed"), ("x" * 300, "300 characters"),
+])
+def test_names_that_would_break_a_table_or_a_file_are_refused_before_any_work(registries, name, message):
+    """Issue 31 (4, 8): a user method cannot take a table's row label (it replaced the weak row of Table 2) or a name
+    that breaks a table or a heads file (which failed only after training)."""
+    from w2s_jax import methods
+
+    with pytest.raises(ValueError, match=message):
+        methods.define_method(name, "linear", weak_hard=1.0)
+    assert name not in methods.METHODS
 
 
 def test_list_methods_shows_the_refinements():

@@ -16,7 +16,7 @@ import numpy as np
 
 from w2s_jax.saved_heads import HeadsError, load_heads
 from w2s_jax.splits import stacked_splits
-from w2s_jax.store import read_store
+from w2s_jax.store import read_store, rows_differ, rows_record
 
 
 def domain_of(folder: Path) -> tuple[str, str]:
@@ -36,6 +36,21 @@ def target_stores(folders) -> tuple[dict, list[str]]:
             continue
         stores.setdefault(domain, path)
     return stores, notes
+
+
+def remade(folders, stores: dict) -> dict:
+    """``{domain: why}`` for each target store whose test rows are not the ones a fit of its domain recorded
+    (:func:`w2s_jax.store.rows_differ`): a store remade at the same path, with other rows or other content, would
+    otherwise give a diagonal that is not the fit's."""
+    records = {domain: rows_record(store.splits["test"]) for domain, store in stores.items()}
+    found = {}
+    for folder in map(Path, folders):
+        fitted = json.loads((folder / "provenance.json").read_text()).get("test_rows")
+        domain = domain_of(folder)
+        why = rows_differ(fitted, records[domain]) if fitted and domain in records else ""
+        if why:
+            found.setdefault(domain, why)
+    return found
 
 
 def check_compatible(head, store, where: str) -> None:
@@ -102,6 +117,10 @@ def matrix(folders, cross_dir=None) -> tuple[dict, list[str], list[str]]:
     model's accuracies where they can be had (:func:`weak_on_target`)."""
     paths, notes = target_stores(folders)
     stores = {target: read_store(path) for target, path in paths.items()}  # each store read once
+    for target, why in remade(folders, stores).items():
+        del stores[target]
+        notes.append(f"{'/'.join(target)}: the store at {paths[target]} is not the one its fit used ({why}); that "
+                     "domain is left out as a target")
     found = {}
     for folder in map(Path, folders):
         weak = json.loads((folder / "config.json").read_text())["weak"]

@@ -103,15 +103,36 @@ def coeffs_of(method: Method) -> Coeffs:
     return row
 
 
+RESERVED_ROWS = ("weak", "zero-shot", "oracle")  # the tables' own row labels
+RESERVED_PREFIXES = ("best ceiling", "mean regret", "Δ")
+MAX_NAME = 100  # a method's name becomes a file name under heads/
+
+
+def check_method_name(name) -> None:
+    """A ValueError unless ``name`` can name a user method everywhere it goes: a table row (not one of the tables'
+    own labels, no '|' or line break), a file name (at most 100 characters, printable) and a method list (no
+    ',', no '@', which names a refinement)."""
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        raise ValueError(f"method name {name!r}: use a non-empty name without surrounding spaces")
+    bad = [c for c in name if c in "/\\,@|" or not c.isprintable()]
+    if bad:
+        raise ValueError(f"method name {name!r}: {bad[0]!r} is not allowed; use a plain name without '/', '\\', ',', "
+                         "'@' (METHOD@KIND names a refinement), '|' (a table's column separator) or control characters")
+    if len(name) > MAX_NAME:
+        raise ValueError(f"method name {name[:20]!r}...: {len(name)} characters; use at most {MAX_NAME} (it names "
+                         "the method's saved heads file)")
+    if name.lower() in RESERVED_ROWS or name.lower().startswith(tuple(p.lower() for p in RESERVED_PREFIXES)):
+        raise ValueError(f"method name {name!r} is a row label of the tables (weak, zero-shot, oracle, best "
+                         "ceiling..., mean regret..., Δ...); choose another name")
+
+
 def define_method(name: str, head: str, **coeffs) -> Method:
     """Register a method that is a row of the loss family, no code: ``define_method("half+lp", "linear",
     weak_soft=0.5, weak_hard=0.5)``. ``coeffs`` are :class:`w2s_jax.losses.Coeffs` fields; the row is stored in
     ``LOSSES`` under the method's name. Defining the same method again (a plugin imported twice) changes nothing.
     A ValueError names the problem: a name taken by a built-in or another definition, an unknown head or field,
     a negative weight, weights that do not sum to 1. Returns the registered :class:`Method`."""
-    if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\,@") or name != name.strip():
-        raise ValueError(f"method name {name!r}: use a plain name without '/', '\\', ',', '@' (METHOD@KIND names a "
-                         "refinement) or surrounding spaces")
+    check_method_name(name)
     if head not in HEADS and head != "prompt":
         raise ValueError(f"method {name}: unknown head {head!r}; valid: {', '.join(HEADS)}, prompt (w2s-tp) (a head "
                          "of your own: register it first, README: Add a head)")
@@ -198,6 +219,9 @@ def with_refinements(methods, kinds) -> tuple:
     return tuple(dict.fromkeys([*methods, *refined]))
 
 
+IMPORTED: set = set()  # the plugin names import_plugins has imported in this process (tests forget them again)
+
+
 def plugin_name(name: str) -> str:
     """How an --import is recognised across commands: a .py file by its stem, a module by its dotted name."""
     return Path(name).stem if name.endswith(".py") else name
@@ -232,6 +256,7 @@ def import_plugins(names, allow_replace: bool = False) -> None:
         except Exception as err:  # the plugin's own bug: name it, never a bare traceback
             raise ValueError(f"--import {name}: importing it raised {type(err).__name__}: {err}; fix the module") \
                 from None
+        IMPORTED.add(plugin_name(name))
         replaced = [f"{kind} {key!r}" for kind, reg in registries.items() for key, old in before[kind].items()
                     if reg.get(key) is not old]
         if replaced and not allow_replace:

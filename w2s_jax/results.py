@@ -56,7 +56,8 @@ def summarize(evals: dict, best_epochs: dict, hps, weak: dict, zero_shot, failed
     summary = {"weak": {k: np.asarray(v).tolist() for k, v in weak.items()},
                "zero_shot": None if zero_shot is None else {k: np.asarray(v).tolist() for k, v in zero_shot.items()},
                "methods": methods}
-    choices = {name: regret(h, None if not failed else failed[name]) for name, h in (histories or {}).items()}
+    choices = {name: regret(h, None if not failed else failed[name]) for name, h in (histories or {}).items()
+               if not methods[name]["failed"]}  # a failed method has no choice to regret
     summary["selection"] = {"rule": select, "methods": {m: c for m, c in choices.items() if c is not None}}
     return with_ceilings_and_pgr(summary)
 

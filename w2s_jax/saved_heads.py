@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -163,10 +164,23 @@ def check_saved(head: SavedHead, path: Path) -> None:
                          "or mixed with another fit's files: refit")
 
 
+def check_imports(results_dir, index: dict) -> None:
+    """A HeadsError unless every module the fit was run with (``--import``) is imported here: without it, its heads
+    or methods would be rebuilt from the built-in registry, or not at all. The one check wherever saved heads
+    produce numbers (w2s-predict, cross-domain evaluation, ``load_heads``)."""
+    from w2s_jax.methods import plugin_name
+
+    missing = [m for m in index.get("imports", []) if plugin_name(m) not in sys.modules]
+    if missing:
+        raise HeadsError(f"{results_dir} was fit with --import {' --import '.join(missing)}; pass the same --import "
+                         "here (or import it in Python first), so that its heads are rebuilt as they were trained")
+
+
 def load_heads(results_dir, methods=None) -> dict[str, SavedHead]:
     """{method: SavedHead} of a results folder written by w2s-fit or w2s-tp, ready to apply to features;
     ``methods``: read only these (default: all). Every head is checked against heads.json (:func:`check_saved`)."""
     index = read_index(results_dir)
+    check_imports(results_dir, index)
     folder = Path(results_dir) / FOLDER
     saved = index["hparams"]
     num_h = len(np.atleast_1d(saved["lr"]))  # a field added since the folder was written takes its default

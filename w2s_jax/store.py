@@ -256,3 +256,27 @@ def _check_finite(path, what: str, x: np.ndarray) -> None:
 def ids_digest(ids_N) -> str:
     """sha256 of a split's sample ids, in order: tells two stores of the same dataset apart by their rows."""
     return hashlib.sha256("\n".join(map(str, ids_N)).encode()).hexdigest()
+
+
+def rows_record(split) -> dict:
+    """What a fit records of the rows it saw, so that later commands can tell its own store by content: the row
+    count, a hash of the ids and a hash of the features and labels (a store remade at the same path, even with the
+    same ids, differs there)."""
+    content = hashlib.sha256(np.ascontiguousarray(split.features_NxD, np.float32).tobytes())
+    content.update(np.ascontiguousarray(split.labels_N, np.int64).tobytes())
+    return {"rows": len(split.ids_N), "ids_sha256": ids_digest(split.ids_N), "content_sha256": content.hexdigest()}
+
+
+def rows_differ(fitted: dict | None, here: dict) -> str:
+    """Why a store's rows (:func:`rows_record`) are not the ones a fit recorded, or "" if they are."""
+    if not fitted:
+        return "the folder does not record which rows it was fit on (fit before w2s 0.1's row record; refit to compare)"
+    if (fitted["rows"], fitted["ids_sha256"]) != (here["rows"], here["ids_sha256"]):
+        return (f"this store's test split has {here['rows']:,} rows (ids hash {here['ids_sha256'][:12]}), the fit's had "
+                f"{fitted['rows']:,} ({fitted['ids_sha256'][:12]}): the same dataset and split files, but other rows "
+                "(a re-extraction that skipped files, say)")
+    if fitted.get("content_sha256", here["content_sha256"]) != here["content_sha256"]:
+        return ("this store holds the fit's row ids with other features or labels (content hash "
+                f"{here['content_sha256'][:12]}, the fit's {fitted['content_sha256'][:12]}): it was remade since "
+                "the fit (another encoder run or weak model, say); refit on it to compare")
+    return ""
