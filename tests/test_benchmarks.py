@@ -62,7 +62,7 @@ def test_gpu_check_writes_one_json_line_per_step(tmp_path):
     assert "PyTorch / ours" in lines["fit_many_models"]["output"]
     assert "all methods / one method" in lines["compile_methods"]["output"]
     assert "steady-state efficiency" in lines["extract"]["output"]
-    assert "fp32/bf16 per epoch" in lines["prompt_tuning"]["output"]
+    assert "loop/one step =" in lines["prompt_tuning"]["output"]
 
 
 def test_bench_refine_compares_with_scikit_learn():
