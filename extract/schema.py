@@ -50,7 +50,10 @@ class TP(_Section):
     n_ctx: StrictInt = 16
     ctx_init: StrictStr = ""
     precision: StrictStr = "fp32"
+    select: StrictStr = "agreement"
+    refine: list[StrictStr] = []
     hparams: dict[str, Number] = {}
+    grid: dict[str, list[Number]] = {}
 
 
 class Extract(_Section):
