@@ -78,6 +78,23 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | None) -> str:
+    """``--device`` checked with the other options, before any lock or work: the default, or a torch device that
+    exists here; a ValueError names the problem and the fix (a CUDA device on a machine without one, say)."""
+    import torch
+
+    if device is None:
+        return default_device()
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device torch can use; use --device cpu, or "
+                         "leave --device out (cuda when present, else cpu)")
+    return device
+
+
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--dataset", type=click.Choice(DATASETS), default=None,
               help="[default: from --domain: a DomainNet domain means domainnet, mnist/digits or none the demo]")
@@ -132,7 +149,11 @@ def main(ctx, dataset, domain, root, download, mirror, strong, weak, out, templa
     is_demo = dataset == "demo"
     strong = strong or (DEMO_ENCODER if is_demo else "ViT-B-32:openai")
     weak = expand_weak(weak) or (["pixels"] if is_demo else ["resnet18"])
-    opts = Options(device=device or default_device(), batch_size=batch_size, num_workers=num_workers,
+    try:
+        device = resolve_device(device)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    opts = Options(device=device, batch_size=batch_size, num_workers=num_workers,
                    on_corrupt=on_corrupt, weak_epochs=weak_epochs, feature_dtype=feature_dtype,
                    shard=_parse_shard(shard), decode=decode, log=click.echo)
     try:

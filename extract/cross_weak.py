@@ -18,7 +18,7 @@ import numpy as np
 
 from extract import pipeline, weak
 from extract.datasets import Dataset
-from w2s_jax.cross_domain import cross_weak_file
+from w2s_jax.cross_domain import cross_weak_file, read_cross_weak
 
 
 def probe_features(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, opts: pipeline.Options) -> dict:
@@ -49,10 +49,14 @@ def write_cross_weak(source: Dataset, source_rows: dict, target: Dataset, target
     """Write the source's weak model ``spec`` applied to the target's test rows: a probe retrained on the source's
     train rows, or a fine-tuned model from the weights kept beside ``source_store``; None where those weights are
     missing. ``source_rows``: {split: (ids, labels)} of the source store; ``target_rows``: (ids, labels) of the target
-    store's test split. Done once: an existing file is kept."""
+    store's test split. Done once: an existing valid file is kept, an invalid one (cut short, say) written again."""
     out = cross_weak_file(folder, spec.name, f"{source.name}/{source.domain}", f"{target.name}/{target.domain}")
     if out.exists():
-        return out
+        try:
+            read_cross_weak(out)
+            return out
+        except ValueError as err:
+            opts.log(f"{err}: writing it again")
     parts = out.with_name(out.stem + ".parts")
     if spec.mode == "probe":
         train = probe_features(spec, source, {"train": source_rows["train"]}, parts / "source", opts)["train"]

@@ -161,6 +161,10 @@ def _check_extract(ex: dict) -> None:
             check_number(f"[extract] {key}", ex[key], low, math.inf, integer=True)
     if "device" in ex and not isinstance(ex["device"], str):
         raise ValueError(f"[extract] device = {ex['device']!r}; valid: a torch device name such as 'cpu' or 'cuda'")
+    if "device" in ex:
+        from extract.cli import resolve_device
+
+        resolve_device(ex["device"])  # a CUDA device on a machine without one is refused before any work
 
 
 def tp_config(tp: dict, store, strong: str, weak: str, device: str):

@@ -358,6 +358,10 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
         return _add_weak_models(dataset, strong_spec, specs, out, opts)
     parts = out.with_name(out.name + ".parts")
     out.parent.mkdir(parents=True, exist_ok=True)
+    stale = weak_weights(out, "x").parent
+    if stale.is_dir() and not parts.exists():
+        opts.log(f"note: {stale} holds the fine-tuned weak weights of an earlier store at {out} (removed by hand?); "
+                 "each is replaced when this extraction fine-tunes that weak model, and no other is read")
     encoder = encoders.load_strong(strong_spec, opts.device)
     templates = tuple(templates) if encoder.encode_text else ()
     _check_or_write_meta(parts, provenance_for(dataset, encoder.id, encoder.preprocessing, templates))

@@ -202,7 +202,7 @@ def accuracy_lines(preds: Predictions, head: SavedHead, results_dir, split, seed
 def main(results_dir, store, split, images, export_prototypes, method, seed, grid_index, out, overwrite, checkpoint,
          device, batch_size, num_workers, plugins, allow_replace):
     """Classify a store's rows or a folder of images with a head saved by w2s-fit, or export its prototypes."""
-    from extract.cli import default_device
+    from extract.cli import resolve_device
 
     if sum(x is not None for x in (store, images, export_prototypes)) != 1:
         raise click.UsageError("give exactly one of --store, --images and --export-prototypes")
@@ -211,6 +211,7 @@ def main(results_dir, store, split, images, export_prototypes, method, seed, gri
     if target.suffix not in wanted:
         raise click.UsageError(f"{target}: the file must end in {' or '.join(np.atleast_1d(wanted))}")
     try:
+        device = resolve_device(device) if images else device
         import_plugins(plugins, allow_replace)
         outputs.check_output(target, folder=False)
         if not target.parent.is_dir():
@@ -229,7 +230,7 @@ def main(results_dir, store, split, images, export_prototypes, method, seed, gri
             preds = predict_store(head, store, split, seed, grid_index)
         else:
             preds = predict_images(head, results_dir, images, seed, grid_index, checkpoint=checkpoint,
-                                   device=device or default_device(), batch_size=batch_size, num_workers=num_workers)
+                                   device=device, batch_size=batch_size, num_workers=num_workers)
         lines = accuracy_lines(preds, head, results_dir, split, seed, grid_index)  # every file read before writing
         write_predictions(target, preds, head.class_names)
     except ValueError as err:  # HeadsError, StoreError, EncoderError, OutputError are ValueErrors

@@ -193,7 +193,7 @@ def out_folders(out, store: str, weaks) -> dict:
 def main(store, strong, weak, methods, refine, seeds, epochs, batch_size, optimizer, lr, temperature, logit_scale,
          grid, select, n_ctx, ctx_init, device, precision, memory_gib, models_per_step, plugins, out, overwrite):
     """Prompt tuning (CoOp) with every TP method as data, and the text-encoder ablation."""
-    from extract.cli import default_device
+    from extract.cli import resolve_device
     from w2s_jax import results
 
     try:
@@ -204,7 +204,7 @@ def main(store, strong, weak, methods, refine, seeds, epochs, batch_size, optimi
         chosen = tp_methods(refined=False) if methods.strip() == "all" else tuple(
             m.strip() for m in methods.split(",") if m.strip())
         check_methods(chosen, valid=tp_methods(), command="w2s-tp")
-        device = device or default_device()
+        device = resolve_device(device)
         cfg = TPConfig(store=str(store), strong=strong, weak=weaks[0],
                        methods=with_refinements(chosen, [k.strip() for k in refine.split(",") if k.strip()]),
                        seeds=seeds, epochs=epochs, batch_size=batch_size, optimizer=optimizer, n_ctx=n_ctx,

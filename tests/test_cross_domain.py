@@ -1,6 +1,7 @@
 """W2S across domains (issue 24): saved heads evaluated on every other store of the same encoder and classes,
 without refitting; mismatched stores refused by name; a missing store left out with a note."""
 import dataclasses
+import io
 import json
 
 import numpy as np
@@ -116,6 +117,14 @@ def test_the_weak_probe_across_domains_is_the_store_own_probe_and_gives_pgr(imag
     path = cross_weak.write_cross_weak(data["ink"], rows["ink"], data["paper"], rows["paper"]["test"], spec,
                                        tmp_path / "cw", opts)
     assert path == cross_domain.cross_weak_file(tmp_path / "cw", "pixels@2", "imagefolder/ink", "imagefolder/paper")
+    # issue 31 (11): a file cut short is named on read, and written again rather than kept as "done"
+    good = path.read_bytes()
+    path.write_bytes(good[:50])
+    with pytest.raises(ValueError, match=f"{path.name}: not a readable weak-model file"):
+        cross_domain.read_cross_weak(path)
+    cross_weak.write_cross_weak(data["ink"], rows["ink"], data["paper"], rows["paper"]["test"], spec, tmp_path / "cw",
+                                opts)
+    np.testing.assert_array_equal(cross_domain.read_cross_weak(path)[1], np.load(io.BytesIO(good))["logits_NxK"])
     assert cross_weak.write_cross_weak(data["ink"], rows["ink"], data["paper"], rows["paper"]["test"],
                                        weak.parse_weak("resnet18"), tmp_path / "cw", opts,
                                        tmp_path / "ink.h5") is None  # fine-tuned, and no weights kept for it
@@ -182,3 +191,26 @@ def test_heads_of_a_fit_with_an_import_need_that_import(two_domains, tmp_path):
     index_path.write_text(json.dumps({**index, "imports": ["my_unimported_heads"]}))
     with pytest.raises(HeadsError, match="was fit with --import my_unimported_heads"):
         cross_domain.evaluate(folder, read_store(stores["near"]), "store near")
+
+
+def test_cross_domain_finds_the_stores_from_another_folder(two_domains, tmp_path, monkeypatch):
+    """Issue 31 (10, 18): the fit records its store's absolute path, so the report finds it from any working folder;
+    no target at all is an error with the notes, not an empty report; --cross-weak is checked."""
+    stores, fits = two_domains
+    monkeypatch.chdir(stores["near"].parent)
+    relative = fit(stores["near"].name, tmp_path / "relative")  # the store given as a relative path
+    monkeypatch.chdir(tmp_path)
+    _, targets, notes = cross_domain.matrix([relative, fits["far"]])
+    assert targets == ["synthetic/far", "synthetic/near"] and notes == []
+    r = CliRunner().invoke(report.main, [str(fits["near"]), "--cross-domain", "--cross-weak", str(tmp_path / "nope"),
+                                         "--out", str(tmp_path / "rep")])
+    assert r.exit_code != 0 and "no such folder" in r.output
+    r = CliRunner().invoke(report.main, [str(fits["near"]), "--cross-weak", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert r.exit_code != 0 and "add --cross-domain" in r.output
+    moved = tmp_path / "near.h5"
+    stores["near"].rename(moved)
+    try:
+        r = CliRunner().invoke(report.main, [str(fits["near"]), "--cross-domain", "--out", str(tmp_path / "r2")])
+    finally:
+        moved.rename(stores["near"])
+    assert r.exit_code != 0 and "not on disk" in r.output and "Traceback" not in r.output

@@ -145,3 +145,25 @@ def test_prompt_tuning_runs_once_per_store_for_every_weak_model(tmp_path, monkey
         assert (folder / "heads" / "heads.json").exists()
     experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
     assert len(calls) == 1  # done already
+
+
+def test_editing_a_defined_method_fits_it_again(tmp_path):
+    """Issue 31 (7): the folder key holds the [methods.X] definitions, so an edit fits X again instead of reusing
+    the stale fit (which then crashed every rerun)."""
+    base = (TOML.format(out=tmp_path / "out").replace('multi_weak = ["raven+cpl"]\n', "")
+            .replace('"cpl", "kd+lp", "ceiling+proto"', '"mine+lp", "ceiling+lp"')
+            .replace('weak = ["pixels@2", "pixels@3"]', 'weak = ["pixels@2"]'))
+    folders = []
+    for weight in (0.5, 0.25, 0.5):
+        path = write(tmp_path, base + f"[methods.mine+lp]\nhead = \"linear\"\nweak_soft = {weight}\n"
+                                      f"weak_hard = {1 - weight}\n")
+        lines = []
+        experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: lines.append(" ".join(a)))
+        folders.append(next(line for line in lines if "fit-" in line and ("finished" in line or "done already" in line)))
+        from w2s_jax import methods
+
+        for name in ("mine+lp", *(f"mine+lp@{k}" for k in ("knn", "graph", "filter"))):  # a new process each time
+            methods.METHODS.pop(name, None)
+        methods.LOSSES.pop("mine+lp", None)
+    assert folders[0].startswith("finished") and folders[1].startswith("finished") and folders[2].startswith("done")
+    assert folders[0].split()[-1] != folders[1].split()[-1] and folders[0].split()[-1] == folders[2].split()[-1]

@@ -185,6 +185,47 @@ def test_a_plugin_that_raises_is_named(fitted, tmp_path):
           "half-written plugin")
 
 
+def test_a_plugin_that_exits_or_clashes_is_named(fitted, tmp_path, registries):
+    """Issue 31 (16): a plugin's sys.exit() is an error naming it, not a silent end; a name clash names the plugin."""
+    store, _ = fitted
+    quitter = tmp_path / "quitter.py"
+    quitter.write_text("import sys\nsys.exit(3)\n")
+    clean(fit(store, tmp_path / "r", "--import", quitter), "quitter.py: importing it raised SystemExit")
+    clash = tmp_path / "clash.py"
+    clash.write_text("from w2s_jax.methods import define_method\ndefine_method('kd+lp', 'linear', weak_hard=1.0)\n")
+    clean(fit(store, tmp_path / "r2", "--import", clash), "--import", "clash.py", "the name exists already")
+
+
+def test_unclear_messages_now_say_what_is_wrong(fitted, tmp_path):
+    """Issue 31 (16): a refined ceiling, an empty grid list."""
+    store, _ = fitted
+    clean(fit(store, tmp_path / "r", methods="ceiling+lp@knn"), "the ceilings and the multi-weak methods are not refined")
+    clean(fit(store, tmp_path / "r", "--grid", "lr="), "lr")
+    from w2s_jax.config import check_hparams, Hparams
+
+    with pytest.raises(ValueError, match="give at least one value"):
+        check_hparams(Hparams(), (("lr", ()),))
+
+
+def test_builtin_methods_are_not_recorded_as_user_definitions(fitted, tmp_path, registries):
+    """Issue 31 (15): config.json's "defined" holds the user's methods only; two folders defining one name differently
+    are told that the folders conflict."""
+    from w2s_jax import methods, results
+
+    _, res = fitted
+    assert json.loads((res / "config.json").read_text())["defined"] == []
+    assert methods.definitions(["cpl", "kd+lp", "cpl@knn"]) == ()
+    a, b = copy_of(res, tmp_path / "a"), copy_of(res, tmp_path / "b")
+    for folder, weight in ((a, 0.5), (b, 0.25)):
+        path = folder / "metrics.json"
+        summary = json.loads(path.read_text())
+        summary["defined"] = [["mine+lp", "linear", [["weak_soft", weight], ["weak_hard", 1 - weight]]]]
+        path.write_text(json.dumps(summary))
+    results.load_summary(a)
+    with pytest.raises(ValueError, match="defined otherwise already .* cannot be read together"):
+        results.load_summary(b)
+
+
 # 12. damaged files are named
 @pytest.mark.parametrize("damage, words", [
     ("heads/cpl.msgpack", ["cpl.msgpack cannot be read", "cut short"]),

@@ -66,7 +66,8 @@ def test_each_refinement_matches_its_numpy_reference_in_chunks(pool):
     np.testing.assert_array_equal(np.asarray(refine.filter_weights(probs, vote, 0.3)), np_filter(probs, vote, 0.3))
     # and through refine(): log-probabilities of the refined target, the weights of the kept rows
     logits, weights = refine.refine(refine.Refinement("graph", 5, 0.7), feats, weak)
-    np.testing.assert_allclose(np.exp(np.asarray(logits)), np_propagate(probs, reference, 0.7, 20), atol=1e-5)
+    np.testing.assert_allclose(np.exp(np.asarray(logits)), np_propagate(probs, reference, 0.7, refine.propagation_steps(0.7)),
+                               atol=1e-5)
     assert np.all(np.asarray(weights) == 1)
     logits, weights = refine.refine(refine.Refinement("filter", 5, 0.0, 0.3), feats, weak)
     np.testing.assert_array_equal(np.asarray(logits), weak)  # a filter keeps the weak labels, drops rows
@@ -98,6 +99,21 @@ def test_graph_at_its_limits(pool):
     np.testing.assert_allclose(np.asarray(refine.propagate(probs, index, 0.0)), probs, atol=1e-6)
     np.testing.assert_allclose(np.asarray(refine.propagate(probs, index, 1.0, steps=1)),
                                np.asarray(refine.knn_vote(probs, index)), atol=1e-6)
+
+
+def test_graph_propagation_converges_near_alpha_one(pool):
+    """Issue 31 (noticed): 20 fixed steps left α close to 1 far from the fixed point; the steps now follow α
+    (20 at the default 0.5), and α above 0.95 is refused by its range."""
+    from w2s_jax.config import FitConfig, Hparams
+
+    feats, weak = pool
+    probs, index = np_softmax(weak), refine.neighbours(feats, 5)
+    assert refine.propagation_steps(0.5) == 20 and refine.propagation_steps(0.95) == 271
+    converged = np.asarray(refine.propagate(probs, index, 0.95, steps=3000))
+    np.testing.assert_allclose(np.asarray(refine.propagate(probs, index, 0.95)), converged, atol=1e-5)
+    assert np.abs(np.asarray(refine.propagate(probs, index, 0.95, steps=20)) - converged).max() > 1e-2
+    with pytest.raises(ValueError, match="refine_alpha = 0.99 is out of range"):
+        FitConfig(store="s", weak="w", methods=("ce+lp@graph",), hparams=Hparams(refine_alpha=0.99))
 
 
 def cluster_with_wrong_labels(seed=0, k=4, per_class=60, wrong=0.25):
@@ -241,6 +257,15 @@ def test_refined_rows_from_the_cli_beat_the_unrefined_one(noisy_store, tmp_path)
     assert load_heads(tmp_path / "r", ["ce+lp"])["ce+lp"].logits(feats).shape == (7, 5)
 
 
+def test_a_filter_that_would_drop_nearly_every_row_is_refused():
+    """Issue 31 (13): refine_c near 1 dropped every hold_val row without a word; it is refused by its range."""
+    from w2s_jax.config import FitConfig, Hparams
+
+    with pytest.raises(ValueError, match=r"refine_c = 0.95 is out of range; valid: \[0, 0.9\]"):
+        FitConfig(store="s", weak="w", methods=("ce+lp@filter",), hparams=Hparams(refine_c=0.95))
+    FitConfig(store="s", weak="w", methods=("ce+lp@filter",), hparams=Hparams(refine_c=0.9))
+
+
 def test_select_changes_what_is_kept_and_is_recorded(noisy_store, tmp_path):
     _, by_agreement = fit(noisy_store, tmp_path / "a", "--methods", "ce+lp", "--grid", "lp_shrinkage=0.1,0.9")
     _, by_refined = fit(noisy_store, tmp_path / "b", "--methods", "ce+lp", "--grid", "lp_shrinkage=0.1,0.9",
@@ -296,3 +321,38 @@ def test_list_methods_shows_the_refinements():
     out = CliRunner().invoke(cli.main, ["--list-methods"]).output
     assert "ce+lp@knn" in out and "cpl@graph" in out and "refined by filter" in out
     assert "ceiling+lp@knn" not in out and "raven+lp@knn" not in out
+
+
+def test_refined_methods_fitted_without_their_base_are_reported(noisy_store, tmp_path):
+    """Issue 31 (6): METHOD@KIND rows stand where their base would, fitted or not; nothing fitted vanishes."""
+    from w2s_jax import results
+
+    assert results.method_order(["cpl@graph", "ce+lp@knn", "ceiling+lp"]) == ["ce+lp@knn", "cpl@graph", "ceiling+lp"]
+    out, summary = fit(noisy_store, tmp_path / "r", "--methods", "cpl@graph,ce+lp@knn,ceiling+lp", "--epochs", "2")
+    for row in ("| ce+lp@knn |", "| cpl@graph |"):
+        assert row in out and row in (tmp_path / "r" / "table.md").read_text()
+    assert set(summary["selection"]["methods"]) == {"ce+lp@knn", "cpl@graph"}
+
+
+def test_a_fit_without_refinements_runs_on_a_small_store(tmp_path):
+    """Issue 31 (9): the `refined` rule's reference kNN, which nobody asked for by name, uses at most pool - 1
+    neighbours, so a 12-row store is fitted instead of refused after compiling."""
+    from conftest import synthetic_store
+
+    path = tmp_path / "small.h5"
+    synthetic_store(path, n_test=12)
+    out, summary = fit(path, tmp_path / "r", "--methods", "ce+lp", "--batch-size", "4", "--epochs", "2")
+    assert "ce+lp" in summary["methods"] and not summary["methods"]["ce+lp"]["failed"]
+
+
+def test_the_delta_note_names_the_rule_and_show_says_select_is_ignored(noisy_store, tmp_path):
+    """Issue 31 (17, 19): Δ's baseline is chosen by the fit's rule and its note says which; --show does not
+    re-select, and says so."""
+    from w2s_jax import report
+
+    fit(noisy_store, tmp_path / "r", "--methods", "cpl,ce+lp,kd+lp", "--select", "refined", "--epochs", "2")
+    tables, _ = report.write_report([tmp_path / "r"], tmp_path / "rep")
+    table2 = next(t for t in tables if t.name.startswith("table2"))
+    assert "selection rule (refined;" in table2.note
+    r = CliRunner().invoke(cli.main, ["--show", str(tmp_path / "r"), "--select", "misfit"])
+    assert r.exit_code == 0 and "--select misfit is ignored with --show" in r.output

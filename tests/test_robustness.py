@@ -256,6 +256,27 @@ def test_extraction_out_and_lock_are_checked_before_work(tmp_path):
     assert r.exit_code != 0 and "another process is writing" in r.output and "Traceback" not in r.output
 
 
+def test_a_cuda_device_without_cuda_is_refused_before_any_lock_or_work(tmp_path, tiny_clip, store_path):
+    """Issue 31 (12): --device cuda on a machine without CUDA is an option error (w2s-extract, w2s-tp, w2s-predict,
+    [extract] device), not torch's driver traceback after the lock files were made."""
+    import torch
+
+    from extract import predict_cli, tp_cli
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "s.h5"
+    r = CliRunner().invoke(extract_cli.main, ["--dataset", "demo", "--device", "cuda", "--out", str(out)])
+    assert r.exit_code != 0 and "no CUDA device" in r.output and "Traceback" not in r.output
+    assert list(tmp_path.iterdir()) == []  # no lock file, no parts folder
+    r = CliRunner().invoke(tp_cli.main, ["--store", str(store_path), "--strong", tiny_clip, "--device", "cuda:0"])
+    assert r.exit_code != 0 and "no CUDA device" in r.output
+    r = CliRunner().invoke(predict_cli.main, ["--results", str(tmp_path), "--images", str(tmp_path), "--device", "nope"])
+    assert r.exit_code != 0 and "is not a torch device" in r.output
+    with pytest.raises(ValueError, match="no CUDA device"):
+        experiment._check_extract({"device": "cuda"})
+
+
 # ------------------------------------------------------------------------------ 14. the test run's summary
 
 

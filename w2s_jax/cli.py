@@ -146,6 +146,9 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
                    "(the T² factor cancels), so kd+proto and cpl+lp (= kd+lp) are not registered.")
         return
     if show:
+        if select != "agreement":
+            click.echo(f"note: --select {select} is ignored with --show: each folder keeps the rule it was fit with; "
+                       "its regret table shows what every rule would keep", err=True)
         try:
             results.check_mergeable(show)
             click.echo(results.all_tables(results.merge([results.load_summary(d) for d in show])))

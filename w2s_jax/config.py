@@ -41,8 +41,8 @@ HPARAM_RANGES = {
     "tau_a": (0.0, math.inf, False, False),
     "raven_lr": (0.0, math.inf, True, False),
     "refine_k": (1.0, math.inf, True, False),
-    "refine_alpha": (0.0, 1.0, True, True),
-    "refine_c": (0.0, 1.0, True, False),
+    "refine_alpha": (0.0, 0.95, True, True),  # graph propagation converges in ~1/(1-α) steps (refine.propagation_steps)
+    "refine_c": (0.0, 0.9, True, True),  # above 0.9 a filter leaves too few rows to train and select on
 }
 INTEGER_HPARAMS = ("refine_k",)
 
@@ -73,7 +73,9 @@ def check_hparams(hp: Hparams, grid=()) -> None:
     for field, values in grid:
         if field not in HPARAM_RANGES:
             raise ValueError(f"unknown hyperparameter {field!r} in the grid; valid: {', '.join(Hparams._fields)}")
-        if len(set(values)) != len(values) or not values:
+        if not values:
+            raise ValueError(f"grid {field} = []: give at least one value")
+        if len(set(values)) != len(values):
             raise ValueError(f"grid {field} = {list(values)}: give each value once")
         for v in values:
             check_number(f"grid {field}", v, *HPARAM_RANGES[field])

@@ -29,7 +29,9 @@ def target_stores(folders) -> tuple[dict, list[str]]:
     no longer on disk is left out, with a note saying so."""
     stores, notes = {}, []
     for folder in map(Path, folders):
-        path = Path(json.loads((folder / "config.json").read_text())["store"])
+        # the store's absolute path, recorded by the fit; a folder written before that holds the path as given
+        recorded = json.loads((folder / "provenance.json").read_text()).get("store_file")
+        path = Path(recorded or json.loads((folder / "config.json").read_text())["store"])
         domain = domain_of(folder)
         if not path.is_file():
             notes.append(f"{'/'.join(domain)}: its store {path} is not on disk; that domain is left out as a target")
@@ -91,6 +93,21 @@ def cross_weak_file(folder, weak: str, source: str, target: str) -> Path:
     return Path(folder) / weak / f"{source.replace('/', '-')}__on__{target.replace('/', '-')}.npz"
 
 
+def read_cross_weak(path) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids_N, logits_NxK)`` of an ``extract.cross_weak`` file; a ValueError naming the file when it is cut short,
+    not an npz, or holds mismatched or non-finite arrays."""
+    try:
+        with np.load(path) as z:
+            ids, logits = np.asarray(z["ids"]), np.asarray(z["logits_NxK"])
+    except Exception as err:  # zipfile, pickle and key errors alike: the file is not what cross_weak writes
+        raise ValueError(f"{path}: not a readable weak-model file ({type(err).__name__}); delete it, and w2s-run "
+                         "writes it again") from None
+    if logits.ndim != 2 or len(ids) != len(logits) or not np.isfinite(logits).all():
+        raise ValueError(f"{path}: {len(ids)} ids against logits of shape {logits.shape}, or non-finite logits; "
+                         "delete it, and w2s-run writes it again")
+    return ids, logits
+
+
 def weak_on_target(cross_dir, weak: str, source: str, target: str, store, seeds: int):
     """The weak model ``weak`` of ``source`` on ``target``'s test' rows of each seed (S), or None where it cannot be
     had: on its own domain from the store; elsewhere from ``extract.cross_weak``'s file in ``cross_dir``, if any."""
@@ -103,10 +120,9 @@ def weak_on_target(cross_dir, weak: str, source: str, target: str, store, seeds:
         path = cross_weak_file(cross_dir, weak, source, target) if cross_dir is not None else None
         if path is None or not path.is_file():
             return None
-        with np.load(path) as z:
-            if tuple(z["ids"].tolist()) != tuple(test.ids_N):
-                return None  # made for another version of the target store
-            logits = z["logits_NxK"]
+        ids, logits = read_cross_weak(path)
+        if tuple(ids.tolist()) != tuple(test.ids_N):
+            return None  # made for another version of the target store
     splits = stacked_splits(len(test.ids_N), seeds)
     return [float(np.mean(logits[rows].argmax(1) == test.labels_N[rows])) for rows in splits.test_prime]
 

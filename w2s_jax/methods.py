@@ -85,6 +85,7 @@ def register_refinements(names) -> None:
 
 
 register_refinements(METHODS)
+BUILTIN = frozenset(METHODS)  # the registry as shipped: never recorded as a user definition
 CEILING_OF_HEAD = {"linear": "ceiling+lp", "prototype": "ceiling+proto", "prompt": "ceiling+tp"}
 # "text-encoder" (cpl+textenc) has no ceiling of its own, so no PGR
 TORCH_METHODS = tuple(m for m, spec in METHODS.items() if spec.head in TORCH_HEADS and not spec.refine)
@@ -159,7 +160,7 @@ def definitions(names) -> tuple:
     their own), as saved in a results folder (``FitConfig.defined``) so that the folder alone rebuilds them."""
     bases = dict.fromkeys(n.rpartition("@")[0] if n in METHODS and METHODS[n].refine else n for n in names)
     return tuple((n, METHODS[n].head, tuple(LOSSES[n]._asdict().items())) for n in bases
-                 if n in METHODS and METHODS[n].loss == n)
+                 if n in METHODS and METHODS[n].loss == n and n not in BUILTIN)
 
 
 def restore_methods(saved) -> None:
@@ -204,6 +205,11 @@ def check_methods(names, valid=None, command="w2s-fit") -> tuple[str, ...]:
         other = "w2s-tp (PyTorch)" if METHODS[wrong_side[0]].head in TORCH_HEADS else "w2s-fit (JAX)"
         raise ValueError(f"method(s) {wrong_side} are not run by {command}; use {other}")
     unknown = [n for n in names if n not in METHODS]
+    not_refined = [n for n in unknown if n.rpartition("@")[0] in METHODS and n.rpartition("@")[2] in REFINEMENTS]
+    if not_refined:
+        raise ValueError(f"{not_refined[0]}: the ceilings and the multi-weak methods are not refined (a ceiling trains "
+                         "on ground truth; a multi-weak teacher is learned); refine a method trained on one weak "
+                         "model's labels, e.g. kd+lp@knn")
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(valid)} (see {command} --list-methods)")
     return tuple(names)
@@ -236,10 +242,10 @@ def import_plugins(names, allow_replace: bool = False) -> None:
     for name in names:
         before = {kind: dict(reg) for kind, reg in registries.items()}
         path = Path(name)
+        if path.suffix == ".py" and not path.is_file():
+            raise ValueError(f"--import {name}: no such file")
         try:
             if path.suffix == ".py":
-                if not path.is_file():
-                    raise ValueError(f"--import {name}: no such file")
                 spec = importlib.util.spec_from_file_location(path.stem, path)
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[path.stem] = module
@@ -251,9 +257,9 @@ def import_plugins(names, allow_replace: bool = False) -> None:
         except ImportError as err:
             raise ValueError(f"--import {name}: {err}; give a module importable from {Path.cwd()} or a .py file") \
                 from None
-        except ValueError:
-            raise
-        except Exception as err:  # the plugin's own bug: name it, never a bare traceback
+        except ValueError as err:
+            raise ValueError(f"--import {name}: {err}") from None
+        except (Exception, SystemExit) as err:  # the plugin's own bug or exit: name it, never a bare traceback
             raise ValueError(f"--import {name}: importing it raised {type(err).__name__}: {err}; fix the module") \
                 from None
         IMPORTED.add(plugin_name(name))

@@ -30,10 +30,10 @@ from w2s_jax.methods import CEILING_OF_HEAD, METHODS, MULTI_WEAK
 BEST_CEILING = "best ceiling (hold_val)"
 DELTA = "Δ (cpl − best baseline by hold_val)"
 DELTA_TEST = "Δ (cpl − best baseline by test', paper's convention)"
-TABLE2_NOTE = ("The best baseline of Δ is the weak-supervised method (not cpl) with the highest mean hold_val "
-               "agreement with the weak labels, the paper's label-free criterion; the row marked \"paper's convention\" "
-               "picks it by test' accuracy instead, a selection on test'. The best ceiling is the ground-truth head "
-               "with the highest hold_val accuracy.")
+TABLE2_NOTE = ("The best baseline of Δ is the weak-supervised method (not cpl) with the highest mean hold_val score "
+               "of the fit's selection rule ({rules}; agreement with the weak labels is the paper's label-free "
+               "criterion); the row marked \"paper's convention\" picks it by test' accuracy instead, a selection on "
+               "test'. The best ceiling is the ground-truth head with the highest hold_val accuracy.")
 
 
 @dataclasses.dataclass
@@ -147,7 +147,9 @@ def table2(groups: list[Group], weak: str) -> Table:
             avg = f"{np.mean(deltas):+.2f}" if all(d is not None for d in deltas) else ""
             rows.append([label, *shown, avg])
     return Table(f"table2-{weak}", f"Table 2 analogue: test' accuracy (%) by domain, weak model {weak}",
-                 ["method", *[f"{g.dataset}/{g.domain}" for g in cols], "Avg."], rows, TABLE2_NOTE)
+                 ["method", *[f"{g.dataset}/{g.domain}" for g in cols], "Avg."], rows,
+                 TABLE2_NOTE.format(rules=", ".join(sorted({g.summary.get("selection", {}).get("rule", "agreement")
+                                                            for g in cols}))))
 
 
 def headline(groups: list[Group], weak: str) -> Table:
@@ -326,7 +328,8 @@ CROSS_NOTE = ("Each cell: test' accuracy (%), mean ± std over seeds, of the hea
               "the grid point chosen on its own hold_val), evaluated on the column's store, on its test' rows of each "
               "seed; nothing is refitted. The diagonal is the in-domain result. The row 'weak' is the row domain's "
               "weak model on the column's images: a probe retrained on the row's domain and applied there "
-              "(extract/cross_weak.py); a fine-tuned weak model is not kept, so its cells are blank. Where it exists, "
+              "(extract/cross_weak.py), or a fine-tuned one applied from its kept weights (STORE.weak/); where "
+              "those were not kept (a store made before they were), its cells are blank. Where it exists, "
               "a cell's PGR is (method − weak) / (ceiling of the method's head − weak) from the means, the ceiling "
               "evaluated the same way, shown where that ceiling beats the weak model. The last columns average the "
               "diagonal and the off-diagonal cells.")
@@ -350,6 +353,8 @@ def cross_domain_tables(folders, cross_dir=None) -> tuple[list[Table], dict]:
     from w2s_jax import cross_domain
 
     found, targets, notes = cross_domain.matrix(folders, cross_dir)
+    if not targets:
+        raise ValueError("--cross-domain: no store of these results folders can be a target: " + "; ".join(notes))
     tables, points = [], {}
     for weak, methods in sorted(found.items()):
         rows = []
@@ -594,6 +599,10 @@ def main(results_dirs, out, curves, paper, cross_domain, cross_weak, plugins, al
     from w2s_jax.methods import import_plugins
 
     try:
+        if cross_weak is not None and not cross_domain:
+            raise ValueError("--cross-weak gives the weak models across domains for --cross-domain; add --cross-domain")
+        if cross_weak is not None and not Path(cross_weak).is_dir():
+            raise ValueError(f"--cross-weak {cross_weak}: no such folder (w2s-run writes it as OUT/cross-weak)")
         import_plugins(plugins, allow_replace)
         tables, figures = write_report(results_dirs, out, curves=tuple(curves.split(",")), paper=paper,
                                        cross_domain=cross_domain, cross_dir=cross_weak)

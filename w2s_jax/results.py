@@ -202,7 +202,12 @@ def load_summary(out_dir) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}): the file is damaged or cut short; refit into "
                          f"{out_dir} (w2s-fit ... --out {out_dir} --overwrite)") from None
-    restore_methods(summary.get("defined", ()))
+    try:
+        restore_methods(summary.get("defined", ()))
+    except ValueError as err:  # the name is registered already, with another row
+        raise ValueError(f"{out_dir} defines a method that is defined otherwise already (by a folder read before it, "
+                         f"or a plugin): {err}. Folders whose methods of one name differ cannot be read together; "
+                         "show or report them apart") from None
     restore_names(summary.get("methods", {}))
     return summary
 
@@ -248,9 +253,11 @@ def _mean_std(values) -> str:
 
 def method_order(names) -> list[str]:
     """The paper's row order: W2S baselines (registry order), then CPL, then the multi-weak rows, then the ceilings."""
-    present = [m for m in METHODS if m in names and not METHODS[m].refine]
     refined = [m for m in METHODS if m in names and METHODS[m].refine]
-    with_refined = lambda ms: [x for m in ms for x in [m, *(r for r in refined if r.rpartition("@")[0] == m)]]
+    bases = {r.rpartition("@")[0] for r in refined}  # a refined row stands where its base would, fitted or not
+    present = [m for m in METHODS if (m in names or m in bases) and not METHODS[m].refine]
+    with_refined = lambda ms: [x for m in ms for x in [*([m] if m in names else []),
+                                                       *(r for r in refined if r.rpartition("@")[0] == m)]]
     return with_refined([m for m in present if METHODS[m].target == "weak" and m != "cpl"]
                         + [m for m in present if m == "cpl"]) \
         + [m for m in present if METHODS[m].target in MULTI_WEAK] + [m for m in present if METHODS[m].target == "truth"]

@@ -106,7 +106,7 @@ def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_d
             data._replace(weak_NxK=data.weaks_MxNxK[m]), jsplits).tolist()} for m, name in enumerate(cfg.ensemble)]
     test = store.splits["test"]  # which rows the fit saw, so that w2s-predict can tell its own store by content
     provenance = {**dataclasses.asdict(store.provenance), "weak_model": store.weak_info[cfg.weak],
-                  "test_rows": rows_record(test)}
+                  "test_rows": rows_record(test), "store_file": str(Path(cfg.store).resolve())}
     timings = {**timings, "backend": jax.default_backend(), "devices": [str(x) for x in jax.devices()]}
     if jax.process_index() == 0:  # on several hosts, every process holds the results; one writes them
         results.write_results(out_dir, config=cfg, provenance=provenance, splits=splits, summary=summary,
