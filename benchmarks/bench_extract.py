@@ -44,7 +44,8 @@ def main():
     ap.add_argument("--size", type=int, default=256, help="JPEG side in pixels")
     ap.add_argument("--model", default="", help="open_clip config with random weights (default: a tiny one)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--decode", choices=["cpu", "gpu"], default="cpu", help="where the JPEGs are decoded (w2s-extract --decode)")
+    ap.add_argument("--decode", choices=["cpu", "gpu", "draft"], default="cpu",
+                    help="how the JPEGs are decoded (w2s-extract --decode)")
     args = ap.parse_args()
     import open_clip
 

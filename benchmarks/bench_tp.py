@@ -56,6 +56,50 @@ def gemm_rate(device: str, dtype, n: int = 2048) -> float:
     return 2 * n**3 / best
 
 
+class _AdamConfig:  # what make_optimizer reads of a TPConfig
+    optimizer, warmup = "adam", 0.1
+
+
+def step_seconds(model, tok, names, num_models: int, *, cut: bool = True, one_at_a_time: bool = False, n_ctx: int = 16,
+                 batch: int = 256, rows: int = 4096, steps: int = 3, precision: str = "fp32", device: str = "cpu") -> float:
+    """Seconds of one w2s-tp step of ``num_models`` prompt models over the classes ``names`` (median of ``steps``,
+    after a warm-up step): in one bank, or one bank each (``one_at_a_time``)."""
+    dev = device
+    k, dim = len(names), model.text_projection.shape[1]
+    feats = torch.nn.functional.normalize(torch.randn(rows, dim, device=dev), dim=1)
+    weak = torch.randn(rows, k, device=dev)
+    labels = torch.randint(0, k, (rows,), device=dev)
+    kinds = list(LOSSES)[:5]  # ce, kd, cpl, auxconf, adaptconf: the TP rows of the paper grid
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+    banks = [PromptBank(model, tok, names, [j], n_ctx=n_ctx, cut=cut).to(dev) for j in range(num_models)] \
+        if one_at_a_time else [PromptBank(model, tok, names, list(range(num_models)), n_ctx=n_ctx, cut=cut).to(dev)]
+    jobs = []
+    for bank in banks:
+        j = len(bank.contexts)
+        opt, _ = make_optimizer(bank, [1e-2] * j, _AdamConfig, 100)
+        coeffs = rows_to_torch([LOSSES[kinds[i % len(kinds)]] for i in range(j)], dev)
+        jobs.append((bank, opt, coeffs, rows_to_torch([Hparams()] * j, dev)))
+
+    def one_step():
+        for bank, opt, coeffs, hp in jobs:
+            j = len(bank.contexts)
+            picked = torch.randint(0, rows, (j, batch), device=dev)
+            loss, _ = step_loss(text_features(bank, dev, precision), feats[picked], weak[picked],
+                                torch.ones(j, batch, device=dev), labels[picked], coeffs, hp, 0.5)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+        sync()
+
+    one_step()  # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="", help="an open_clip config, e.g. ViT-B-32 (random weights); default: tiny")
@@ -79,47 +123,10 @@ def main():
     model.visual = None
     tok = open_clip.get_tokenizer(name)
     names = domainnet_like_names(args.classes)
-    k, dim = args.classes, model.text_projection.shape[1]
-    feats = torch.nn.functional.normalize(torch.randn(args.rows, dim, device=dev), dim=1)
-    weak = torch.randn(args.rows, k, device=dev)
-    labels = torch.randint(0, k, (args.rows,), device=dev)
-    kinds = list(LOSSES)[:5]  # ce, kd, cpl, auxconf, adaptconf: the TP rows of the paper grid
-    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
-
-    class Cfg:  # what make_optimizer reads of a TPConfig
-        optimizer, warmup = "adam", 0.1
-
-    def step_time(num_models: int, cut: bool, one_at_a_time: bool = False) -> float:
-        """Seconds of one step of ``num_models`` models (median of ``--steps``), in one bank or one bank each."""
-        banks = [PromptBank(model, tok, names, [j], n_ctx=args.n_ctx, cut=cut).to(dev) for j in range(num_models)] \
-            if one_at_a_time else [PromptBank(model, tok, names, list(range(num_models)), n_ctx=args.n_ctx,
-                                              cut=cut).to(dev)]
-        jobs = []
-        for bank in banks:
-            j = len(bank.contexts)
-            opt, _ = make_optimizer(bank, [1e-2] * j, Cfg, 100)
-            coeffs = rows_to_torch([LOSSES[kinds[i % len(kinds)]] for i in range(j)], dev)
-            jobs.append((bank, opt, coeffs, rows_to_torch([Hparams()] * j, dev)))
-
-        def one_step():
-            for bank, opt, coeffs, hp in jobs:
-                j = len(bank.contexts)
-                rows = torch.randint(0, args.rows, (j, args.batch), device=dev)
-                loss, _ = step_loss(text_features(bank, dev, precision), feats[rows], weak[rows],
-                                    torch.ones(j, args.batch, device=dev), labels[rows], coeffs, hp, 0.5)
-                opt.zero_grad(set_to_none=True)
-                loss.sum().backward()
-                opt.step()
-            sync()
-
-        one_step()  # warm-up
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            one_step()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
-
+    k = args.classes
+    step_time = lambda num_models, cut, one_at_a_time=False: step_seconds(  # noqa: E731
+        model, tok, names, num_models, cut=cut, one_at_a_time=one_at_a_time, n_ctx=args.n_ctx, batch=args.batch,
+        rows=args.rows, steps=args.steps, precision=precision, device=dev)
     cut_length = PromptBank(model, tok, names, [0], n_ctx=args.n_ctx).length
     full_length = PromptBank(model, tok, names, [0], n_ctx=args.n_ctx, cut=False).length
     j = args.models

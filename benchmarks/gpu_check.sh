@@ -69,10 +69,12 @@ else
   EXTRACT="--images 8192 --classes 100 --batch 256 --workers 12 --model ViT-B-32"
   TP="--classes 345 --models 30 --batch 256 --steps 3 --model ViT-B-32"   # 6 methods x 5 seeds, bf16
   REFINE="--runs 3"                                               # DomainNet's largest pool, 41,600 x 512, K = 345
+  GRID="--batch 256 --workers 12 --fit-rows 16384"                # the paper grid's wall time from this run's rates
 fi
 
 # in order of what matters most, since the budget may end the last steps
 step machine 60 $PY -c "from _common import machine; import jax; print(machine(), jax.devices())"
+[ "${TINY:-0}" = 1 ] || step paper_grid 150 $PY bench_paper_grid.py $GRID --json   # its smoke test runs it alone
 step fit_domainnet 150 $PY bench_fit.py $FIT --bf16 --skip-novmap
 step step_profile 90 $PY bench_step_profile.py $PROFILE
 step fit_many_models 90 $PY bench_fit.py $MANY --skip-novmap --skip-unfused

@@ -126,9 +126,11 @@ def resolve_device(device: str | None) -> str:
                    "to merge. Under torchrun the ranks shard and merge by themselves.")
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Dtype of the stored strong features (w2s-fit computes in float32 either way).")
-@click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+@click.option("--decode", type=click.Choice(["cpu", "gpu", "draft"]), default="cpu", show_default=True,
               help="Decode images in the loader's workers with PIL (cpu), or decode JPEG batches and apply the "
-                   "transforms on the CUDA device (gpu; other formats fall back to PIL per image).")
+                   "transforms on the CUDA device (gpu; other formats fall back to PIL per image), or with PIL at a "
+                   "reduced DCT scale for JPEGs much larger than the models' input (draft; README: measured "
+                   "difference).")
 @click.pass_context
 def main(ctx, dataset, domain, root, download, mirror, strong, weak, out, templates, device, batch_size, num_workers,
          on_corrupt, weak_epochs, limit, shard, feature_dtype, decode):

@@ -126,13 +126,17 @@ def _hash_splits(splits: dict) -> str:
 
 
 class FileLoader:
-    """id (path relative to root) -> RGB PIL image."""
+    """id (path relative to root) -> RGB PIL image; ``draft``: decode a JPEG at the smallest DCT scale (1/2, 1/4 or
+    1/8) that keeps both sides at least ``draft`` pixels (``w2s-extract --decode draft``), 0 for full size."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, draft: int = 0):
         self.root = root
+        self.draft = draft
 
     def __call__(self, sample_id: str) -> Image.Image:
         with Image.open(Path(self.root) / sample_id) as img:
+            if self.draft:
+                img.draft("RGB", (self.draft, self.draft))
             return to_rgb(img)
 
 

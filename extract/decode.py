@@ -15,12 +15,30 @@ import numpy as np
 import torch
 from PIL import Image
 
-DECODES = ("cpu", "gpu")  # cpu: PIL in the workers (default); gpu: torchvision.io.decode_jpeg on the device
+DECODES = ("cpu", "gpu", "draft")  # cpu: PIL in the workers (default); gpu: torchvision.io.decode_jpeg on the device;
+#                                   draft: PIL in the workers, a JPEG decoded at a reduced DCT scale (draft_side)
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class DecodeError(ValueError):
     """The device decode path cannot run here, with the reason and the fix."""
+
+
+def draft_side(transforms) -> int:
+    """The smallest side a JPEG may be decoded at (``--decode draft``) so that no transform of ``transforms`` (PIL
+    transforms, torchvision ``Compose`` included) upsamples: the largest ``Resize`` or ``CenterCrop`` size among them;
+    0 (decode at full size) where none names one."""
+    from torchvision import transforms as T
+
+    def sizes(t):
+        if isinstance(t, T.Compose):
+            return [s for inner in t.transforms for s in sizes(inner)]
+        if isinstance(t, (T.Resize, T.CenterCrop)):
+            return [max(np.atleast_1d(t.size))]
+        return []
+
+    found = [int(s) for t in transforms for s in sizes(t)]
+    return max(found) if found else 0
 
 
 def check_decode(decode: str, device: str) -> None:

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from extract import encoders, weak
-from extract.datasets import Dataset
+from extract.datasets import Dataset, FileLoader
 from w2s_jax import outputs
 from w2s_jax import store as st
 
@@ -114,12 +114,16 @@ class ImageSource:
             self.on_device = {key: [decode.tensor_transform(t, key) for t in ts] for key, ts in transforms.items()}
             dataset = decode.RawImages(load)
         else:
+            if opts.decode == "draft" and isinstance(load, FileLoader):  # arrays in memory (the demo) have no JPEG
+                from extract.decode import draft_side
+
+                load = FileLoader(load.root, draft=draft_side([t for ts in transforms.values() for t in ts]))
             dataset = ImageDataset(load, transforms)
         # forking a process that already runs JAX's threads can deadlock (w2s-run extracts after fitting)
         context = "spawn" if opts.num_workers and "jax" in sys.modules else None
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.requests, collate_fn=dataset.collate, num_workers=opts.num_workers,
-            pin_memory=opts.device.startswith("cuda") and opts.decode == "cpu", multiprocessing_context=context,
+            pin_memory=opts.device.startswith("cuda") and opts.decode != "gpu", multiprocessing_context=context,
             persistent_workers=bool(opts.num_workers))
 
     def __enter__(self):
@@ -140,7 +144,7 @@ class ImageSource:
         """One pass: ``(row indices, one stacked tensor per transform of ``key``, unreadable row indices)`` for each
         of ``batches`` (lists of row indices into ``ids``), in order."""
         self.requests.batches = [[(key, ids[i], i) for i in batch] for batch in batches]
-        if self.opts.decode == "cpu":
+        if self.opts.decode != "gpu":
             yield from self.loader
             return
         from extract import decode
@@ -373,7 +377,7 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
     for spec in probes:
         heads[spec.name] = (weak.weak_transform(spec), weak.probe_backbone(spec, k, opts.device))
     # every split in one pass: the loader's workers start once, and one message lists every split's bad images
-    pass_dir = parts / ("features-" + "+".join(sorted(heads)) + ("-gpu-decode" if opts.decode == "gpu" else "")
+    pass_dir = parts / ("features-" + "+".join(sorted(heads)) + ({"gpu": "-gpu-decode", "draft": "-draft-decode"}.get(opts.decode, ""))
                         + "-all-splits")
     with ImageSource(dataset.load, {"features": [t for t, _ in heads.values()],
                                     **weak_passes(s for s in specs if s.mode != "probe")}, opts) as source:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 FIT_TINY = ["--n", "600", "--d", "16", "--k", "5", "--seeds", "2", "--epochs", "2", "--batch", "64", "--runs", "1"]
@@ -122,3 +124,13 @@ def test_every_benchmark_script_has_a_smoke_test():
     here = Path(__file__).read_text()
     scripts = sorted(p.name for p in BENCH.glob("bench_*.py")) + ["gpu_check.sh"]
     assert [s for s in scripts if s not in here] == []
+
+
+def test_bench_paper_grid_estimates_every_component():
+    out = run_script("bench_paper_grid.py", "--strong", "tiny", "--batch", "8", "--json")
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert set(figures["seconds"]) == {"extraction", "weak_models", "jax_fits_compile", "jax_fits_run", "tp_prompt",
+                                       "tp_textenc"}
+    assert figures["work"]["images"] == 586_575 and figures["work"]["fits"] == 30
+    assert figures["total_s"] == pytest.approx(sum(figures["seconds"].values()))
+    assert "north star" in out

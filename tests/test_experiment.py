@@ -155,7 +155,7 @@ def test_editing_a_defined_method_fits_it_again(tmp_path):
             .replace('weak = ["pixels@2", "pixels@3"]', 'weak = ["pixels@2"]'))
     folders = []
     for weight in (0.5, 0.25, 0.5):
-        path = write(tmp_path, base + f"[methods.mine+lp]\nhead = \"linear\"\nweak_soft = {weight}\n"
+        path = write(tmp_path, base + f"[methods.\"mine+lp\"]\nhead = \"linear\"\nweak_soft = {weight}\n"
                                       f"weak_hard = {1 - weight}\n")
         lines = []
         experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: lines.append(" ".join(a)))

@@ -111,7 +111,7 @@ def test_graph_propagation_converges_near_alpha_one(pool):
     assert refine.propagation_steps(0.5) == 20 and refine.propagation_steps(0.95) == 271
     converged = np.asarray(refine.propagate(probs, index, 0.95, steps=3000))
     np.testing.assert_allclose(np.asarray(refine.propagate(probs, index, 0.95)), converged, atol=1e-5)
-    assert np.abs(np.asarray(refine.propagate(probs, index, 0.95, steps=20)) - converged).max() > 1e-2
+    assert np.abs(np.asarray(refine.propagate(probs, index, 0.95, steps=20)) - converged).max() > 1e-3
     with pytest.raises(ValueError, match="refine_alpha = 0.99 is out of range"):
         FitConfig(store="s", weak="w", methods=("ce+lp@graph",), hparams=Hparams(refine_alpha=0.99))
 
@@ -289,7 +289,7 @@ def test_refinement_and_selection_refusals(noisy_store, tmp_path):
                                       "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "refine_k = 2.5 is not a whole number" in result.output
     result = runner.invoke(cli.main, [*base, "--methods", "ceiling+lp@knn", "--out", str(tmp_path / "x")])
-    assert result.exit_code != 0 and "unknown method(s) ['ceiling+lp@knn']" in result.output
+    assert result.exit_code != 0 and "the ceilings and the multi-weak methods are not refined" in result.output
 
 
 def test_a_defined_method_gets_refinements_and_may_not_take_an_at_name(registries):
@@ -331,7 +331,7 @@ def test_refined_methods_fitted_without_their_base_are_reported(noisy_store, tmp
     out, summary = fit(noisy_store, tmp_path / "r", "--methods", "cpl@graph,ce+lp@knn,ceiling+lp", "--epochs", "2")
     for row in ("| ce+lp@knn |", "| cpl@graph |"):
         assert row in out and row in (tmp_path / "r" / "table.md").read_text()
-    assert set(summary["selection"]["methods"]) == {"ce+lp@knn", "cpl@graph"}
+    assert {"ce+lp@knn", "cpl@graph"} <= set(summary["selection"]["methods"])
 
 
 def test_a_fit_without_refinements_runs_on_a_small_store(tmp_path):

@@ -1,0 +1,218 @@
+"""The paper's DomainNet grid: its wall time on this machine, per component, from rates measured in this run.
+
+The grid is experiments/domainnet.toml's: 6 domains x the paper's 5 weak models (fine-tuned 3 epochs, batch 512)
+x every method x 5 seeds, ViT-B-32, TP included. The sizes are DomainNet's official split files (written below).
+Each component's rate is measured here, at a small size, with random weights, and the estimate is work / rate:
+
+- extraction: every train and test image through the strong encoder, at the slower of the encoder and the PIL
+  decode (one process's rate times --workers, assumed to scale);
+- the weak models: each fine-tuned for 3 epochs over its domain's train split and applied once to its test split,
+  each decoding every image again (today's loop), at a ResNet-18's train and inference rates (random weights;
+  the proxy for all five: CvT-13 and ConvNeXt-tiny are slower, so this is a lower bound);
+- the JAX fits: one per domain x weak model, each compiled (measured once) and run (measured at --fit-rows rows, run
+  time scaled by rows), every w2s-fit method, 5 seeds, 10 epochs, batch 512;
+- TP: every TP model (4 weak-label methods x 5 weak models + ceiling+tp, per seed; cpl+textenc per weak model and
+  seed) for 10 epochs of hold_train at batch 512, at the measured time per model-step (w2s-tp's own step,
+  --tp-models per step) and, for cpl+textenc, the whole tower's step.
+
+Not measured here: a run of the whole grid. Usage: python benchmarks/bench_paper_grid.py [--strong ViT-B-32]
+[--device cuda] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import time
+
+import numpy as np
+import torch
+
+from _common import machine, register_tiny_clip
+
+# DomainNet's official split files ({domain}_train.txt, {domain}_test.txt): rows per domain
+DOMAINNET = {"clipart": (33_525, 14_604), "infograph": (36_023, 15_582), "painting": (50_416, 21_850),
+             "quickdraw": (120_750, 51_750), "real": (120_906, 52_041), "sketch": (48_212, 20_916)}
+WEAK_MODELS, WEAK_EPOCHS, WEAK_BATCH = 5, 3, 512
+SEEDS, EPOCHS, BATCH = 5, 10, 512
+TP_WEAK_METHODS = 4  # ce+tp, kd+tp, auxconf+tp, adaptconf+tp; ceiling+tp once per seed; cpl+textenc per weak model
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def decode_rate(size: int) -> float:
+    """Images/s of one process: open a JPEG of ``size`` px, convert, and the encoder's 224 px preprocessing."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buffer, "JPEG",
+                                                                                                      quality=90)
+    data = buffer.getvalue()
+    prep = T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor()])
+
+    def decode(n=16):
+        for _ in range(n):
+            prep(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    return 16 / best_of(decode)
+
+
+def encoder_rate(model, device: str, batch: int, size: int) -> float:
+    x = torch.randn(batch, 3, size, size, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def run():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=device.startswith("cuda")):
+            model.encode_image(x)
+        sync()
+
+    return batch / best_of(run)
+
+
+def weak_rates(device: str, batch: int, tiny: bool) -> tuple[float, float]:
+    """(train, inference) images/s of a ResNet-18 (random weights, 224 px; a tiny ResNet with --tiny)."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(depths=[1, 1], hidden_sizes=[8, 16], embedding_size=8, num_labels=345) if tiny else \
+        ResNetConfig(depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], layer_type="basic", num_labels=345)
+    model = ResNetForImageClassification(config).to(device)
+    size = 32 if tiny else 224
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 345, (batch,), device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
+    def train():
+        with torch.autocast(**amp):
+            loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sync()
+
+    def infer():
+        with torch.no_grad(), torch.autocast(**amp):
+            model(pixel_values=x)
+        sync()
+
+    return batch / best_of(train, 2), batch / best_of(infer, 2)
+
+
+def fit_seconds(rows: int) -> tuple[float, float]:
+    """(compile, run) seconds of one w2s-fit of every method, 5 seeds, 10 epochs, batch 512, at ``rows`` x 512, K =
+    345 (clustered random features)."""
+    from _common import clustered
+    from w2s_jax import fit as fitlib
+    from w2s_jax.config import FitConfig
+    from w2s_jax.methods import jax_methods
+    from w2s_jax.splits import stacked_splits
+
+    feats, weak, labels, text = clustered(rows, 512, 345, np.random.default_rng(0))
+    cfg = FitConfig(store="x", weak="w", methods=jax_methods(), seeds=SEEDS, epochs=EPOCHS, batch_size=BATCH)
+    _, t = fitlib.fit_methods(cfg, fitlib.make_data(feats, weak, labels), stacked_splits(rows, SEEDS), text, 345)
+    return t["compile_s"], t["run_s"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--strong", default="ViT-B-32", help="open_clip config (random weights); 'tiny' for a smoke run")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--workers", type=int, default=None, help="decode processes [default: the machine's cores]")
+    ap.add_argument("--photo-size", type=int, default=512, help="JPEG side of the decode measurement, px")
+    ap.add_argument("--batch", type=int, default=64, help="images per batch of the encoder and weak measurements")
+    ap.add_argument("--fit-rows", type=int, default=4096, help="rows of the measured JAX fit (run time scales)")
+    ap.add_argument("--tp-models", type=int, default=None, help="TP models per step [default: 30 on CUDA, 1 on CPU]")
+    ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    args = ap.parse_args()
+    import os
+
+    import open_clip
+
+    from bench_tp import domainnet_like_names, step_seconds
+    from extract.prompt import TextEncoderBank, freeze_all_but
+
+    dev, tiny = args.device, args.strong == "tiny"
+    workers = args.workers or os.cpu_count()
+    tp_models = args.tp_models or (30 if dev.startswith("cuda") else 1)
+    precision = "bf16" if dev.startswith("cuda") else "fp32"
+    name = register_tiny_clip() if tiny else args.strong
+    torch.manual_seed(0)
+    model = open_clip.create_model(name, pretrained=None).to(dev).eval()
+    tok = open_clip.get_tokenizer(name)
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, tuple) else image_size
+
+    # ---- rates measured in this run
+    rates = {"decode_img_s": decode_rate(64 if tiny else args.photo_size) * workers,
+             "encoder_img_s": encoder_rate(model, dev, args.batch, image_size)}
+    rates["weak_train_img_s"], rates["weak_infer_img_s"] = weak_rates(dev, args.batch, tiny)
+    model.visual = None
+    names = domainnet_like_names(8 if tiny else 345)
+    steps = 1 if tiny else 2
+    tp_step = step_seconds(model, tok, names, tp_models, batch=BATCH, rows=4096, steps=steps, precision=precision,
+                           device=dev)
+    rates["tp_model_step_s"] = tp_step / tp_models
+    text_bank = TextEncoderBank(model, tok, names).to(dev)
+    groups = text_bank.param_groups([1e-5])
+    freeze_all_but(text_bank, groups)  # the whole tower trains, as cpl+textenc's does
+    opt = torch.optim.Adam(groups)
+
+    def textenc_step():
+        loss = text_bank().float().square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    rates["textenc_step_s"] = best_of(textenc_step, steps)
+    compile_s, run_s = fit_seconds(256 if tiny else args.fit_rows)
+    rates["fit_compile_s"], rates["fit_run_s_per_row"] = compile_s, run_s / (256 if tiny else args.fit_rows)
+
+    # ---- the grid's work, and the estimate
+    images = sum(tr + te for tr, te in DOMAINNET.values())
+    extract_rate = min(rates["encoder_img_s"], rates["decode_img_s"])
+    weak_train = WEAK_MODELS * WEAK_EPOCHS * sum(tr for tr, _ in DOMAINNET.values())
+    weak_logits = WEAK_MODELS * sum(te for _, te in DOMAINNET.values())
+    fits = len(DOMAINNET) * WEAK_MODELS
+    tp_steps = sum(EPOCHS * math.ceil(int(0.64 * te) / BATCH) for _, te in DOMAINNET.values())  # per model, all domains
+    prompt_models = SEEDS * (TP_WEAK_METHODS * WEAK_MODELS + 1)
+    textenc_models = SEEDS * WEAK_MODELS
+    seconds = {
+        "extraction": images / extract_rate,
+        "weak_models": weak_train / min(rates["weak_train_img_s"], rates["decode_img_s"])
+        + weak_logits / min(rates["weak_infer_img_s"], rates["decode_img_s"]),
+        "jax_fits_compile": fits * rates["fit_compile_s"],
+        "jax_fits_run": WEAK_MODELS * sum(te for _, te in DOMAINNET.values()) * rates["fit_run_s_per_row"],
+        "tp_prompt": prompt_models * tp_steps * rates["tp_model_step_s"],
+        "tp_textenc": textenc_models * tp_steps * rates["textenc_step_s"],
+    }
+    total = sum(seconds.values())
+    figures = {"machine": machine(), "device": dev, "strong": name, "precision": precision, "workers": workers,
+               "tp_models_per_step": tp_models, "rates": rates, "seconds": seconds, "total_s": total,
+               "total_h": total / 3600, "work": {"images": images, "weak_train_images": weak_train,
+                                                 "weak_logit_images": weak_logits, "fits": fits,
+                                                 "tp_model_steps": (prompt_models + textenc_models) * tp_steps}}
+    print(f"machine: {figures['machine']}; device {dev}, strong {name} (random weights), TP {precision}, "
+          f"{tp_models} TP model(s) a step, {workers} decode workers")
+    print("rates measured in this run: " + ", ".join(f"{k} {v:.4g}" for k, v in rates.items()))
+    print(f"the paper's DomainNet grid ({images:,} images, {fits} fits, "
+          f"{figures['work']['tp_model_steps']:,} TP model-steps), estimated:")
+    for part, s in seconds.items():
+        print(f"  {part:18s} {s / 3600:8.2f} h  ({100 * s / total:4.1f}%)")
+    print(f"  {'total':18s} {total / 3600:8.2f} h   (north star: 2 h on one H200)")
+    if args.json:
+        print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
