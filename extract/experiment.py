@@ -323,7 +323,7 @@ def main(experiment, compile_cache, verbose):
         cache.enable(warn=lambda text: click.echo(f"warning: {text}", err=True))
     try:
         run_experiment(load_experiment(experiment), log=click.echo, verbose=verbose)
-    except (ExperimentError, *USER_ERRORS) as err:
+    except (ExperimentError, *USER_ERRORS, ValueError) as err:  # ValueError: e.g. folders that define a method apart
         raise click.ClickException(str(err)) from None
 
 
