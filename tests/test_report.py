@@ -85,3 +85,46 @@ def test_paper_table3_comparison_when_numbers_exist(results_root, tmp_path, monk
     t = next(t for t in tables if t.name == "paper-table3")
     assert [r[:3] for r in t.rows] == [["real", "noisier", "cpl"], ["real", "noisier", "weak"]]
     assert t.rows[0][4] == "50.00" and t.rows[0][5].startswith(("+", "-"))
+
+
+def test_paired_intervals_against_known_cases():
+    """Issue 32 (3): a constant difference has zero width; for normal samples the interval is the NumPy transcription
+    of Student's t-interval, with scipy's quantile, and covers the true mean at about its level."""
+    from scipy import stats
+
+    from w2s_jax import metrics
+
+    assert metrics.paired_interval([0.5, 0.6, 0.7], [0.4, 0.5, 0.6]) == (0.1, 0.1, 0.1)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.7, 0.02, 5), rng.normal(0.68, 0.02, 5)
+    d = a - b
+    half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
+    mean, low, high = metrics.paired_interval(a, b)
+    np.testing.assert_allclose([mean, low, high], [d.mean(), d.mean() - half, d.mean() + half], atol=1e-10)
+    covered = np.mean([low <= 0.01 <= high for low, high in
+                       (metrics.paired_interval(rng.normal(0.01, 0.02, 5), np.zeros(5))[1:] for _ in range(2000))])
+    assert 0.93 <= covered <= 0.97, covered
+    assert metrics.distinguishable(0.01, 0.02) and not metrics.distinguishable(-0.01, 0.02)
+    assert np.isnan(metrics.paired_interval([0.5], [0.4])[1])
+
+
+def test_table2_and_the_intervals_table_say_how_sure_each_difference_is(results_root, tmp_path):
+    """Δ has its paired interval in Table 2 (not on the one-screen headline), and every W2S row is compared with the
+    weak model and the best baseline; an interval that includes 0 is marked (n.d.)."""
+    tables, _ = report.write_report([results_root], tmp_path)
+    t2 = next(t for t in tables if t.name == "table2-noisy")
+    ci = {r[0]: r for r in t2.rows}[report.DELTA_CI]
+    assert all("[" in cell and "]" in cell for cell in ci[1:3])
+    assert report.DELTA_CI not in {r[0] for r in report.headline(report.discover([results_root]), "noisy").rows}
+    intervals = next(t for t in tables if t.name == "intervals-noisy")
+    rows = {(r[0], r[1]): r for r in intervals.rows}
+    assert {("domainnet/real", "kd+lp"), ("domainnet/real", "cpl")} <= set(rows)
+    assert rows[("domainnet/real", "cpl")][3] == "kd+lp"  # the only other weak-label method
+    for r in intervals.rows:
+        assert r[2].count("[") == 1 and ("(n.d.)" in r[2]) == (not _excludes_zero(r[2]))
+    assert "Student t-interval" in intervals.note
+
+
+def _excludes_zero(cell: str) -> bool:
+    low, high = (float(x) for x in cell.split("[")[1].split("]")[0].split(","))
+    return low > 0 or high < 0

@@ -30,6 +30,7 @@ from w2s_jax.methods import CEILING_OF_HEAD, METHODS, MULTI_WEAK
 BEST_CEILING = "best ceiling (hold_val)"
 DELTA = "Δ (cpl − best baseline by hold_val)"
 DELTA_TEST = "Δ (cpl − best baseline by test', paper's convention)"
+DELTA_CI = "Δ by hold_val, 95% CI over seeds (paired t)"
 TABLE2_NOTE = ("The best baseline of Δ is the weak-supervised method (not cpl) with the highest mean hold_val score "
                "of the fit's selection rule ({rules}; agreement with the weak labels is the paper's label-free "
                "criterion); the row marked \"paper's convention\" picks it by test' accuracy instead, a selection on "
@@ -121,12 +122,51 @@ def _delta(summary: dict, chosen_on: str = "val_score") -> float | None:
     target, not comparable with the others', and the paper's Δ compares CPL with methods on the weak labels.
     """
     methods = summary["methods"]
-    baselines = [m for m in methods if METHODS[m].target == "weak" and m != "cpl" and not METHODS[m].refine
-                 and not methods[m].get("failed")]
-    if "cpl" not in methods or methods["cpl"].get("failed") or not baselines:
+    best = best_baseline(summary, chosen_on)
+    if "cpl" not in methods or methods["cpl"].get("failed") or best is None:
         return None
-    best = max(baselines, key=lambda m: np.mean(methods[m][chosen_on]))
     return _acc(methods["cpl"]["test_acc"]) - _acc(methods[best]["test_acc"])
+
+
+def best_baseline(summary: dict, chosen_on: str = "val_score", exclude: str = "cpl") -> str | None:
+    """The weak-supervised method (on the weak labels as they are, not ``exclude``) with the best mean
+    ``chosen_on`` score (:func:`_delta`); None if there is none."""
+    methods = summary["methods"]
+    baselines = [m for m in methods if METHODS[m].target == "weak" and m != exclude and not METHODS[m].refine
+                 and not methods[m].get("failed")]
+    return max(baselines, key=lambda m: np.mean(methods[m][chosen_on])) if baselines else None
+
+
+def _interval_cell(a_S, b_S) -> str:
+    """``a − b`` in points with its paired 95% t-interval over seeds; "(n.d.)" where it includes 0."""
+    mean, low, high = metrics.paired_interval(a_S, b_S)
+    if not np.isfinite(low):
+        return f"{100 * mean:+.2f} (one seed: no interval)"
+    mark = "" if metrics.distinguishable(low, high) else " (n.d.)"
+    return f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]{mark}"
+
+
+INTERVALS_NOTE = ("Differences of test' accuracy in points, paired by seed, with a 95% Student t-interval over the "
+                  "seeds (mean ± t·sd/√S; metrics.paired_interval). (n.d.): the interval includes 0, so this many "
+                  "seeds do not tell the difference from none. The best baseline is Δ's (not cpl), chosen on hold_val.")
+
+
+def intervals_table(groups: list[Group], weak: str) -> Table | None:
+    """Every W2S method against the weak model and against the best baseline, per domain, with paired intervals."""
+    rows = []
+    for g in (g for g in groups if g.weak == weak):
+        methods, weak_acc = g.summary["methods"], g.summary["weak"]["test_acc"]
+        for m in results.method_order(methods):
+            if METHODS[m].target == "truth" or methods[m].get("failed"):
+                continue
+            base = best_baseline(g.summary, exclude=m)
+            rows.append([f"{g.dataset}/{g.domain}", m, _interval_cell(methods[m]["test_acc"], weak_acc),
+                         base or "", _interval_cell(methods[m]["test_acc"], methods[base]["test_acc"]) if base else ""])
+    if not rows:
+        return None
+    return Table(f"intervals-{weak}", f"How sure each comparison is: W2S methods against the weak model and the best "
+                 f"baseline, weak model {weak}", ["domain", "method", "− weak (points, 95% CI)", "best baseline",
+                                                   "− best baseline (points, 95% CI)"], rows, INTERVALS_NOTE)
 
 
 def table2(groups: list[Group], weak: str) -> Table:
@@ -146,6 +186,11 @@ def table2(groups: list[Group], weak: str) -> Table:
             shown = [f"{d:+.2f}" if d is not None else "" for d in deltas]
             avg = f"{np.mean(deltas):+.2f}" if all(d is not None for d in deltas) else ""
             rows.append([label, *shown, avg])
+        if chosen_on == "val_score" and any(d is not None for d in deltas):
+            cells = [_interval_cell(g.summary["methods"]["cpl"]["test_acc"],
+                                    g.summary["methods"][best_baseline(g.summary)]["test_acc"]) if d is not None
+                     else "" for g, d in zip(cols, deltas)]
+            rows.append([DELTA_CI, *cells, ""])
     return Table(f"table2-{weak}", f"Table 2 analogue: test' accuracy (%) by domain, weak model {weak}",
                  ["method", *[f"{g.dataset}/{g.domain}" for g in cols], "Avg."], rows,
                  TABLE2_NOTE.format(rules=", ".join(sorted({g.summary.get("selection", {}).get("rule", "agreement")
@@ -158,7 +203,7 @@ def headline(groups: list[Group], weak: str) -> Table:
     t = table2(groups, weak)
     cols = [g for g in groups if g.weak == weak]
     rows = []
-    for row in t.rows:
+    for row in (r for r in t.rows if r[0] != DELTA_CI):  # one screen: Δ's interval is in Table 2 and intervals
         values = [g.summary["pgr"].get(row[0], {}).get("of_means") for g in cols]
         known = [v for v in values if v is not None and not np.isnan(v)]
         rows.append([*row, f"{np.mean(known):.3f}" if known and len(known) == len(values) else ""])
@@ -558,6 +603,7 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
     out.mkdir(parents=True, exist_ok=True)
     tables = [headline(groups, headline_weak)] if headline_weak else []
     tables += [table2(groups, w) for w in sorted({g.weak for g in groups})]
+    tables += [t for t in (intervals_table(groups, w) for w in sorted({g.weak for g in groups})) if t is not None]
     tables += [table3(groups, *domain) for domain, gs in _by_domain(groups).items() if len(gs) > 1]
     pgr = pgr_table(groups)
     compare = (paper_table(groups), paper_table3(groups)) if paper else ()
