@@ -96,9 +96,36 @@ def at_best_epoch(history_SxHxE, best_epoch_SxH):
     return np.take_along_axis(np.asarray(history_SxHxE), index, axis=-1)[..., 0]
 
 
+LOW_CONFIDENCE = 0.25  # coverage: the weak model's least confident quarter of test' rows
+
+
+def gain_sources(student_logits_NxK, weak_logits_NxK, labels_N) -> dict:
+    """Where a student's gain over its weak teacher comes from (Lang, Sontag & Vijayaraghavan: pseudolabel correction
+    and coverage expansion), on one seed's test' rows:
+
+    - ``correction``: the share of the rows the weak model gets wrong that the student gets right;
+    - ``damage``: the share of the rows the weak model gets right that the student gets wrong;
+    - ``low_conf_acc`` / ``rest_acc``: the student's accuracy on the weak model's least confident quarter of the rows
+      (its top softmax probability at or below the 25th percentile) and on the rest;
+      ``weak_low_conf_acc`` / ``weak_rest_acc``: the weak model's own, on the same rows.
+    A share over no rows is NaN."""
+    student_ok = jnp.argmax(student_logits_NxK, axis=-1) == labels_N
+    weak_ok = jnp.argmax(weak_logits_NxK, axis=-1) == labels_N
+    confidence = jnp.max(jax.nn.softmax(weak_logits_NxK), axis=-1)
+    low = confidence <= jnp.quantile(confidence, LOW_CONFIDENCE)
+    share = lambda hit, where: jnp.sum(hit & where) / jnp.sum(where)  # noqa: E731  NaN over no rows
+    return {"correction": share(student_ok, ~weak_ok), "damage": share(~student_ok, weak_ok),
+            "low_conf_acc": share(student_ok, low), "rest_acc": share(student_ok, ~low),
+            "weak_low_conf_acc": share(weak_ok, low), "weak_rest_acc": share(weak_ok, ~low)}
+
+
+GAIN_SOURCES = ("correction", "damage", "low_conf_acc", "rest_acc", "weak_low_conf_acc", "weak_rest_acc")
+
+
 def evaluate_method(name: str, out: FitOutput, hps, data: FitData, splits: SeedSplits, num_classes,
                     head: str | None = None):
-    """-> {test_acc, agreement, misfit, test_ce}, each ``S x H``, for the best-epoch variables.
+    """-> {test_acc, agreement, misfit, test_ce, and :func:`gain_sources`' shares}, each ``S x H``, for the
+    best-epoch variables.
 
     misfit: KL(student ‖ weak) on hold_val (label-free); test_ce: the student's cross-entropy on test'. With
     several weak models, agreement and misfit are against the first; multi-weak methods add weak_weights, ``S x H x M``.
@@ -116,6 +143,7 @@ def evaluate_method(name: str, out: FitOutput, hps, data: FitData, splits: SeedS
             "agreement": agreement(test_logits, data.weak_NxK[split.test_prime]),
             "misfit": misfit(val_logits, data.weak_NxK[split.hold_val]),
             "test_ce": cross_entropy(test_logits, data.labels_N[split.test_prime]),
+            **gain_sources(test_logits, data.weak_NxK[split.test_prime], data.labels_N[split.test_prime]),
         }
         if "mixture" in variables:  # a multi-weak method: the weights of its weak models, S x H x M
             scores["weak_weights"] = mixture_weights(variables)

@@ -10,7 +10,10 @@ selected against, with a weight per row:
   ``F = p_w``, until the fixed point's error bound ``α^steps`` is at most ``0.5^20`` (:func:`propagation_steps`);
   α = 0 keeps the weak labels, α = 1 and one step is ``knn``;
 - ``filter``: the weak labels kept, and the fraction c of rows whose weak label the kNN vote supports least
-  (smallest ``q_i[argmax p_w(i)]``) dropped from the loss (weight 0), as EleutherAI's w2s filters with a kNN probe.
+  (smallest ``q_i[argmax p_w(i)]``) dropped from the loss (weight 0), as EleutherAI's w2s filters with a kNN probe;
+- ``confident``: the weak labels kept, and the fraction c of rows where the weak model is least confident (smallest
+  top probability) dropped: the student never sees those rows labelled, so its accuracy there measures coverage
+  expansion as Lang, Sontag and Vijayaraghavan define it (no neighbours, no strong features).
 
 Computed in JAX on the device, once per seed before the epochs, in chunks of query rows so that no ``P x P``
 matrix is ever held: the largest arrays are ``chunk x P`` similarities and ``chunk x k x K`` neighbour labels.
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-REFINEMENTS = ("knn", "graph", "filter")
+REFINEMENTS = ("knn", "graph", "filter", "confident")
 PROPAGATION_STEPS = 20
 CHUNK = 1024  # query rows per block of the neighbour search
 
@@ -50,8 +53,9 @@ def spec_of(kind: str, hp) -> Refinement:
     """The refinement ``kind`` at the (scalar) hyperparameters ``hp``; only the fields it reads are kept."""
     if not kind:
         return Refinement()
-    return Refinement(kind, int(round(float(hp.refine_k))), float(hp.refine_alpha) if kind == "graph" else 0.0,
-                      float(hp.refine_c) if kind == "filter" else 0.0)
+    return Refinement(kind, 0 if kind == "confident" else int(round(float(hp.refine_k))),
+                      float(hp.refine_alpha) if kind == "graph" else 0.0,
+                      float(hp.refine_c) if kind in ("filter", "confident") else 0.0)
 
 
 def neighbours(feats_PxD, k: int, chunk: int = CHUNK, first: int = 0):
@@ -113,13 +117,17 @@ def propagate(probs_PxK, index_Pxk, alpha: float, steps: int | None = None):
     return jax.lax.fori_loop(0, steps, step, probs_PxK)
 
 
+def drop_least(support_P, c: float):
+    """1 per row, 0 for the ``floor(c · P)`` rows of least ``support`` (first rows on ties)."""
+    num_p = support_P.shape[0]
+    rank_P = jnp.zeros(num_p, jnp.int32).at[jnp.argsort(support_P, stable=True)].set(jnp.arange(num_p))
+    return (rank_P >= int(np.floor(c * num_p))).astype(jnp.float32)
+
+
 def filter_weights(probs_PxK, vote_PxK, c: float):
     """1 per row, 0 for the ``floor(c · P)`` rows whose weak label the vote supports least (first rows on ties)."""
     probs_PxK, vote_PxK = jnp.asarray(probs_PxK), jnp.asarray(vote_PxK)
-    num_p = probs_PxK.shape[0]
-    support_P = jnp.take_along_axis(vote_PxK, jnp.argmax(probs_PxK, axis=1)[:, None], axis=1)[:, 0]
-    rank_P = jnp.zeros(num_p, jnp.int32).at[jnp.argsort(support_P, stable=True)].set(jnp.arange(num_p))
-    return (rank_P >= int(np.floor(c * num_p))).astype(jnp.float32)
+    return drop_least(jnp.take_along_axis(vote_PxK, jnp.argmax(probs_PxK, axis=1)[:, None], axis=1)[:, 0], c)
 
 
 def refine(spec: Refinement, feats_PxD, weak_PxK, index_Pxk=None):
@@ -130,6 +138,8 @@ def refine(spec: Refinement, feats_PxD, weak_PxK, index_Pxk=None):
     ones = jnp.ones(weak_PxK.shape[0], jnp.float32)
     if not spec.kind:
         return weak_PxK, ones
+    if spec.kind == "confident":  # the weak model's own confidence: no neighbours
+        return weak_PxK, drop_least(jnp.max(probs, axis=1), spec.c)
     index = neighbours(feats_PxD, spec.k) if index_Pxk is None else index_Pxk
     if spec.kind == "knn":
         return log_of(knn_vote(probs, index)), ones
@@ -147,7 +157,7 @@ def seed_teachers(specs, feats_NxD, weak_NxK, pool_P, num_val: int) -> Teachers:
     feats_NxD, weak_NxK, pool_P = jnp.asarray(feats_NxD), jnp.asarray(weak_NxK), jnp.asarray(pool_P)
     feats_PxD, weak_PxK = feats_NxD[pool_P], weak_NxK[pool_P]
     first_val = pool_P.shape[0] - num_val
-    whole = {spec.k for spec in specs if spec.kind and not spec.val_only}
+    whole = {spec.k for spec in specs if spec.kind and spec.k and not spec.val_only}  # "confident" needs none
     index = {k: neighbours(feats_PxD, k) for k in sorted(whole)}
     # the `refined` rule's reference, which nobody asked for by name: at most pool - 1 neighbours on a small store
     val_k = lambda spec: min(spec.k, pool_P.shape[0] - 1)  # noqa: E731

@@ -314,6 +314,48 @@ def misfit_gain_table(groups: list[Group]) -> Table | None:
                  results.MISFIT_NOTE)
 
 
+def gain_sources_table(groups: list[Group]) -> Table | None:
+    """Correction, damage and coverage (:func:`w2s_jax.metrics.gain_sources`) of every weak-supervised method, per
+    domain and weak model (means over seeds)."""
+    rows = [[f"{g.dataset}/{g.domain}", g.weak, *r] for g in groups for r in results.gain_sources_rows(g.summary)]
+    if not rows:
+        return None
+    return Table("gain-sources", "Where the gain comes from: correction, damage and coverage (%, means over seeds)",
+                 ["domain", "weak", *results.GAIN_SOURCES_HEADER], rows, results.GAIN_SOURCES_NOTE)
+
+
+def plot_correction_damage(gs: list[Group], path: Path) -> Path:
+    """Damage against correction, one point per method x seed x weak model of one domain, coloured by method; the
+    line y = x: above it a student breaks more of its teacher's right rows than it mends of its wrong ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.2, 5.0), dpi=120)
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^v<>"
+    names = [m for m in results.method_order({m for g in gs for m, x in g.summary["methods"].items()
+                                              if "correction" in x}) if METHODS[m].target != "truth"]
+    top = 0.0
+    for i, m in enumerate(names):
+        first = True
+        for j, g in enumerate(gs):
+            x = g.summary["methods"].get(m)
+            if not x or x.get("failed") or "correction" not in x:
+                continue
+            correction, damage = 100 * np.asarray(x["correction"], float), 100 * np.asarray(x["damage"], float)
+            ax.scatter(correction, damage, s=18, color=colors[i % len(colors)], marker=markers[j % len(markers)],
+                       label=m if first else None, alpha=0.8)
+            first = False
+            top = max(top, np.nanmax(correction), np.nanmax(damage))
+    return _finish_scatter(fig, ax, (0, top), "damage = correction", markers, [f"weak {g.weak}" for g in gs],
+                           "correction: weak's wrong rows the student gets right (%)",
+                           "damage: weak's right rows the student gets wrong (%)",
+                           f"Correction vs damage, {gs[0].dataset}/{gs[0].domain} (a point per method, seed and weak "
+                           "model)", path)
+
+
 def weak_choice_table(groups: list[Group]) -> Table | None:
     """Label-free choice of weak model by misfit, against the truth, per domain with several weak models."""
     rows = []
@@ -610,7 +652,7 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
     crossed, points = cross_domain_tables([f for g in groups for f in g.folders], cross_dir) if cross_domain \
         else ([], {})
     tables += [t for t in (table4(groups), pgr, selection_table(groups), multi_weak_table(groups), misfit_gain_table(groups),
-                           weak_choice_table(groups), *compare, *crossed,
+                           gain_sources_table(groups), weak_choice_table(groups), *compare, *crossed,
                            sources_table(groups)) if t is not None]
     for t in tables:
         (out / f"{t.name}.md").write_text(to_markdown(t) + "\n")
@@ -622,6 +664,8 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
     for (dataset, domain), gs in _by_domain(groups).items():
         if any("misfit" in x for g in gs for x in g.summary["methods"].values()):
             figures.append(plot_misfit_gain(gs, out / f"misfit-gain-{dataset}-{domain}.png"))
+        if any("correction" in x for g in gs for x in g.summary["methods"].values()):
+            figures.append(plot_correction_damage(gs, out / f"correction-damage-{dataset}-{domain}.png"))
     figures += [plot_cross_domain(p, weak, out / f"cross-domain-{weak}.png") for weak, p in points.items()]
     return tables, figures
 

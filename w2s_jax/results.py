@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from w2s_jax.methods import CEILING_OF_HEAD, METHODS, MULTI_WEAK, restore_methods, restore_names
-from w2s_jax.metrics import pgr
+from w2s_jax.metrics import GAIN_SOURCES, pgr
 from w2s_jax.outputs import OutputError, staging_folder, swap_in
 from w2s_jax.saved_heads import write_heads
 from w2s_jax.select import CRITERIA, HISTORY_KEY, grid_point, regret
@@ -46,7 +46,7 @@ def summarize(evals: dict, best_epochs: dict, hps, weak: dict, zero_shot, failed
             "grid_index": h,
             "hparams": {f: float(np.asarray(v)[h]) for f, v in hps._asdict().items()},
             **{k: ev[k][:, h].tolist() for k in ("test_acc", "agreement", "val_score", "misfit", "test_ce",
-                                                 "weak_weights") if k in ev},
+                                                 "weak_weights", *GAIN_SOURCES) if k in ev},
             "best_epoch": np.asarray(best_epochs[name])[:, h].tolist(),
             "grid": {k: v.tolist() for k, v in ev.items()},
             # misfit-gain diagnostics, per seed (metrics.misfit)
@@ -315,6 +315,39 @@ def misfit_table(summary: dict) -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n\n" + MISFIT_NOTE
 
 
+GAIN_SOURCES_NOTE = ("Where the gain comes from, on test' at the kept epoch (%, means over seeds): correction = the "
+                "share of the weak model's wrong rows the student gets right; damage = the share of its right rows "
+                "the student gets wrong; low-confidence = the weak model's least confident quarter of the rows "
+                "(coverage: student against weak there, then on the rest). Lang, Sontag & Vijayaraghavan, "
+                "Theoretical Analysis of Weak-to-Strong Generalization.")
+
+
+def gain_sources_rows(summary: dict) -> list[list[str]]:
+    """(method, correction, damage, student/weak on low-confidence rows, student/weak on the rest), in %, means over
+    seeds, for the weak-supervised methods that have them."""
+    rows = []
+    for name in method_order(summary["methods"]):
+        m = summary["methods"][name]
+        if m.get("failed") or "correction" not in m or METHODS[name].target == "truth":
+            continue
+        pct = lambda key: 100 * np.nanmean(np.asarray(m[key], np.float64))  # noqa: E731
+        rows.append([name, f"{pct('correction'):.1f}", f"{pct('damage'):.1f}",
+                     f"{pct('low_conf_acc'):.1f} / {pct('weak_low_conf_acc'):.1f}",
+                     f"{pct('rest_acc'):.1f} / {pct('weak_rest_acc'):.1f}"])
+    return rows
+
+
+GAIN_SOURCES_HEADER = ("method", "correction", "damage", "low-confidence: student / weak", "rest: student / weak")
+
+
+def gain_sources_table(summary: dict) -> str:
+    rows = gain_sources_rows(summary)
+    if not rows:
+        return ""
+    lines = [GAIN_SOURCES_HEADER, ("---",) * 5, *rows]
+    return "\n".join("| " + " | ".join(r) + " |" for r in lines) + "\n\n" + GAIN_SOURCES_NOTE
+
+
 SELECTION_NOTE = ("What each label-free rule keeps (epoch and grid point, on hold_val), as test' accuracy (%), "
                   "and in brackets its regret: that minus the oracle. The oracle, the best grid point and epoch on "
                   "test', is a yardstick only: no rule can use it, and nothing reported is chosen by it. The rule "
@@ -353,7 +386,9 @@ def all_tables(summary: dict) -> str:
     learned weights."""
     weights = weights_table(summary)
     selection = selection_table(summary)
+    sources = gain_sources_table(summary)
     return "\n\n".join([markdown_table(summary), misfit_table(summary)]
+                        + (["Where the gain comes from\n\n" + sources] if sources else [])
                         + (["Choosing without labels: what each rule keeps, and its regret\n\n" + selection]
                            if selection else [])
                         + (["Learned weights of the weak models:\n\n" + weights] if weights else []))
