@@ -76,10 +76,10 @@ def make_targets(cfg, methods, weaks, weak_logits: dict, feats_NxD, labels_N, sp
             t = jax.tree.map(np.asarray, make(specs, data, split))
             teachers[s, w] = t
             val = split.hold_val
-            views[s, w] = jax.tree.map(np.asarray, select.val_view(data.weak_NxK[val], t.logits_UxNxK[1][np.asarray(val)],
-                                                                   data.labels_N[val]))
-    return Targets(tuple(weaks), teachers, views, {(m, h): int(index["all"][i * num_h + h])
-                                     for i, m in enumerate(methods) for h in range(num_h)})
+            view = select.val_view(data.weak_NxK[val], t.logits_UxNxK[1][np.asarray(val)], data.labels_N[val])
+            views[s, w] = jax.tree.map(np.asarray, view)
+    index_of = {(m, h): int(index["all"][i * num_h + h]) for i, m in enumerate(methods) for h in range(num_h)}
+    return Targets(tuple(weaks), teachers, views, index_of)
 
 
 class ModelOutput(NamedTuple):
