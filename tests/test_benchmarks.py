@@ -53,7 +53,7 @@ def test_bench_compile_cache_prints_cache_rows_and_the_methods_ratio():
 
 def test_gpu_check_writes_one_json_line_per_step(tmp_path):
     """The device script at its tiny size on the CPU: every step runs (rc 0) and leaves its figures in $OUT."""
-    result = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, timeout=1500,
+    result = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, timeout=2000,
                             env={**os.environ, "TINY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable})
     assert result.returncode == 0, result.stdout + result.stderr
     lines = {x["step"]: x for x in map(json.loads, (tmp_path / "gpu_check.jsonl").read_text().splitlines())}
