@@ -147,7 +147,7 @@ def test_prompt_tuning_runs_once_per_store_for_every_weak_model(tmp_path, monkey
     assert len(calls) == 1  # done already
 
 
-def test_editing_a_defined_method_fits_it_again(tmp_path):
+def test_editing_a_defined_method_fits_it_again(tmp_path, registries):
     """Issue 31 (7): the folder key holds the [methods.X] definitions, so an edit fits X again instead of reusing
     the stale fit (which then crashed every rerun)."""
     base = (TOML.format(out=tmp_path / "out").replace('multi_weak = ["raven+cpl"]\n', "")
@@ -161,8 +161,9 @@ def test_editing_a_defined_method_fits_it_again(tmp_path):
         experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: lines.append(" ".join(a)))
         folders.append(next(line for line in lines if "fit-" in line and ("finished" in line or "done already" in line)))
         from w2s_jax import methods
+        from w2s_jax.refine import REFINEMENTS
 
-        for name in ("mine+lp", *(f"mine+lp@{k}" for k in ("knn", "graph", "filter"))):  # a new process each time
+        for name in ("mine+lp", *(f"mine+lp@{k}" for k in REFINEMENTS)):  # a new process each time
             methods.METHODS.pop(name, None)
         methods.LOSSES.pop("mine+lp", None)
     assert folders[0].startswith("finished") and folders[1].startswith("finished") and folders[2].startswith("done")

@@ -249,7 +249,7 @@ define_method("half+tp", "prompt", weak_soft=0.5, weak_hard=0.5)
 """
 
 
-def test_every_weak_model_in_one_loop_with_a_grid_a_user_method_and_regret(tiny_clip, tmp_path):
+def test_every_weak_model_in_one_loop_with_a_grid_a_user_method_and_regret(tiny_clip, tmp_path, registries):
     """w2s-tp --weak A,B --methods all: one loop, one folder per weak model, ceiling+tp fitted once per seed and
     reported in both, a user method with a prompt head, the grid, PGR and the regret table."""
     store = make_clip_store(tiny_clip, tmp_path / "clip.h5", 150, more_weak=(("noisier", 2.5),))
