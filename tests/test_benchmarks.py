@@ -129,8 +129,8 @@ def test_every_benchmark_script_has_a_smoke_test():
 def test_bench_paper_grid_estimates_every_component():
     out = run_script("bench_paper_grid.py", "--strong", "tiny", "--batch", "8", "--json")
     figures = json.loads(out.strip().splitlines()[-1])
-    assert set(figures["seconds"]) == {"extraction", "weak_models", "jax_fits_compile", "jax_fits_run", "tp_prompt",
-                                       "tp_textenc"}
+    parts, total = figures["seconds"], figures["total_s"]  # the estimate's arithmetic, never a speed threshold
+    assert set(parts) == {"extraction", "weak_models", "jax_fits_compile", "jax_fits_run", "tp_prompt", "tp_textenc"}
     assert figures["work"]["images"] == 586_575 and figures["work"]["fits"] == 30
-    assert figures["total_s"] == pytest.approx(sum(figures["seconds"].values()))
+    assert total == pytest.approx(sum(parts.values()))
     assert "north star" in out
