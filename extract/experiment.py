@@ -24,13 +24,13 @@ from extract.datasets import DatasetError, load_dataset
 from extract.schema import check_types
 from w2s_jax.config import FitConfig, Hparams, check_number
 from w2s_jax.methods import (METHODS, MULTI_WEAK, TORCH_METHODS, check_methods, definitions, jax_methods,
-                             restore_methods, tp_methods, with_refinements)
+                             restore_methods, tp_methods, with_refinements, with_rounds)
 
 SECTIONS = {
     "": {"name", "out", "strong", "data", "fit", "tp", "extract", "report", "methods"},
     "data": {"dataset", "domains", "root", "weak", "limit"},
     "fit": {"methods", "seeds", "epochs", "batch_size", "warmup", "hparams", "grid", "multi_weak", "seed_axis",
-            "select", "refine"},
+            "select", "refine", "rounds"},
     "tp": {"methods", "seeds", "epochs", "batch_size", "optimizer", "n_ctx", "ctx_init", "hparams", "precision",
            "grid", "select", "refine"},
     "extract": {"batch_size", "num_workers", "device", "on_corrupt", "weak_epochs", "feature_dtype", "templates"},
@@ -142,7 +142,7 @@ def fit_config(fit: dict, store, weak, ensemble=()) -> FitConfig:
             raise ValueError(f"[fit] multi_weak lists {wrong}, which learn from one weak model; put them in methods")
     else:  # "all" is every built-in and defined method; names beside it are added (e.g. ce+lp@knn)
         methods = [*jax_methods(), *(m for m in methods if m != "all")] if "all" in methods else methods
-        methods = with_refinements(check_methods(methods), fit.get("refine", []))
+        methods = with_rounds(with_refinements(check_methods(methods), fit.get("refine", [])), fit.get("rounds", 1))
     return FitConfig(store=str(store), weak=weak, ensemble=tuple(ensemble), methods=check_methods(methods),
                      defined=definitions(methods),  # in the folder's key: editing a [methods.X] fits it again
                      seeds=fit.get("seeds", 5), epochs=fit.get("epochs", 10), batch_size=fit.get("batch_size", "auto"),

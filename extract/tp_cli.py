@@ -27,7 +27,7 @@ from w2s_jax.cli import _parse_grid
 from w2s_jax.config import Hparams
 from w2s_jax.methods import (METHODS, TORCH_METHODS, check_methods, definitions, import_plugins, tp_methods,
                              with_refinements)
-from w2s_jax.select import CRITERIA
+from w2s_jax.select import CRITERIA, at_best_epoch, failed_models
 from w2s_jax.splits import stacked_splits
 from w2s_jax.store import StoreError, read_store
 
@@ -134,8 +134,8 @@ def _run_tp(cfg: TPConfig, outs: dict, overwrite, log, memory_gib, models_per_st
             out = fitlib.FitOutput(variables, histories[m], best_epochs[m])
             evals[m] = {**metrics.evaluate_method(m, out, jax.tree.map(jax.numpy.asarray, hps), data, jsplits, k,
                                                   head="prototype"),
-                        "val_score": metrics.at_best_epoch(histories[m]["val_score"], best_epochs[m])}
-            failed[m] = ~np.isfinite(histories[m]["train_loss"]).all(axis=-1)
+                        "val_score": at_best_epoch(histories[m]["val_score"], best_epochs[m])}
+            failed[m] = failed_models(histories[m])
         done[w] = finish_run(configs[w], store, splits, evals, best_epochs, histories, timings, outs[w], heads, data,
                              failed)
     return done

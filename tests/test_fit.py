@@ -141,7 +141,8 @@ def test_store_without_text_starts_prototypes_from_weak_centroids(tmp_path):
 
 def test_list_methods():
     r = CliRunner().invoke(cli.main, ["--list-methods"])
-    assert r.exit_code == 0 and all(m in r.output for m in METHODS)
+    assert r.exit_code == 0 and all(m in r.output for m, spec in METHODS.items() if spec.round == 1)
+    assert "METHOD@round2, @round3, ... train METHOD" in r.output  # rounds: listed once, not per method
     torch_side = {line.split()[0] for line in r.output.splitlines() if "(PyTorch: w2s-tp)" in line}
     assert torch_side == {m for m, spec in METHODS.items() if spec.head in ("prompt", "text-encoder")}
 

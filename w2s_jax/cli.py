@@ -7,7 +7,7 @@ import click
 
 from w2s_jax.config import FitConfig, Hparams
 from w2s_jax.losses import LOSSES, Coeffs
-from w2s_jax.methods import METHODS, import_plugins, jax_methods, refinement_methods, with_refinements
+from w2s_jax.methods import METHODS, import_plugins, jax_methods, refinement_methods, with_refinements, with_rounds
 from w2s_jax.refine import REFINEMENTS
 from w2s_jax.select import CRITERIA
 
@@ -92,6 +92,9 @@ def find_store(folder: Path = STORES) -> str:
 @click.option("--refine-alpha", default=DEFAULTS.refine_alpha, show_default=True, help="α of METHOD@graph.")
 @click.option("--refine-c", default=DEFAULTS.refine_c, show_default=True,
               help="Fraction of rows METHOD@filter drops.")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Strong-to-strong rounds: 2 or more also fits METHOD@round2 … @roundN for every chosen W2S method, "
+                   "each trained on its previous round's kept student's soft labels (README: Rounds).")
 @click.option("--select", type=click.Choice(CRITERIA), default="agreement", show_default=True,
               help="The label-free rule on hold_val that keeps each model's epoch and each method's grid point "
                    "(README: Choosing without labels); the report shows every rule's regret.")
@@ -122,7 +125,8 @@ def find_store(folder: Path = STORES) -> str:
 @click.option("--show", type=click.Path(), multiple=True,
               help="Print the table of existing results folder(s) and exit; several are merged into one table.")
 def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, lp_scale, lp_shrinkage,
-         lp_l2, alpha_max, tau_a, raven_lr, refine, refine_k, refine_alpha, refine_c, select, grid,
+         lp_l2, alpha_max, tau_a, raven_lr, refine, refine_k, refine_alpha, refine_c, rounds, select,
+         grid,
          vmap, fuse, matmul_dtype, seed_axis, compile_cache, out, overwrite, distributed, coordinator, num_processes, process_id, plugins, allow_replace, list_methods, show):
     """Fit CPL and linear-probe heads with CE, KD, AuxConf, AdaptConf (+ ceilings) for every seed."""
     from w2s_jax import results
@@ -134,12 +138,16 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
 
     if list_methods:
         for name, m in METHODS.items():
+            if m.round > 1:  # registered by an earlier use in this process; listed generically below
+                continue
             where = "" if name in jax_methods(multi_weak=True) + refinement_methods() else "  (PyTorch: w2s-tp)"
             target = TARGET_WORDS.get(m.target, m.target) + (f" refined by {m.refine}" if m.refine else "")
             click.echo(f"{name:22s} head={m.head:12s} loss={m.loss:9s} trained on "
                        f"{target:8s} [{row_text(LOSSES.get(m.loss))}]{where}")
         click.echo("\nMETHOD@knn, @graph and @filter train METHOD on its weak labels refined on the strong features "
-                   "(w2s-fit --refine knn,graph,filter adds them to the chosen methods).")
+                   "(w2s-fit --refine knn,graph,filter adds them to the chosen methods).\n"
+                   "METHOD@round2, @round3, ... train METHOD (any W2S method above, refined or not) on the soft labels "
+                   "of its previous round's kept student (w2s-fit --rounds N adds them).")
         click.echo("\nA method is a head plus a row of the loss family [its nonzero coefficients]; add your own with "
                    "[methods.NAME] in an experiment file or w2s_jax.define_method (README: Define a method).\n"
                    "cpl is the paper's KL loss on text-initialised prototypes; under Adam it equals KD on that head "
@@ -181,7 +189,8 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
             else tuple(m.strip() for m in methods.split(",") if m.strip())
         cfg = FitConfig(
             store=str(store), weak=weak.split(",")[0].strip(), ensemble=ensemble,
-            methods=with_refinements(chosen, [k.strip() for k in refine.split(",") if k.strip()]), select=select,
+            methods=with_rounds(with_refinements(chosen, [k.strip() for k in refine.split(",") if k.strip()]), rounds),
+            select=select,
             seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size), vmap=vmap, fuse=fuse,
             matmul_dtype=matmul_dtype, seed_axis=seed_axis, imports=tuple(plugins),
             grid=_parse_grid(grid),

@@ -171,6 +171,9 @@ class FitConfig:
         if self.seed_axis not in SEED_AXES:
             raise ValueError(f"seed_axis {self.seed_axis!r}: use one of {', '.join(SEED_AXES)}")
         check_ensemble(self)
+        from w2s_jax.methods import restore_names
+
+        restore_names(self.methods)  # METHOD@roundR is registered on first use
 
     def grid_hparams(self) -> Hparams:
         return hparam_grid(self.hparams, dict(self.grid))

@@ -39,9 +39,9 @@ from w2s_jax import sharding
 from w2s_jax.config import FitConfig, Hparams, resolve_batch_size, resolve_seed_axis
 from w2s_jax.heads import Start, get_head, l2_normalize
 from w2s_jax.losses import Coeffs, family_loss, stack_rows
-from w2s_jax.methods import METHODS, MULTI_WEAK, Method, coeffs_of
+from w2s_jax.methods import METHODS, MULTI_WEAK, Method, coeffs_of, previous_round, round_of
 from w2s_jax.refine import Refinement, Teachers, plan, seed_teachers
-from w2s_jax.select import CRITERIA, HISTORY_KEY, ValView, scores, val_view
+from w2s_jax.select import CRITERIA, HISTORY_KEY, ValView, kept_point, scores, val_view
 from w2s_jax.splits import SeedSplits, split_sizes
 
 
@@ -198,8 +198,9 @@ def teacher_plan(groups: dict, hps_H: Hparams, cfg: FitConfig):
 
 
 def pool_rows(split: SeedSplits):
-    """A seed's unlabelled pool, where refinements look for neighbours: hold_train then hold_val."""
-    return jnp.concatenate([split.hold_train, split.hold_val])
+    """A seed's unlabelled pool, where refinements look for neighbours: hold_train then hold_val (``P``, or
+    ``S x P`` for stacked splits)."""
+    return jnp.concatenate([split.hold_train, split.hold_val], axis=-1)
 
 
 def make_teachers(specs, data: FitData, split: SeedSplits) -> Teachers:
@@ -209,6 +210,76 @@ def make_teachers(specs, data: FitData, split: SeedSplits) -> Teachers:
 def seed_targets(specs, data: FitData, splits_S) -> Teachers:
     """:func:`make_teachers` for every seed, one after the other: leading S."""
     return jax.lax.map(lambda split: make_teachers(specs, data, split), splits_S)
+
+
+# ------------------------------------------------------------------ strong-to-strong rounds (METHOD@roundR)
+
+
+def later_rounds(methods) -> dict[int, tuple[str, ...]]:
+    """``{round r >= 2: its METHOD@round<r> names}``, rounds ascending; round 1 is every other method."""
+    rounds = sorted({METHODS[m].round for m in methods} - {1})
+    return {r: tuple(m for m in methods if METHODS[m].round == r) for r in rounds}
+
+
+def teacher_width(num_first: int, later: dict) -> int:
+    """Targets per seed (U) in every round, so that all rounds run one compiled epoch program: round 1's
+    ``num_first``, a later round's 2 + one per method it retrains (:func:`next_teachers`)."""
+    return max([num_first, *(2 + len(names) for names in later.values())])
+
+
+def pad_targets(teachers: Teachers, width: int) -> Teachers:
+    """``teachers`` (leading U) with target 0 repeated up to ``width`` targets (no model points at the copies)."""
+    extra = width - teachers.weight_UxN.shape[0]
+    return jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], extra, axis=0)]), teachers)
+
+
+def group_of(groups: dict, method: str) -> tuple[str, int]:
+    """``(group name, index of method in it)``."""
+    return next((g, grp.methods.index(method)) for g, grp in groups.items() if method in grp.methods)
+
+
+def student_logits(group: Group, variables_S, hp: Hparams, feats_NxD):
+    """Each seed's kept student of one method on every row: ``S x N x K``."""
+    return jax.vmap(lambda v: group.module.apply(v, feats_NxD, hp))(variables_S)
+
+
+def next_teachers(names, outputs: dict, groups: dict, hps_H: Hparams, data: FitData, splits_S,
+                  first_S: Teachers, teacher_J: dict, width: int) -> Teachers:
+    """The targets of one later round for every seed (leading S x ``width``), each method of ``names``
+    (``METHOD@roundR``) trained on its previous round's kept student:
+
+    - 0: the weak labels; 1: the ``refined`` rule's reference, as in round 1 (``first_S``: round 1's targets);
+    - 2 + i: the soft labels (logits) of the kept student of ``previous_round(names[i])`` (its grid point by the
+      fit's --select rule, :func:`w2s_jax.select.kept_point`, each seed at its kept epoch) on the seed's pool,
+      ``hold_train ∪ hold_val``, the weak logits elsewhere; with the row weights of the round-1 target of that
+      student (the rows a ``@filter`` or ``@confident`` dropped stay unseen), then target 0 repeated up to width.
+    """
+    num_h = np.shape(hps_H.lr)[0]
+    pool_SxP = pool_rows(jax.tree.map(jnp.asarray, splits_S))
+    logits, weights = [first_S.logits_UxNxK[:, 0], first_S.logits_UxNxK[:, 1]], [first_S.weight_UxN[:, 0]] * 2
+    for name in names:
+        previous = outputs[previous_round(name)]
+        h = kept_point(previous.history, previous.best_epoch)
+        g, i = group_of(groups, round_of(name)[0])
+        hp = jax.tree.map(lambda a: jnp.asarray(a)[h], hps_H)
+        student = student_logits(groups[g], jax.tree.map(lambda a: jnp.asarray(a)[:, h], previous.variables), hp,
+                                 data.feats_NxD)
+        logits.append(jax.vmap(lambda s, pool: data.weak_NxK.at[pool].set(s[pool]))(student, pool_SxP))
+        weights.append(first_S.weight_UxN[:, int(teacher_J[g][i * num_h + h])])
+    by_target = pad_targets(Teachers(jnp.stack(logits), jnp.stack(weights)), width)  # U x S x ...
+    return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), by_target)
+
+
+def round_rows(groups: dict, rows: dict, names, num_h: int) -> dict:
+    """Round 1's ``{group: Rows}`` with each model's target index set for a later round: ``2 + i`` for the models
+    of the method that ``names[i]`` retrains, 0 (the weak labels) for the others, which train again unreported so
+    that the round runs the same compiled program."""
+    bases = [round_of(n)[0] for n in names]
+    out = {}
+    for g, grp in groups.items():
+        index = [2 + bases.index(m) if m in bases else 0 for m in grp.methods for _ in range(num_h)]
+        out[g] = rows[g]._replace(teacher=jnp.asarray(index, jnp.int32))
+    return out
 
 
 def plain_teachers(data: FitData) -> Teachers:
@@ -550,32 +621,48 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
     per epoch from a short loop so that ``progress(models_done_epochs)`` can report; the state stays on device
     between calls. Without it, :func:`make_fit` is compiled per method and called model by model on one device.
     Outputs are ``S x H``.
-    ``on_compiled(seconds)`` is called once the program is compiled.
+
+    ``METHOD@roundR`` methods (strong-to-strong rounds) are fitted after round 1, one round after the other, by
+    the same epoch program: only the targets (:func:`next_teachers`) and each model's index among them
+    (:func:`round_rows`) change, and the program's target axis is as wide as the widest round
+    (:func:`teacher_width`). A later round compiles only its models' starts (their start targets differ).
+    ``on_compiled(seconds)`` is called once round 1's programs are compiled.
     """
     cfg = resolve_batch_size(cfg, splits.hold_train.shape[-1])
     seed_axis = resolve_seed_axis(cfg.seed_axis)
     keys = seed_keys(cfg.root_seed, cfg.seeds)
     hps = cfg.grid_hparams()
     num_h = len(hps.lr)
-    groups = make_groups(cfg.methods, num_classes, text_TxKxD)
+    later = later_rounds(cfg.methods)
+    first = tuple(m for m in cfg.methods if METHODS[m].round == 1)
+    groups = make_groups(first, num_classes, text_TxKxD)
     specs, teacher_J = teacher_plan(groups, hps, cfg)
+    width = teacher_width(len(specs), later)
     host_rows = {g: group_rows(grp, hps, teacher_J[g]) for g, grp in groups.items()}
     check_heads(groups, host_rows, data, splits, cfg, num_classes)
     report = progress or (lambda done: None)
     t0 = time.perf_counter()
+    later_compile_s = 0.0
     if cfg.vmap:
         # every model of a seed in one epoch step, one group per head; the seeds sharded across all devices
         mesh = sharding.seed_mesh()
         key_data_S, splits_S = sharding.place(sharding.pad_seeds((jax.random.key_data(keys), splits), mesh.size),
                                               mesh, P("seeds"))
         rows, shared = sharding.place((host_rows, data), mesh, P())
-        plans = {g: shared_starts(grp, jax.tree.map(np.asarray, host_rows[g])) for g, grp in groups.items()}
+        by_seed = NamedSharding(mesh, P("seeds"))  # every state and history leaf has the seed axis first
+
+        def start_plans(rows_host):
+            return {g: shared_starts(grp, jax.tree.map(np.asarray, rows_host[g])) for g, grp in groups.items()}
+
+        def start_models(plans, key_data_S, rows, data, splits_S, teachers_S):
+            return {g: start_group(grp, cfg, plans[g], key_data_S, rows[g], data, splits_S, teachers_S)
+                    for g, grp in groups.items()}
 
         def start_program(key_data_S, rows, data, splits_S):
             """Each seed's targets (its refinements, once, before the epochs), then every model's start."""
-            teachers_S = over_seeds(lambda split, data: make_teachers(specs, data, split), splits_S, data, mesh)
-            return {g: start_group(grp, cfg, plans[g], key_data_S, rows[g], data, splits_S, teachers_S)
-                    for g, grp in groups.items()}, teachers_S
+            teachers_S = over_seeds(lambda split, data: pad_targets(make_teachers(specs, data, split), width),
+                                    splits_S, data, mesh)
+            return start_models(start_plans(host_rows), key_data_S, rows, data, splits_S, teachers_S), teachers_S
 
         def epoch_program(states, e, key_data_S, rows, data, splits_S, teachers_S):
             def one_seed(seeded, shared):
@@ -586,7 +673,6 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
             return over_seeds(one_seed, (states, key_data_S, splits_S, teachers_S), (e, rows, data), mesh, seed_axis)
 
         args = (key_data_S, rows, shared, splits_S)
-        by_seed = NamedSharding(mesh, P("seeds"))  # every state and history leaf has the seed axis first
         start = jax.jit(start_program, out_shardings=by_seed).lower(*args).compile()
         state_shapes, teacher_shapes = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_seed), jax.eval_shape(start_program, *args))
@@ -596,39 +682,71 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
         t1 = time.perf_counter()  # both programs compiled (or loaded from the compilation cache); nothing run yet
         if on_compiled:
             on_compiled(t1 - t0)
+
+        def train(states, rows, teachers_S, models) -> dict:
+            """Every epoch of the compiled step -> ``{method of round 1: FitOutput}`` (S x H, on the host)."""
+            history = []
+            for e in range(cfg.epochs):
+                states, h = step(states, jnp.int32(e), key_data_S, rows, shared, splits_S, teachers_S)
+                history.append(jax.block_until_ready(h))
+                report(cfg.seeds * num_h * models)  # the padding copies are not counted
+            history = jax.tree.map(lambda *per_epoch: jnp.stack(per_epoch, axis=-1), *history)
+            per_group = {g: finish(states[g], history[g]) for g in groups}
+            per_group = jax.tree.map(lambda a: a[: cfg.seeds], sharding.to_host(per_group))  # the padding trimmed
+            return {m: o for g, grp in groups.items() for m, o in split_models(per_group[g], grp).items()}
+
         states, teachers_S = start(*args)
-        history = []
-        for e in range(cfg.epochs):
-            states, h = step(states, jnp.int32(e), *args, teachers_S)
-            history.append(jax.block_until_ready(h))
-            report(cfg.seeds * num_h * len(cfg.methods))  # the padding copies are not counted
-        history = jax.tree.map(lambda *per_epoch: jnp.stack(per_epoch, axis=-1), *history)
-        per_group = {g: finish(states[g], history[g]) for g in groups}
-        per_group = jax.tree.map(lambda a: a[: cfg.seeds], sharding.to_host(per_group))  # the padding trimmed
-        by_method = {m: o for g, grp in groups.items() for m, o in split_models(per_group[g], grp).items()}
-        outputs = {m: by_method[m] for m in cfg.methods}  # S x H, in the config's order
+        outputs = train(states, rows, teachers_S, len(first))
+        first_S = jax.tree.map(lambda a: a[: cfg.seeds], teachers_S)
+        starts = {}  # a later round's start programs, by their plans (rounds with the same methods share one)
+        for r, names in later.items():
+            round_host = round_rows(groups, host_rows, names, num_h)
+            round_targets = next_teachers(names, outputs, groups, hps, data, splits, first_S, teacher_J, width)
+            round_args = (key_data_S, sharding.place(round_host, mesh, P()), shared, splits_S,
+                          sharding.place(sharding.pad_seeds(round_targets, mesh.size), mesh, P("seeds")))
+            plans = start_plans(round_host)
+            plan_key = repr({g: (p[0].tolist(), p[1].tolist()) for g, p in plans.items()})
+            if plan_key not in starts:
+                tc = time.perf_counter()
+                starts[plan_key] = jax.jit(functools.partial(start_models, plans), out_shardings=by_seed).lower(
+                    *round_args).compile()
+                later_compile_s += time.perf_counter() - tc
+            by_base = train(starts[plan_key](*round_args), round_args[1], round_args[4], len(names))
+            outputs.update({n: by_base[round_of(n)[0]] for n in names})
     else:
         hps = jax.tree.map(jnp.asarray, hps)
         splits = jax.tree.map(jnp.asarray, splits)
-        compiled = {m: jax.jit(make_fit(m, num_classes, text_TxKxD, cfg)) for m in cfg.methods}
+        compiled = {m: jax.jit(make_fit(m, num_classes, text_TxKxD, cfg)) for m in first}
         targets = jax.jit(make_teachers, static_argnums=0)
         outputs = {}
         t1 = time.perf_counter()
         teachers = [targets(specs, data, jax.tree.map(lambda a: a[s], splits)) for s in range(cfg.seeds)]
         model_teacher_J = {m: teacher_J[g][i * num_h:(i + 1) * num_h] for g, grp in groups.items()
                            for i, m in enumerate(grp.methods)}
-        for m, f in compiled.items():
+
+        def fit_seeds(f, teachers_S, teacher_H):
+            """``f`` for every seed x grid point, stacked ``S x H``."""
             per_seed = []
             for s in range(cfg.seeds):
                 split_s = jax.tree.map(lambda a: a[s], splits)
-                per_hp = [f(keys[s], jax.tree.map(lambda a: a[h], hps), data, split_s, teachers[s],
-                            model_teacher_J[m][h]) for h in range(num_h)]
+                per_hp = [f(keys[s], jax.tree.map(lambda a: a[h], hps), data, split_s, teachers_S[s], teacher_H[h])
+                          for h in range(num_h)]
                 per_seed.append(jax.tree.map(lambda *xs: jnp.stack(xs), *per_hp))
-            outputs[m] = jax.block_until_ready(jax.tree.map(lambda *xs: jnp.stack(xs), *per_seed))
             report(cfg.seeds * num_h * cfg.epochs)
+            return jax.block_until_ready(jax.tree.map(lambda *xs: jnp.stack(xs), *per_seed))
+
+        for m, f in compiled.items():
+            outputs[m] = fit_seeds(f, teachers, model_teacher_J[m])
+        first_S = jax.tree.map(lambda *xs: jnp.stack(xs), *teachers)
+        for names in later.values():
+            for n in names:  # each on its own targets: the weak labels, the reference, its previous round's student
+                round_S = next_teachers((n,), outputs, groups, hps, data, splits, first_S, teacher_J, 3)
+                outputs[n] = fit_seeds(compiled[round_of(n)[0]], [jax.tree.map(lambda a: a[s], round_S)
+                                                                  for s in range(cfg.seeds)], [2] * num_h)
     t2 = time.perf_counter()
+    outputs = {m: outputs[m] for m in cfg.methods}  # S x H, in the config's order
     # without vmap, compilation happens inside the first calls and is counted as run time
-    return outputs, {"compile_s": t1 - t0, "run_s": t2 - t1}
+    return outputs, {"compile_s": t1 - t0 + later_compile_s, "run_s": t2 - t1 - later_compile_s}
 
 
 def estimate_bytes(cfg: FitConfig, n: int, d: int, k: int) -> int:
@@ -641,12 +759,15 @@ def estimate_bytes(cfg: FitConfig, n: int, d: int, k: int) -> int:
     cfg = resolve_batch_size(cfg, split_sizes(n)[0])  # an "auto" batch as the fit will resolve it
     num_h = int(np.prod([len(v) for _, v in cfg.grid] or [1]))
     params = k * d + k
-    j = num_h * len(cfg.methods)  # models of one seed
+    first = [m for m in cfg.methods if m not in METHODS or METHODS[m].round == 1]  # later rounds reuse their slots
+    j = num_h * len(first)  # models of one seed
     eval_rows = int(0.36 * n)
     running = lambda models: (4 * cfg.batch_size + eval_rows) * (d + 2 * models * k) + n  # one seed's step + eval
     data = n * (d + k * (1 + len(cfg.ensemble)) + 1)  # features, the weak logits (and the ensemble's), labels
     kinds = {"all": [METHODS[m].refine if m in METHODS else "" for m in cfg.methods]}
-    targets = len(plan(kinds, cfg.grid_hparams(), reference_refinement(cfg))[0]) * n * (k + 1)  # a seed's targets
+    num_first = len(plan(kinds, cfg.grid_hparams(), reference_refinement(cfg))[0])
+    later = later_rounds([m for m in cfg.methods if m in METHODS])
+    targets = teacher_width(num_first, later) * n * (k + 1)  # a seed's targets, as wide as the widest round
     if not cfg.vmap:  # one model at a time
         return 4 * (data + cfg.seeds * targets + 6 * params + running(1))
     seeds_here = math.ceil(cfg.seeds / jax.device_count())

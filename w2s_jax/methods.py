@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -33,6 +34,7 @@ class Method(NamedTuple):
     #              "raven": a convex combination of several weak models, its weights learned with the head;
     #              "average": their uniform average
     refine: str = ""  # "" or a refinement of the weak target (w2s_jax.refine: knn, graph, filter): METHOD@knn
+    round: int = 1  # r > 1: trained on the soft labels of round r - 1's kept student (METHOD@round2, fit.py)
 
 
 METHODS = {
@@ -75,6 +77,50 @@ def refined_method(name: str) -> Method | None:
             or spec.head not in (*HEADS, *TORCH_HEADS):
         return None
     return METHODS.setdefault(name, spec._replace(refine=kind))
+
+
+ROUND = re.compile(r"^(?P<base>.+)@round(?P<round>[1-9][0-9]*)$")
+
+
+def round_of(name: str) -> tuple[str, int]:
+    """``(the round-1 method, round)``: ``("ce+lp@knn", 3)`` for ``ce+lp@knn@round3``, ``(name, 1)`` otherwise."""
+    match = ROUND.match(name)
+    return (match["base"], int(match["round"])) if match else (name, 1)
+
+
+def previous_round(name: str) -> str:
+    """Whose kept student a round trains on: ``ce+lp`` for ``ce+lp@round2``, ``ce+lp@round2`` for ``@round3``."""
+    base, r = round_of(name)
+    return base if r <= 2 else f"{base}@round{r - 1}"
+
+
+def round_method(name: str) -> Method | None:
+    """``METHOD@roundR`` (R >= 2): METHOD retrained on the soft labels of round R - 1's kept student, registered on
+    first use; None if ``name`` is not one (the base must be a w2s-fit method trained on one weak model's labels,
+    refined or not: a ceiling has no teacher to improve on, a multi-weak teacher is learned, TP is w2s-tp's)."""
+    base, r = round_of(name)
+    spec = METHODS.get(base) or refined_method(base)
+    if r < 2 or spec is None or spec.target != "weak" or spec.round != 1 or spec.head not in HEADS:
+        return None
+    return METHODS.setdefault(name, spec._replace(round=r))
+
+
+def with_rounds(methods, rounds: int) -> tuple:
+    """``methods`` then ``METHOD@round2 … @roundN`` for each of them that can have rounds (``w2s-fit --rounds N``,
+    ``[fit] rounds``); rounds = 1 adds nothing."""
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ValueError(f"rounds = {rounds!r}: use a whole number >= 1 (1: the fit as it is; 2: one more round of "
+                         "each W2S method on its own kept student's soft labels)")
+    later = [f"{m}@round{r}" for m in methods for r in range(2, rounds + 1) if round_method(f"{m}@round{r}")]
+    return tuple(dict.fromkeys([*methods, *later]))
+
+
+def check_rounds(names) -> None:
+    """Each ``METHOD@roundR`` needs the round it trains on among ``names``: a ValueError names the missing one."""
+    for name in names:
+        if round_of(name)[1] > 1 and previous_round(name) not in names:
+            raise ValueError(f"{name} trains on the kept student of {previous_round(name)}; add it to the methods "
+                             f"(w2s-fit --rounds N adds every round of each method)")
 
 
 def register_refinements(names) -> None:
@@ -158,7 +204,7 @@ def define_method(name: str, head: str, **coeffs) -> Method:
 def definitions(names) -> tuple:
     """``((name, head, ((field, value), ...)), ...)``: the user-defined methods among ``names`` (those whose row is
     their own), as saved in a results folder (``FitConfig.defined``) so that the folder alone rebuilds them."""
-    bases = dict.fromkeys(n.rpartition("@")[0] if n in METHODS and METHODS[n].refine else n for n in names)
+    bases = dict.fromkeys(n.split("@")[0] for n in names)  # a user's name has no '@': METHOD@KIND@roundR
     return tuple((n, METHODS[n].head, tuple(LOSSES[n]._asdict().items())) for n in bases
                  if n in METHODS and METHODS[n].loss == n and n not in BUILTIN)
 
@@ -170,16 +216,17 @@ def restore_methods(saved) -> None:
 
 
 def restore_names(names) -> None:
-    """Register the ``METHOD@REFINEMENT`` names among ``names`` (read from a results folder)."""
+    """Register the ``METHOD@REFINEMENT`` and ``METHOD@roundR`` names among ``names`` (read from a results folder)."""
     for name in names:
-        refined_method(name)
+        refined_method(name) or round_method(name)
 
 
 def jax_methods(multi_weak: bool = False) -> tuple[str, ...]:
     """The methods w2s-fit runs, in registry order: every method whose head is in ``heads.HEADS``, including
     heads and methods a user registered after import (README: "Add a head"); the multi-weak ones only if asked."""
     return tuple(m for m, spec in METHODS.items()
-                 if spec.head in HEADS and (multi_weak or spec.target not in MULTI_WEAK) and not spec.refine)
+                 if spec.head in HEADS and (multi_weak or spec.target not in MULTI_WEAK) and not spec.refine
+                 and spec.round == 1)
 
 
 def tp_methods(refined: bool = True) -> tuple[str, ...]:
@@ -198,8 +245,9 @@ def refinement_methods(names=None) -> tuple[str, ...]:
 def check_methods(names, valid=None, command="w2s-fit") -> tuple[str, ...]:
     """``names`` as a tuple, or a ValueError naming the unknown ones and the valid ones (default: w2s-fit's)."""
     for name in names:
-        refined_method(name)
-    valid = jax_methods(multi_weak=True) + refinement_methods() if valid is None else valid
+        refined_method(name) or round_method(name)
+    rounds = tuple(n for n in names if n in METHODS and METHODS[n].round > 1)
+    valid = jax_methods(multi_weak=True) + refinement_methods() + rounds if valid is None else valid
     wrong_side = [n for n in names if n in METHODS and n not in valid]
     if wrong_side:
         other = "w2s-tp (PyTorch)" if METHODS[wrong_side[0]].head in TORCH_HEADS else "w2s-fit (JAX)"
@@ -210,8 +258,14 @@ def check_methods(names, valid=None, command="w2s-fit") -> tuple[str, ...]:
         raise ValueError(f"{not_refined[0]}: the ceilings and the multi-weak methods are not refined (a ceiling trains "
                          "on ground truth; a multi-weak teacher is learned); refine a method trained on one weak "
                          "model's labels, e.g. kd+lp@knn")
+    no_rounds = [n for n in unknown if round_of(n)[1] > 1 or n.endswith("@round1")]
+    if no_rounds:
+        raise ValueError(f"{no_rounds[0]}: METHOD@roundR (R >= 2) retrains a w2s-fit method trained on one weak model's "
+                         "labels (refined or not) on its previous round's kept student; ceilings, multi-weak and "
+                         "w2s-tp methods have no rounds, and round 1 is METHOD itself")
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(valid)} (see {command} --list-methods)")
+    check_rounds(names)
     return tuple(names)
 
 

@@ -90,12 +90,6 @@ def distinguishable(low: float, high: float) -> bool:
     return bool(low > 0 or high < 0)
 
 
-def at_best_epoch(history_SxHxE, best_epoch_SxH):
-    """A history field at each model's kept epoch (1-based ``best_epoch``): ``S x H``."""
-    index = np.maximum(np.asarray(best_epoch_SxH) - 1, 0)[..., None]
-    return np.take_along_axis(np.asarray(history_SxHxE), index, axis=-1)[..., 0]
-
-
 LOW_CONFIDENCE = 0.25  # coverage: the weak model's least confident quarter of test' rows
 
 
@@ -130,7 +124,7 @@ def evaluate_method(name: str, out: FitOutput, hps, data: FitData, splits: SeedS
     misfit: KL(student ‖ weak) on hold_val (label-free); test_ce: the student's cross-entropy on test'. With
     several weak models, agreement and misfit are against the first; multi-weak methods add weak_weights, ``S x H x M``.
     The selection rule's hold_val score is the fit's own (its history's ``val_score`` at the kept epoch,
-    :func:`at_best_epoch`), not recomputed here. ``head``: the head that applies the variables (default the
+    :func:`w2s_jax.select.at_best_epoch`), not recomputed here. ``head``: the head that applies the variables (default the
     method's; w2s-tp's prompt heads are saved in their applied form, ``"prototype"``).
     """
     head = make_head(head or METHODS[name].head, num_classes)

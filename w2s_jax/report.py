@@ -25,7 +25,7 @@ import click
 import numpy as np
 
 from w2s_jax import metrics, paper_numbers, results
-from w2s_jax.methods import CEILING_OF_HEAD, METHODS, MULTI_WEAK
+from w2s_jax.methods import CEILING_OF_HEAD, METHODS, MULTI_WEAK, round_of
 
 BEST_CEILING = "best ceiling (hold_val)"
 DELTA = "Δ (cpl − best baseline by hold_val)"
@@ -107,7 +107,7 @@ def _row_values(summary: dict) -> dict:
     if summary["zero_shot"]:
         rows["zero-shot"] = summary["zero_shot"]["test_acc"]
     rows.update({m: None if summary["methods"][m].get("failed") else summary["methods"][m]["test_acc"]
-                 for m in results.method_order(summary["methods"])})
+                 for m in results.method_order(summary["methods"]) if METHODS[m].round == 1})  # rounds: rounds_table
     if summary["best_ceiling"]:
         rows[BEST_CEILING] = summary["best_ceiling"]["test_acc"]
     return rows
@@ -118,8 +118,9 @@ def _delta(summary: dict, chosen_on: str = "val_score") -> float | None:
 
     ``chosen_on="val_score"``: the baseline with the best mean hold_val agreement with the weak labels;
     ``"test_acc"``: the best by test' accuracy (the paper's convention; a selection on test'). Rows trained on
-    refined labels (``METHOD@knn``) are not baselines: their hold_val score is agreement with their own refined
-    target, not comparable with the others', and the paper's Δ compares CPL with methods on the weak labels.
+    refined labels (``METHOD@knn``) or on a student's (``METHOD@roundR``) are not baselines: their hold_val score is
+    agreement with their own target, not comparable with the others', and the paper's Δ compares CPL with methods
+    on the weak labels.
     """
     methods = summary["methods"]
     best = best_baseline(summary, chosen_on)
@@ -133,7 +134,7 @@ def best_baseline(summary: dict, chosen_on: str = "val_score", exclude: str = "c
     ``chosen_on`` score (:func:`_delta`); None if there is none."""
     methods = summary["methods"]
     baselines = [m for m in methods if METHODS[m].target == "weak" and m != exclude and not METHODS[m].refine
-                 and not methods[m].get("failed")]
+                 and METHODS[m].round == 1 and not methods[m].get("failed")]
     return max(baselines, key=lambda m: np.mean(methods[m][chosen_on])) if baselines else None
 
 
@@ -167,6 +168,44 @@ def intervals_table(groups: list[Group], weak: str) -> Table | None:
     return Table(f"intervals-{weak}", f"How sure each comparison is: W2S methods against the weak model and the best "
                  f"baseline, weak model {weak}", ["domain", "method", "− weak (points, 95% CI)", "best baseline",
                                                    "− best baseline (points, 95% CI)"], rows, INTERVALS_NOTE)
+
+
+ROUNDS_NOTE = ("Strong-to-strong rounds: round r + 1 trains the method again, at every grid point, on the soft labels "
+               "of round r's kept student (its grid point and epochs chosen on hold_val by the fit's rule) on the "
+               "unlabelled pool hold_train ∪ hold_val. Test' accuracy (%, mean ± std over seeds) with PGR against the "
+               "method's own ceiling; the last column is the last round minus round 1 in points, paired by seed, with "
+               "its 95% t-interval ((n.d.): not distinguishable from 0). These rows are left out of the Table 2 and "
+               "Table 3 analogues, which are the paper's.")
+
+
+def rounds_table(groups: list[Group], weak: str) -> Table | None:
+    """Each method fitted in rounds (``METHOD@roundR``), per domain: every round's accuracy and PGR, and the last
+    round against the first with a paired interval; None without rounds."""
+    rows, width = [], 0
+    for g in (g for g in groups if g.weak == weak):
+        methods = g.summary["methods"]
+        chains = {}  # round-1 method -> [its rounds' names, in order]
+        for name in results.method_order(methods):
+            chains.setdefault(round_of(name)[0], []).append(name)
+        for first, chain in chains.items():
+            if len(chain) < 2 or first not in methods:
+                continue
+            width = max(width, len(chain))
+            cells = []
+            for name in chain:
+                pgr = g.summary["pgr"].get(name, {}).get("of_means")
+                cells.append(results.FAILED if methods[name].get("failed") else _cell(methods[name]["test_acc"])
+                             + ("" if pgr is None or np.isnan(pgr) else f" (PGR {pgr:.3f})"))
+            last = methods[chain[-1]]
+            change = "" if last.get("failed") or methods[first].get("failed") \
+                else _interval_cell(last["test_acc"], methods[first]["test_acc"])
+            rows.append([f"{g.dataset}/{g.domain}", first, *cells, change])
+    if not rows:
+        return None
+    rows = [[*r[:-1], *[""] * (width + 3 - len(r)), r[-1]] for r in rows]
+    return Table(f"rounds-{weak}", f"Strong-to-strong rounds: test' accuracy (%) by round, weak model {weak}",
+                 ["domain", "method", *[f"round {r}" for r in range(1, width + 1)],
+                  "last − round 1 (points, 95% CI)"], rows, ROUNDS_NOTE)
 
 
 def table2(groups: list[Group], weak: str) -> Table:
@@ -646,6 +685,7 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
     tables = [headline(groups, headline_weak)] if headline_weak else []
     tables += [table2(groups, w) for w in sorted({g.weak for g in groups})]
     tables += [t for t in (intervals_table(groups, w) for w in sorted({g.weak for g in groups})) if t is not None]
+    tables += [t for t in (rounds_table(groups, w) for w in sorted({g.weak for g in groups})) if t is not None]
     tables += [table3(groups, *domain) for domain, gs in _by_domain(groups).items() if len(gs) > 1]
     pgr = pgr_table(groups)
     compare = (paper_table(groups), paper_table3(groups)) if paper else ()

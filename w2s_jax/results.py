@@ -18,6 +18,7 @@ import numpy as np
 from w2s_jax.methods import CEILING_OF_HEAD, METHODS, MULTI_WEAK, restore_methods, restore_names
 from w2s_jax.metrics import GAIN_SOURCES, pgr
 from w2s_jax.outputs import OutputError, staging_folder, swap_in
+from w2s_jax.refine import REFINEMENTS
 from w2s_jax.saved_heads import write_heads
 from w2s_jax.select import CRITERIA, HISTORY_KEY, grid_point, regret
 
@@ -252,15 +253,17 @@ def _mean_std(values) -> str:
 
 
 def method_order(names) -> list[str]:
-    """The paper's row order: W2S baselines (registry order), then CPL, then the multi-weak rows, then the ceilings."""
-    refined = [m for m in METHODS if m in names and METHODS[m].refine]
-    bases = {r.rpartition("@")[0] for r in refined}  # a refined row stands where its base would, fitted or not
-    present = [m for m in METHODS if (m in names or m in bases) and not METHODS[m].refine]
-    with_refined = lambda ms: [x for m in ms for x in [*([m] if m in names else []),
-                                                       *(r for r in refined if r.rpartition("@")[0] == m)]]
-    return with_refined([m for m in present if METHODS[m].target == "weak" and m != "cpl"]
-                        + [m for m in present if m == "cpl"]) \
-        + [m for m in present if METHODS[m].target in MULTI_WEAK] + [m for m in present if METHODS[m].target == "truth"]
+    """The paper's row order: W2S baselines (registry order), then CPL, then the multi-weak rows, then the ceilings.
+    A derived row stands where its base would, fitted or not: the base, its rounds (``METHOD@roundR``), then each
+    refinement (``METHOD@KIND``, registry order) followed by its own rounds."""
+    root = lambda m: m.split("@")[0]  # noqa: E731  (a method's own name has no '@')
+    roots = [m for m in METHODS if "@" not in m and any(root(n) == m for n in names)]
+    kinds = ("", *REFINEMENTS)
+    under = lambda m: sorted((n for n in names if root(n) == m),  # noqa: E731
+                             key=lambda n: (kinds.index(METHODS[n].refine), METHODS[n].round))
+    ordered = ([m for m in roots if METHODS[m].target == "weak" and m != "cpl"] + [m for m in roots if m == "cpl"]
+               + [m for m in roots if METHODS[m].target in MULTI_WEAK] + [m for m in roots if METHODS[m].target == "truth"])
+    return [n for m in ordered for n in under(m)]
 
 
 def table_rows(summary: dict) -> list[tuple[str, str, str, str]]:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from w2s_jax.config import FitConfig, resolve_batch_size
 from w2s_jax.methods import METHODS, check_methods, definitions
+from w2s_jax.select import at_best_epoch, failed_models
 from w2s_jax.splits import split_sizes, stacked_splits
 from w2s_jax.store import read_store, rows_record
 
@@ -75,8 +76,8 @@ def _run(cfg: FitConfig, out_dir, log, overwrite) -> tuple[dict, Path]:
     best_epochs = {m: o.best_epoch for m, o in outputs.items()}
     histories = {m: o.history for m, o in outputs.items()}
     evals = {m: {**metrics.evaluate_method(m, o, hps, data, jsplits, k),
-                 "val_score": metrics.at_best_epoch(o.history["val_score"], o.best_epoch)} for m, o in outputs.items()}
-    failed = {m: ~np.isfinite(np.asarray(h["train_loss"])).all(axis=-1) for m, h in histories.items()}
+                 "val_score": at_best_epoch(o.history["val_score"], o.best_epoch)} for m, o in outputs.items()}
+    failed = {m: failed_models(h) for m, h in histories.items()}
     if log and any(f.any() for f in failed.values()):
         log("non-finite training loss (reported as failed): " + ", ".join(m for m, f in failed.items() if f.any()))
     heads = {m: (METHODS[m].head, o.variables) for m, o in outputs.items()}

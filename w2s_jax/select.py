@@ -60,6 +60,23 @@ def scores(val_logits_VxK, teacher_VxK, weight_V, view: ValView, is_truth) -> di
     return {c: jnp.where(is_truth, truth, label_free[c]).astype(jnp.float32) for c in CRITERIA}
 
 
+def at_best_epoch(history_SxHxE, best_epoch_SxH):
+    """A history field at each model's kept epoch (1-based ``best_epoch``): ``S x H``."""
+    index = np.maximum(np.asarray(best_epoch_SxH) - 1, 0)[..., None]
+    return np.take_along_axis(np.asarray(history_SxHxE), index, axis=-1)[..., 0]
+
+
+def failed_models(history: dict):
+    """``S x H`` bool: True where a model's training loss went non-finite (never selected, reported as failed)."""
+    return ~np.isfinite(np.asarray(history["train_loss"])).all(axis=-1)
+
+
+def kept_point(history: dict, best_epoch_SxH) -> int:
+    """The grid point a method keeps: its ``val_score`` (the fit's --select rule) at each model's kept epoch,
+    through :func:`grid_point` (what the results report and the next round trains on)."""
+    return grid_point(at_best_epoch(history["val_score"], best_epoch_SxH), failed_models(history))
+
+
 def grid_point(score_SxH, failed_SxH=None) -> int:
     """The grid point kept: the first with the best mean score over seeds (each model's score at its kept
     epoch); a grid point that failed on any seed is never chosen."""
