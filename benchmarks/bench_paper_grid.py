@@ -6,9 +6,10 @@ Each component's rate is measured here, at a small size, with random weights, an
 
 - extraction: every train and test image through the strong encoder, at the slower of the encoder and the PIL
   decode (one process's rate times --workers, assumed to scale);
-- the weak models: each fine-tuned for 3 epochs over its domain's train split and applied once to its test split,
-  each decoding every image again (today's loop), at a ResNet-18's train and inference rates (random weights;
-  the proxy for all five: CvT-13 and ConvNeXt-tiny are slower, so this is a lower bound);
+- the weak models: the five fine-tuned in lockstep for 3 epochs over their domain's train split, then applied to
+  every image, each image decoded once per epoch and once for the logits for all five (pipeline.tuned_logits), so
+  each pass takes the slower of its decodes and the five models' work, at a ResNet-18's train and inference rates
+  (random weights; the proxy for all five: CvT-13 and ConvNeXt-tiny are slower, so this is a lower bound);
 - the JAX fits: one per domain x weak model, each compiled (measured once) and run (measured at --fit-rows rows, run
   time scaled by rows), every w2s-fit method, 5 seeds, 10 epochs, batch 512;
 - TP: every TP model (4 weak-label methods x 5 weak models + ceiling+tp, per seed; cpl+textenc per weak model and
@@ -181,16 +182,17 @@ def main():
     # ---- the grid's work, and the estimate
     images = sum(tr + te for tr, te in DOMAINNET.values())
     extract_rate = min(rates["encoder_img_s"], rates["decode_img_s"])
-    weak_train = WEAK_MODELS * WEAK_EPOCHS * sum(tr for tr, _ in DOMAINNET.values())
-    weak_logits = WEAK_MODELS * sum(te for _, te in DOMAINNET.values())
+    train_images = sum(tr for tr, _ in DOMAINNET.values())
+    weak_train, weak_logits = WEAK_MODELS * WEAK_EPOCHS * train_images, WEAK_MODELS * images  # model-images
+    weak_decodes = WEAK_EPOCHS * train_images + images  # lockstep: one decode per image and pass for all five
     fits = len(DOMAINNET) * WEAK_MODELS
     tp_steps = sum(EPOCHS * math.ceil(int(0.64 * te) / BATCH) for _, te in DOMAINNET.values())  # per model, all domains
     prompt_models = SEEDS * (TP_WEAK_METHODS * WEAK_MODELS + 1)
     textenc_models = SEEDS * WEAK_MODELS
     seconds = {
         "extraction": images / extract_rate,
-        "weak_models": weak_train / min(rates["weak_train_img_s"], rates["decode_img_s"])
-        + weak_logits / min(rates["weak_infer_img_s"], rates["decode_img_s"]),
+        "weak_models": max(WEAK_EPOCHS * train_images / rates["decode_img_s"], weak_train / rates["weak_train_img_s"])
+        + max(images / rates["decode_img_s"], weak_logits / rates["weak_infer_img_s"]),
         "jax_fits_compile": fits * rates["fit_compile_s"],
         "jax_fits_run": WEAK_MODELS * sum(te for _, te in DOMAINNET.values()) * rates["fit_run_s_per_row"],
         "tp_prompt": prompt_models * tp_steps * rates["tp_model_step_s"],
@@ -200,7 +202,8 @@ def main():
     figures = {"machine": machine(), "device": dev, "strong": name, "precision": precision, "workers": workers,
                "tp_models_per_step": tp_models, "rates": rates, "seconds": seconds, "total_s": total,
                "total_h": total / 3600, "work": {"images": images, "weak_train_images": weak_train,
-                                                 "weak_logit_images": weak_logits, "fits": fits,
+                                                 "weak_logit_images": weak_logits, "weak_decodes": weak_decodes,
+                                                 "weak_decodes_per_image_epoch": 1, "fits": fits,
                                                  "tp_model_steps": (prompt_models + textenc_models) * tp_steps}}
     print(f"machine: {figures['machine']}; device {dev}, strong {name} (random weights), TP {precision}, "
           f"{tp_models} TP model(s) a step, {workers} decode workers")

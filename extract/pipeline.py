@@ -157,11 +157,11 @@ class ImageSource:
 
 
 def run_splits(splits: dict, source: ImageSource, key: str, heads: dict, parts: Path, opts: Options,
-               desc: str) -> tuple[dict, dict, list]:
+               desc: str, which: dict | None = None) -> tuple[dict, dict, list]:
     """:func:`run_pass` over every split's images at once:
     ({split: {head: outputs}}, {split: the split's kept row indices}, ids of unreadable images)."""
     all_ids = [i for ids, _ in splits.values() for i in ids]
-    outputs, kept, bad = run_pass(all_ids, source, key, heads, parts, opts, desc)
+    outputs, kept, bad = run_pass(all_ids, source, key, heads, parts, opts, desc, which)
     per_split, kept_by_split, start = {}, {}, 0
     for split, (ids, _) in splits.items():
         mine = (kept >= start) & (kept < start + len(ids))
@@ -172,9 +172,10 @@ def run_splits(splits: dict, source: ImageSource, key: str, heads: dict, parts: 
 
 
 def run_pass(ids, source: ImageSource, key: str, heads: dict, parts: Path, opts: Options,
-             desc: str) -> tuple[dict, np.ndarray, list]:
+             desc: str, which: dict | None = None) -> tuple[dict, np.ndarray, list]:
     """Run every head over the images ``ids``, read by ``source`` as its pass ``key`` (whose transforms are the
-    heads', in order); resumable through per-batch part files.
+    heads', in order, unless ``which`` says which transform of the pass each head reads); resumable through
+    per-batch part files.
 
     heads: name -> (transform PIL->tensor, fn tensor_Bx...->tensor_BxF).
     Returns ({name: outputs_MxF}, kept row indices M, ids of unreadable images).
@@ -195,7 +196,8 @@ def run_pass(ids, source: ImageSource, key: str, heads: dict, parts: Path, opts:
             outputs = {}
             if len(index):
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                    for name, x in zip(names, inputs):
+                    for i, name in enumerate(names):
+                        x = inputs[i if which is None else which[name]]
                         outputs[name] = heads[name][1](x.to(opts.device, non_blocking=True)).float().cpu().numpy()
             bad_now += bad
             bar.update(len(batches[b]))
@@ -232,56 +234,123 @@ def _gather(parts: Path, num_batches: int, names) -> tuple[dict, np.ndarray, lis
 # --------------------------------------------------------------------- weak models
 
 
+TUNED = "weak-tuned"  # the pass that fine-tunes every fine-tuned weak model at once, and gives their logits
+
+
+def tuned_inputs(specs) -> tuple[list, dict]:
+    """The fine-tuned weak models' distinct transforms, and which of them each model reads:
+    ``([transform], {name: index})`` (:func:`weak.transform_key`)."""
+    keys = list(dict.fromkeys(weak.transform_key(s) for s in specs))
+    first = {key: next(s for s in specs if weak.transform_key(s) == key) for key in keys}
+    return [weak.weak_transform(first[key]) for key in keys], {s.name: keys.index(weak.transform_key(s)) for s in specs}
+
+
 def weak_passes(specs) -> dict:
-    """The image passes the weak models ``specs`` need beyond the feature pass, ``{key: [transform]}``."""
-    return {f"weak:{spec.name}": [weak.weak_transform(spec)] for spec in specs}
+    """The image passes the weak models ``specs`` need beyond the feature pass, ``{key: [transform]}``: each probe's
+    own (``weak:NAME``: when the store exists already), and one for every fine-tuned model at once (``TUNED``)."""
+    specs = list(specs)
+    passes = {f"weak:{s.name}": [weak.weak_transform(s)] for s in specs if s.mode == "probe"}
+    tuned = [s for s in specs if s.mode == "finetune"]
+    if tuned:
+        passes[TUNED] = tuned_inputs(tuned)[0]
+    return passes
 
 
-def weak_logits(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, opts: Options, source: ImageSource,
-                probe_feats: dict | None = None) -> tuple[dict, dict]:
-    """Train weak model ``spec`` on ``train`` (ground truth) and return its logits per split.
+def probe_logits(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, opts: Options, source: ImageSource,
+                 probe_feats: dict | None = None) -> tuple[dict, dict]:
+    """Train the probe ``spec`` on ``train`` (ground truth) and return its logits per split.
 
     rows: split -> (ids, labels) of the store's rows; source: the extraction's images, with the pass
     ``weak:NAME`` (:func:`weak_passes`); probe_feats: split -> features, if the feature pass already computed them.
     Returns ({split: logits_NxK}, provenance dict).
     """
     k = len(dataset.class_names)
-    transform, key = weak.weak_transform(spec), f"weak:{spec.name}"
-    info = {"source": spec.source, "mode": spec.mode}
-    if spec.mode == "probe":
-        if probe_feats is None:
-            fn = weak.probe_backbone(spec, k, opts.device)
-            outs = run_splits(rows, source, key, {spec.name: (transform, fn)}, parts / f"weakfeat-{spec.name}-all",
-                              opts, f"{spec.name} features")[0]
-            probe_feats = {s: out[spec.name] for s, out in outs.items()}
-        predict = weak.train_probe(probe_feats["train"], rows["train"][1], k, device=opts.device)
-        logits = {s: predict(f) for s, f in probe_feats.items()}
-        info.update(probe_epochs=weak.PROBE_EPOCHS, probe_lr=weak.PROBE_LR)
-    else:
-        model = weak.load_hf(spec, k, opts.device)
+    if probe_feats is None:
+        fn = weak.probe_backbone(spec, k, opts.device)
+        outs = run_splits(rows, source, f"weak:{spec.name}", {spec.name: (weak.weak_transform(spec), fn)},
+                          parts / f"weakfeat-{spec.name}-all", opts, f"{spec.name} features")[0]
+        probe_feats = {s: out[spec.name] for s, out in outs.items()}
+    predict = weak.train_probe(probe_feats["train"], rows["train"][1], k, device=opts.device)
+    logits = {s: predict(f) for s, f in probe_feats.items()}
+    return logits, with_accuracy({"source": spec.source, "mode": spec.mode, "probe_epochs": weak.PROBE_EPOCHS,
+                                  "probe_lr": weak.PROBE_LR}, logits, rows)
+
+
+def with_accuracy(info: dict, logits: dict, rows: dict) -> dict:
+    return {**info, **{f"{s}_accuracy": float(np.mean(logits[s].argmax(1) == labels)) for s, (_, labels) in rows.items()}}
+
+
+def tuned_logits(specs, dataset: Dataset, rows: dict, parts: Path, opts: Options,
+                 source: ImageSource) -> tuple[dict, dict]:
+    """Fine-tune every model of ``specs`` on ``train`` (ground truth) in lockstep, then their logits per split in one
+    more pass: each image is decoded once per epoch and once for the logits, whatever the number of models
+    (:func:`weak.finetune`). A model fine-tuned before (its ``weak-NAME.pt`` in ``parts``) is resumed.
+
+    Returns ``({name: ({split: logits_NxK}, provenance dict)}, {name: why it failed})``; a model that failed has no
+    logits, and the others' are kept."""
+    k = len(dataset.class_names)
+    _, which = tuned_inputs(specs)
+    models, todo = {}, {}
+    for spec in specs:
+        models[spec.name] = weak.load_hf(spec, k, opts.device)
         ckpt = parts / f"weak-{spec.name}.pt"
         if ckpt.exists():
-            model.load_state_dict(weak.load_weights(ckpt, opts.device))
+            models[spec.name].load_state_dict(weak.load_weights(ckpt, opts.device))
             opts.log(f"resumed fine-tuned weak model from {ckpt}")
         else:
-            ids, labels = rows["train"]
-            order = np.random.default_rng(0).permutation(len(ids))
-            batches = [order[i:i + opts.weak_batch_size].tolist() for i in range(0, len(ids), opts.weak_batch_size)]
-            loader = _FineTuneBatches(lambda: source.read(key, ids, batches), len(batches), labels)
-            weak.finetune(model, loader, epochs=opts.weak_epochs, lr=opts.weak_lr, device=opts.device, progress=tqdm)
-            _save_torch(ckpt, model.state_dict())
-        model.eval()
-        outs = run_splits(rows, source, key, {spec.name: (transform, weak.hf_logits(model))},
-                          parts / f"weaklogits-{spec.name}-all", opts, f"{spec.name} logits")[0]
-        logits = {s: out[spec.name] for s, out in outs.items()}
-        info.update(epochs=opts.weak_epochs, batch_size=opts.weak_batch_size, lr=opts.weak_lr, warmup=0.1)
-    for s, (_, labels) in rows.items():
-        info[f"{s}_accuracy"] = float(np.mean(logits[s].argmax(1) == labels))
-    return logits, info
+            todo[spec.name] = (models[spec.name], which[spec.name])
+    failed = {}
+    if todo:
+        ids, labels = rows["train"]
+        order = np.random.default_rng(0).permutation(len(ids))
+        batches = [order[i:i + opts.weak_batch_size].tolist() for i in range(0, len(ids), opts.weak_batch_size)]
+        loader = _FineTuneBatches(lambda: source.read(TUNED, ids, batches), len(batches), labels)
+        failed = weak.finetune(todo, loader, epochs=opts.weak_epochs, lr=opts.weak_lr, device=opts.device,
+                               progress=tqdm)
+        parts.mkdir(parents=True, exist_ok=True)
+        for name in todo.keys() - failed.keys():
+            _save_torch(parts / f"weak-{name}.pt", models[name].state_dict())
+    kept = [s.name for s in specs if s.name not in failed]
+    if not kept:
+        return {}, failed
+    outs = run_splits(rows, source, TUNED, {n: (None, weak.hf_logits(models[n])) for n in kept},
+                      parts / f"weaklogits-{'+'.join(kept)}-all", opts, f"{', '.join(kept)} logits", which)[0]
+    info = {"epochs": opts.weak_epochs, "batch_size": opts.weak_batch_size, "lr": opts.weak_lr, "warmup": 0.1}
+    return {spec.name: ({s: out[spec.name] for s, out in outs.items()},
+                        with_accuracy({"source": spec.source, "mode": spec.mode, **info},
+                                      {s: out[spec.name] for s, out in outs.items()}, rows))
+            for spec in specs if spec.name in kept}, failed
+
+
+def add_weak_models(store: st.Store, specs, dataset: Dataset, rows: dict, parts: Path, opts: Options,
+                    source: ImageSource, probe_feats: dict | None = None) -> tuple[st.Store, dict]:
+    """``store`` with the logits of every weak model of ``specs`` added, in their order (probes: ``probe_feats``
+    {name: {split: features}} from the feature pass, if it computed them; the fine-tuned ones in lockstep,
+    :func:`tuned_logits`); returns it and ``{name: why it failed}``."""
+    done, failed = tuned_logits([s for s in specs if s.mode == "finetune"], dataset, rows, parts, opts, source) \
+        if any(s.mode == "finetune" for s in specs) else ({}, {})
+    for spec in specs:
+        if spec.mode == "probe":
+            done[spec.name] = probe_logits(spec, dataset, rows, parts, opts, source, (probe_feats or {}).get(spec.name))
+        if spec.name in done:
+            store = st.with_weak_model(store, spec.name, *done[spec.name])
+            opts.log(f"weak model {spec.name}: test accuracy {done[spec.name][1]['test_accuracy']:.4f}")
+    return store, failed
+
+
+def check_failed(failed: dict, out: Path) -> None:
+    """A WeakModelError naming each weak model that failed, once the store holds the others'."""
+    if failed:
+        raise weak.WeakModelError(
+            "weak model(s) failed and were left out of the store: " + "; ".join(f"{n} ({why})" for n, why in
+                                                                              failed.items())
+            + f". {out} holds the others; run the same command again to fine-tune only these (out of memory: "
+            "fewer at once with separate --weak runs, or a smaller batch)")
 
 
 class _FineTuneBatches:
-    """(images, labels) for :func:`weak.finetune`, one pass of ``read()`` per epoch, dropping unreadable rows."""
+    """(inputs, labels) for :func:`weak.finetune` (inputs: one tensor per distinct preprocessing), one pass of
+    ``read()`` per epoch, dropping unreadable rows."""
 
     def __init__(self, read, num_batches: int, labels_N):
         self.read, self.num_batches, self.labels = read, num_batches, torch.as_tensor(labels_N)
@@ -292,7 +361,7 @@ class _FineTuneBatches:
     def __iter__(self):
         for index, inputs, _ in self.read():
             if len(index):
-                yield inputs[0], self.labels[index]
+                yield inputs, self.labels[index]
 
 
 def weak_weights(store_path: Path, weak_name: str) -> Path:
@@ -399,14 +468,12 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
                   for s in rows}
         store = st.Store(provenance_for(dataset, encoder.id, encoder.preprocessing, templates, skipped, opts.decode),
                          splits, text, {})
-        for spec in specs:
-            feats = {s: results[s][spec.name] for s in rows} if spec in probes else None
-            logits, info = weak_logits(spec, dataset, rows, parts, opts, source, feats)
-            store = st.with_weak_model(store, spec.name, logits, info)
-            opts.log(f"weak model {spec.name}: test accuracy {info['test_accuracy']:.4f}")
+        feats = {spec.name: {s: results[s][spec.name] for s in rows} for spec in probes}
+        store, failed = add_weak_models(store, specs, dataset, rows, parts, opts, source, feats)
     st.write_store(out, store)
     keep_weak_weights(parts, out)
     shutil.rmtree(parts)
+    check_failed(failed, out)
     return out
 
 
@@ -449,11 +516,9 @@ def _add_weak_models(dataset: Dataset, strong_spec, specs, out: Path, opts: Opti
     parts = out.with_name(out.name + ".parts")
     rows = {s: (sp.ids_N, sp.labels_N) for s, sp in store.splits.items()}
     with ImageSource(dataset.load, weak_passes(new), opts) as source:
-        for spec in new:
-            logits, info = weak_logits(spec, dataset, rows, parts, opts, source)
-            store = st.with_weak_model(store, spec.name, logits, info)
-            opts.log(f"weak model {spec.name}: test accuracy {info['test_accuracy']:.4f}")
+        store, failed = add_weak_models(store, new, dataset, rows, parts, opts, source)
     st.write_store(out, store)
     keep_weak_weights(parts, out)
     shutil.rmtree(parts, ignore_errors=True)
+    check_failed(failed, out)
     return out

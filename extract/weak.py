@@ -9,6 +9,7 @@ Spec strings (``--weak``, repeatable): ``NAME[:MODE]``
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from pathlib import Path
 from typing import Callable
@@ -96,14 +97,23 @@ def load_weights(path, device: str) -> dict:
                              "fine-tuned anew") from None
 
 
+def head_seed(spec: WeakSpec) -> int:
+    """The seed of a weak model's fresh classifier head: from its name, so that the head is the same whatever ran
+    before (and whichever other weak models are loaded with it)."""
+    return int.from_bytes(hashlib.sha256(spec.name.encode()).digest()[:4], "little")
+
+
 def load_hf(spec: WeakSpec, num_classes: int, device: str) -> torch.nn.Module:
-    """The HF image classifier with a fresh ``num_classes`` head."""
+    """The HF image classifier with a fresh ``num_classes`` head, drawn from :func:`head_seed` (torch's global
+    generator is left as it was)."""
     from transformers import AutoModelForImageClassification
 
     try:
-        model = AutoModelForImageClassification.from_pretrained(
-            spec.source, num_labels=num_classes, ignore_mismatched_sizes=True
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(head_seed(spec))
+            model = AutoModelForImageClassification.from_pretrained(
+                spec.source, num_labels=num_classes, ignore_mismatched_sizes=True
+            )
     except (OSError, ValueError) as err:
         raise WeakModelError(
             f"could not load weak model {spec.source} ({err}). If this machine is offline, save it elsewhere "
@@ -173,20 +183,47 @@ def train_probe(feats_NxF: np.ndarray, labels_N: np.ndarray, num_classes: int, *
     return predict
 
 
-def finetune(model: torch.nn.Module, loader, *, epochs: int = 3, lr: float = 1e-3, warmup: float = 0.1,
-             device: str = "cpu", progress: Callable = lambda it, **kw: it) -> torch.nn.Module:
-    """Fine-tune all weights with cross-entropy (paper defaults); ``loader`` yields (images, labels)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(epochs * len(loader), warmup))
+def transform_key(spec: WeakSpec) -> str:
+    """Weak models with equal keys preprocess an image alike (:func:`weak_transform`), so they share one transform
+    of each decoded image: the paper's five all read the 224 px ImageNet crop."""
+    return f"pixels@{spec.pixels}" if spec.is_pixels else "imagenet-224"
+
+
+def finetune(models: dict, loader, *, epochs: int = 3, lr: float = 1e-3, warmup: float = 0.1, device: str = "cpu",
+             progress: Callable = lambda it, **kw: it) -> dict[str, str]:
+    """Fine-tune every model of ``models`` (``{name: (module, index of its input)}``) in lockstep: all weights,
+    cross-entropy, AdamW with linear warmup and decay (the paper's defaults). ``loader`` yields ``(inputs, labels)``,
+    ``inputs`` one tensor per distinct preprocessing, so each image is decoded once per epoch whatever the number
+    of models. Each model has its own optimizer and schedule and sees the same batches as it would alone, so it
+    trains as it would alone (a model that draws random numbers in training, e.g. dropout, draws them from torch's
+    one generator in another order). A model whose step raises (out of memory, ...) is dropped and the others go
+    on. Returns ``{name: reason}`` of the failed ones; the others are left in eval mode."""
+    total = epochs * len(loader)
+    optimizers = {n: torch.optim.AdamW(m.parameters(), lr=lr) for n, (m, _) in models.items()}
+    schedules = {n: torch.optim.lr_scheduler.LambdaLR(o, warmup_linear(total, warmup)) for n, o in optimizers.items()}
     use_amp = device.startswith("cuda")
-    model.train()
+    failed = {}
+    for model, _ in models.values():
+        model.train()
     for epoch in range(epochs):
-        for images, labels in progress(loader, desc=f"fine-tune epoch {epoch + 1}/{epochs}", unit="batch"):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(pixel_values=images.to(device, non_blocking=True)).logits
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+        for inputs, labels in progress(loader, desc=f"fine-tune epoch {epoch + 1}/{epochs}", unit="batch"):
+            labels = labels.to(device)
+            for name, (model, which) in models.items():
+                if name in failed:
+                    continue
+                try:
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                        logits = model(pixel_values=inputs[which].to(device, non_blocking=True)).logits
+                    loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+                    optimizers[name].zero_grad()
+                    loss.backward()
+                    optimizers[name].step()
+                    schedules[name].step()
+                except Exception as err:  # its own failure, out of memory first: the others' work goes on
+                    failed[name] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+                    optimizers[name].zero_grad(set_to_none=True)
+                    if use_amp:
+                        torch.cuda.empty_cache()
+    for model, _ in models.values():
+        model.eval()
+    return failed

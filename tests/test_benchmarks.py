@@ -133,4 +133,10 @@ def test_bench_paper_grid_estimates_every_component():
     assert set(parts) == {"extraction", "weak_models", "jax_fits_compile", "jax_fits_run", "tp_prompt", "tp_textenc"}
     assert figures["work"]["images"] == 586_575 and figures["work"]["fits"] == 30
     assert total == pytest.approx(sum(parts.values()))
+    rates, work = figures["rates"], figures["work"]
+    train = (work["weak_decodes"] - work["images"]) / 3  # lockstep: 3 epochs of decodes + one logits pass, for all 5
+    assert work["weak_train_images"] == 5 * 3 * train and work["weak_decodes_per_image_epoch"] == 1
+    assert parts["weak_models"] == pytest.approx(
+        max(3 * train / rates["decode_img_s"], work["weak_train_images"] / rates["weak_train_img_s"])
+        + max(work["images"] / rates["decode_img_s"], work["weak_logit_images"] / rates["weak_infer_img_s"]))
     assert "north star" in out

@@ -1,0 +1,96 @@
+"""The fine-tuned weak models of a store train in lockstep: each image decoded once per epoch for all of them,
+each model trained as it would be alone; one that fails is named and the others are kept."""
+from collections import Counter
+
+import numpy as np
+import torch
+from click.testing import CliRunner
+
+from extract import cli, pipeline, weak
+from w2s_jax.store import read_store
+
+N_TRAIN, N_ALL = 6, 15  # the domainnet_root fixture: 6 train and 9 test images
+
+
+def extract(root, clip, out, *weaks, epochs=2):
+    args = ["--num-workers", "0", "--batch-size", "4", "--dataset", "domainnet", "--domain", "real", "--root", root,
+            "--strong", clip, "--weak-epochs", str(epochs), "--out", out]
+    return CliRunner().invoke(cli.main, [*map(str, args), *[x for w in weaks for x in ("--weak", w)]])
+
+
+def other_resnet(tmp_path) -> str:
+    """A second tiny HF ResNet with other weights (conftest's tiny_resnet_dir is seed 0)."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(1)
+    folder = tmp_path / "other-resnet"
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                              num_labels=2)).save_pretrained(folder)
+    return str(folder)
+
+
+def count_reads(monkeypatch) -> Counter:
+    """Images decoded per pass key (the loader runs in this process: --num-workers 0)."""
+    reads, read = Counter(), pipeline.ImageDataset.__getitem__
+
+    def counted(self, item):
+        reads[item[0]] += 1
+        return read(self, item)
+
+    monkeypatch.setattr(pipeline.ImageDataset, "__getitem__", counted)
+    return reads
+
+
+def test_two_weak_models_fine_tune_in_lockstep_as_each_would_alone(domainnet_root, tiny_clip, tiny_resnet_dir,
+                                                                   tmp_path, monkeypatch):
+    other = other_resnet(tmp_path)
+    reads = count_reads(monkeypatch)
+    both = tmp_path / "both.h5"
+    r = extract(domainnet_root, tiny_clip, both, f"{tiny_resnet_dir}:finetune", f"{other}:finetune")
+    assert r.exit_code == 0, r.output
+    assert reads[pipeline.TUNED] == 2 * N_TRAIN + N_ALL  # per epoch one decode for both, then one for their logits
+    together = read_store(both)
+    assert together.weak_names == ("other-resnet-finetune", "tiny-resnet-finetune")
+    for folder, name in ((tiny_resnet_dir, "tiny-resnet-finetune"), (other, "other-resnet-finetune")):
+        reads.clear()
+        alone = tmp_path / f"{name}.h5"
+        assert extract(domainnet_root, tiny_clip, alone, f"{folder}:finetune").exit_code == 0
+        assert reads[pipeline.TUNED] == 2 * N_TRAIN + N_ALL
+        for split in ("train", "test"):
+            np.testing.assert_allclose(together.splits[split].weak_logits[name],
+                                       read_store(alone).splits[split].weak_logits[name], atol=1e-5)
+        assert together.weak_info[name] == read_store(alone).weak_info[name]
+    a, b = (together.splits["test"].weak_logits[n] for n in together.weak_names)
+    assert not np.allclose(a, b)  # two different models, each its own
+
+
+def test_a_weak_model_that_fails_is_named_and_the_others_are_kept(domainnet_root, tiny_clip, tiny_resnet_dir,
+                                                                 tmp_path, monkeypatch):
+    other = other_resnet(tmp_path)
+    load = weak.load_hf
+
+    def failing(spec, num_classes, device):
+        model = load(spec, num_classes, device)
+        if spec.name == "other-resnet-finetune":
+            def out_of_memory(*args, **kwargs):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+            model.forward = out_of_memory
+        return model
+
+    monkeypatch.setattr(weak, "load_hf", failing)
+    out = tmp_path / "s.h5"
+    r = extract(domainnet_root, tiny_clip, out, f"{tiny_resnet_dir}:finetune", f"{other}:finetune")
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "other-resnet-finetune (OutOfMemoryError: CUDA out of memory" in r.output, r.output
+    assert "run the same command again to fine-tune only these" in r.output
+    kept = read_store(out)
+    assert kept.weak_names == ("tiny-resnet-finetune",)
+    monkeypatch.setattr(weak, "load_hf", load)
+    r = extract(domainnet_root, tiny_clip, out, f"{tiny_resnet_dir}:finetune", f"{other}:finetune")
+    assert r.exit_code == 0, r.output
+    assert "weak model tiny-resnet-finetune already in" in r.output
+    again = read_store(out)
+    assert again.weak_names == ("other-resnet-finetune", "tiny-resnet-finetune")
+    np.testing.assert_array_equal(again.splits["test"].weak_logits["tiny-resnet-finetune"],
+                                  kept.splits["test"].weak_logits["tiny-resnet-finetune"])
