@@ -201,20 +201,12 @@ def _done(folder: Path, log) -> bool:
     return False
 
 
-def _once(folder: Path, work, log) -> Path:
-    """Run ``work(folder)`` unless ``folder`` is complete."""
-    if not _done(folder, log):
-        work(folder)
-        log(f"finished: {folder}")
-    return folder
-
-
 def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
     """Run everything ``exp`` asks for that is not done yet; returns the report folder. At the end it prints one
     screen: the headline table (the first weak model's Table 2 analogue, with PGR) and where the full report is;
     ``verbose``: every table of the report."""
     from w2s_jax.report import selection_line, to_markdown, write_report
-    from w2s_jax.run import run
+    from w2s_jax.run import run_each
     from w2s_jax.store import read_store
 
     out = Path(exp["out"])
@@ -243,15 +235,21 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
             store = read_store(store_path)
             store_id = _key([dataclasses.asdict(store.provenance), store.weak_info])
             names = [weaklib.parse_weak(w).name for w in weak_specs]
-            fits = [(weak, ()) for weak in names] + ([(names[0], tuple(names))] if multi and len(names) > 1 else [])
-            for weak, ensemble in fits:
-                fit_j += 1
-                label = "+".join(ensemble or (weak,))
-                log(f"== fit {fit_j} of {num_fits}: {dataset.name}/{dataset.domain}, weak {label}")
-                where = out / "results" / f"{dataset.name}-{dataset.domain}" / label
-                cfg = fit_config(fit, store_path, weak, ensemble)
-                current.append(_once(where / f"fit-{_key([cfg.to_dict(), store_id])}",
-                                     lambda tmp: run(cfg, tmp, log=log), log))
+            jobs = [[(weak, ()) for weak in names]] + ([[(names[0], tuple(names))]] if multi and len(names) > 1 else [])
+            for job in jobs:  # every weak model's single-weak fit in one run (one compiled program), then the ensemble
+                cfgs = [fit_config(fit, store_path, weak, ensemble) for weak, ensemble in job]
+                folders = [out / "results" / f"{dataset.name}-{dataset.domain}" / "+".join(ensemble or (weak,))
+                           / f"fit-{_key([cfg.to_dict(), store_id])}" for (weak, ensemble), cfg in zip(job, cfgs)]
+                fit_j += len(job)
+                labels = ", ".join("+".join(ensemble or (weak,)) for weak, ensemble in job)
+                log(f"== fit{'s' if len(job) > 1 else ''} {fit_j - len(job) + 1}"
+                    f"{f'-{fit_j}' if len(job) > 1 else ''} of {num_fits}: {dataset.name}/{dataset.domain}, "
+                    f"weak {labels}")
+                todo = [(cfg, folder) for cfg, folder in zip(cfgs, folders) if not _done(folder, log)]
+                if todo:
+                    run_each([cfg for cfg, _ in todo], [folder for _, folder in todo], log=log)
+                    log(f"finished: {', '.join(str(folder) for _, folder in todo)}")
+                current.extend(folders)
             if tp is not None and store.text_TxKxD is not None:  # every weak model's TP models in one loop
                 where = out / "results" / f"{dataset.name}-{dataset.domain}"
                 current.extend(_run_tp(tp, store_path, strong, names, store_id, where, opts.device, log))

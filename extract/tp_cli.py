@@ -141,16 +141,6 @@ def _run_tp(cfg: TPConfig, outs: dict, overwrite, log, memory_gib, models_per_st
     return done
 
 
-def out_folders(out, store: str, weaks) -> dict:
-    """{weak: folder}: ``--out`` for one weak model (default ``results/STORE-WEAK-tp``); with several, ``--out`` is
-    their parent (``OUT/WEAK``), or a pattern holding ``{weak}``."""
-    if out is None:
-        return {w: Path(f"results/{Path(store).stem}-{w}-tp") for w in weaks}
-    if "{weak}" in str(out):
-        return {w: Path(str(out).replace("{weak}", w)) for w in weaks}
-    return {weaks[0]: Path(out)} if len(weaks) == 1 else {w: Path(out) / w for w in weaks}
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--store", type=click.Path(), required=True, help="Feature store written by w2s-extract (open_clip).")
 @click.option("--strong", required=True, help="The store's encoder, as given to w2s-extract (MODEL:TAG or MODEL:/ckpt).")
@@ -215,8 +205,8 @@ def main(store, strong, weak, methods, refine, seeds, epochs, batch_size, optimi
             raise ValueError(f"--weak {weak}: name each weak model once")
         if models_per_step < 0:
             raise ValueError(f"--models-per-step {models_per_step}: give 0 (automatic) or a positive number")
-        done = run_tp(cfg, out_folders(out, store, weaks), overwrite, log=click.echo, memory_gib=memory_gib,
-                      models_per_step=models_per_step)
+        done = run_tp(cfg, outputs.result_folders(out, store, weaks, "-tp"), overwrite, log=click.echo,
+                      memory_gib=memory_gib, models_per_step=models_per_step)
     except (StoreError, PromptError, encoders.EncoderError, outputs.OutputError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     for w, (summary, path) in done.items():

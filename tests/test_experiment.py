@@ -35,27 +35,28 @@ def write(tmp_path, text, name="exp.toml"):
 
 def test_runs_skips_and_resumes(tmp_path, monkeypatch):
     path = write(tmp_path, TOML.format(out=tmp_path / "out"))
-    calls = []
-    real_run = runlib.run
+    calls = []  # one run_each call per compiled program: every weak model of the store at once, then the ensemble
+    real_run = runlib.run_each
 
-    def crashing_run(cfg, out_dir, **kw):
-        calls.append("+".join(cfg.ensemble or (cfg.weak,)))
+    def crashing_run(cfgs, out_dirs, **kw):
+        calls.append(tuple("+".join(c.ensemble or (c.weak,)) for c in cfgs))
         if len(calls) == 2:
             raise RuntimeError("simulated crash")
-        return real_run(cfg, out_dir, **kw)
+        return real_run(cfgs, out_dirs, **kw)
 
-    monkeypatch.setattr(runlib, "run", crashing_run)
+    monkeypatch.setattr(runlib, "run_each", crashing_run)
     with pytest.raises(RuntimeError, match="simulated crash"):
         experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
-    assert calls == ["pixels@2", "pixels@3"]
+    assert calls == [("pixels@2", "pixels@3"), ("pixels@2+pixels@3",)]
     # rerun: only the crashed fit is redone, then the report is written
-    monkeypatch.setattr(runlib, "run", lambda cfg, out, **kw: (calls.append("+".join(cfg.ensemble or (cfg.weak,))),
-                                                                real_run(cfg, out, **kw))[1])
+    monkeypatch.setattr(runlib, "run_each", lambda cfgs, outs, **kw: (
+        calls.append(tuple("+".join(c.ensemble or (c.weak,)) for c in cfgs)), real_run(cfgs, outs, **kw))[1])
     lines = []
     report = experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: lines.append(" ".join(a)))
-    assert calls == ["pixels@2", "pixels@3", "pixels@3", "pixels@2+pixels@3"]  # then the multi-weak fit
+    assert calls[2:] == [("pixels@2+pixels@3",)]  # the multi-weak fit
     # it says where it is in the grid
-    assert "== store 1 of 1: demo/mnist" in lines and "== fit 2 of 3: demo/mnist, weak pixels@3" in lines
+    assert "== store 1 of 1: demo/mnist" in lines and "== fits 1-2 of 3: demo/mnist, weak pixels@2, pixels@3" in lines
+    assert "== fit 3 of 3: demo/mnist, weak pixels@2+pixels@3" in lines
     assert any(line.startswith("compiled in") for line in lines)
     # the first screen: the headline table with PGR, one line saying where the rest is (issue 25)
     text = "\n".join(lines)
@@ -70,16 +71,34 @@ def test_runs_skips_and_resumes(tmp_path, monkeypatch):
     assert "oracle: best on test' (yardstick only)" in (report / "selection.md").read_text()  # issue 23
     # nothing left to do; an edit (more epochs) redoes only the fits
     experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
-    assert len(calls) == 4
-    # a folder from before heads were saved with each fit is fitted again
+    assert len(calls) == 3
+    # a folder from before heads were saved with each fit is fitted again, alone
     import shutil
 
-    shutil.rmtree(next((tmp_path / "out" / "results").rglob("heads")))
+    shutil.rmtree(next((tmp_path / "out" / "results" / "demo-mnist" / "pixels@3").rglob("heads")))
     experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
-    assert len(calls) == 5
+    assert calls[3:] == [("pixels@3",)]
     write(tmp_path, TOML.format(out=tmp_path / "out").replace("epochs = 2", "epochs = 3"))
     experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: None)
-    assert len(calls) == 8
+    assert calls[4:] == [("pixels@2", "pixels@3"), ("pixels@2+pixels@3",)]
+
+
+def test_one_compiled_fit_program_per_store(tmp_path, caplog):
+    """w2s-run fits every weak model of a store by one program: two stores x two weak models, two epoch programs
+    (each weak model's fit as it would be alone: tests/test_multi_weak.py)."""
+    import logging
+    import re
+
+    text = (TOML.format(out=tmp_path / "out").replace('domains = ["mnist"]', 'domains = ["mnist", "digits"]')
+            .replace('multi_weak = ["raven+cpl"]\n', ""))
+    with caplog.at_level(logging.DEBUG, logger="jax._src.dispatch"):
+        experiment.run_experiment(experiment.load_experiment(write(tmp_path, text)), log=lambda *a: None)
+    programs = re.findall(r"Finished XLA compilation of jit\((\w+)\)", caplog.text)
+    assert programs.count("epoch_program") == 2 and programs.count("start_program") == 2, programs
+    for domain in ("mnist", "digits"):
+        for weak in ("pixels@2", "pixels@3"):
+            (folder,) = (tmp_path / "out" / "results" / f"demo-{domain}" / weak).glob("fit-*")
+            assert (folder / "heads" / "heads.json").exists()
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -7,7 +7,8 @@ import click
 
 from w2s_jax.config import FitConfig, Hparams
 from w2s_jax.losses import LOSSES, Coeffs
-from w2s_jax.methods import METHODS, import_plugins, jax_methods, refinement_methods, with_refinements, with_rounds
+from w2s_jax.methods import (METHODS, MULTI_WEAK, check_methods, import_plugins, jax_methods, refinement_methods,
+                             with_refinements, with_rounds)
 from w2s_jax.refine import REFINEMENTS
 from w2s_jax.select import CRITERIA
 
@@ -64,8 +65,10 @@ def find_store(folder: Path = STORES) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--store", type=click.Path(), help="Feature store written by w2s-extract. [default: the only one under stores/]")
 @click.option("--weak", default=None,
-              help="Weak model in the store, or several, A,B,...: the multi-weak methods (raven+..., average+...) "
-                   "combine them and the others learn from A. [default: the store's only/first one]")
+              help="Weak model in the store, or several, A,B,...: every other method is fitted for each of them (one "
+                   "folder each, one compiled program) and the multi-weak methods (raven+..., average+...) combine "
+                   "them (folder A+B); 'all': every weak model of the store. With several folders, --out is their "
+                   "parent, or a pattern holding {weak}. [default: the store's only/first one]")
 @click.option("--methods", default="all", show_default=True, help="Comma-separated method names, or 'all'.")
 @click.option("--seeds", default=5, show_default=True, help="Number of seeds (0..N-1).")
 @click.option("--epochs", default=10, show_default=True)
@@ -169,7 +172,8 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
 
         cache.enable(warn=lambda text: click.echo(f"warning: {text}", err=True))
 
-    from w2s_jax.run import GridTooLargeError, run
+    from w2s_jax.outputs import result_folders
+    from w2s_jax.run import GridTooLargeError, run_each
 
     if distributed:
         from w2s_jax.sharding import initialize_distributed
@@ -183,24 +187,45 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
             if not names:
                 raise click.ClickException(f"{store} has no weak model; add one with w2s-extract ... --out {store} --weak NAME")
             weak = names[0]
-        ensemble = tuple(w.strip() for w in weak.split(",") if w.strip())
-        ensemble = ensemble if len(ensemble) > 1 else ()
-        chosen = jax_methods(multi_weak=bool(ensemble)) if methods == "all" \
+        names = read_store(store).weak_names if weak == "all" else tuple(w.strip() for w in weak.split(",")
+                                                                          if w.strip())
+        if len(set(names)) != len(names):
+            raise ValueError(f"--weak {weak}: name each weak model once")
+        chosen = jax_methods(multi_weak=len(names) > 1) if methods == "all" \
             else tuple(m.strip() for m in methods.split(",") if m.strip())
-        cfg = FitConfig(
-            store=str(store), weak=weak.split(",")[0].strip(), ensemble=ensemble,
-            methods=with_rounds(with_refinements(chosen, [k.strip() for k in refine.split(",") if k.strip()]), rounds),
-            select=select,
-            seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size), vmap=vmap, fuse=fuse,
-            matmul_dtype=matmul_dtype, seed_axis=seed_axis, imports=tuple(plugins),
+        chosen = check_methods(with_rounds(with_refinements(chosen, [k.strip() for k in refine.split(",")
+                                                                     if k.strip()]), rounds))
+        common = dict(
+            store=str(store), select=select, seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size),
+            vmap=vmap, fuse=fuse, matmul_dtype=matmul_dtype, seed_axis=seed_axis, imports=tuple(plugins),
             grid=_parse_grid(grid),
             hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale, lp_scale=lp_scale,
                             lp_shrinkage=lp_shrinkage, lp_l2=lp_l2, alpha_max=alpha_max, tau_a=tau_a,
-                            raven_lr=raven_lr, refine_k=refine_k, refine_alpha=refine_alpha, refine_c=refine_c),
-        )
-        out = out or f"results/{Path(store).stem}-{'+'.join(ensemble or (cfg.weak,))}"
-        summary, path = run(cfg, out, log=click.echo, overwrite=overwrite)
+                            raven_lr=raven_lr, refine_k=refine_k, refine_alpha=refine_alpha, refine_c=refine_c))
+        jobs = fit_jobs(names, chosen, common)
+        labels = [label for job in jobs for label, _ in job]
+        folders = result_folders(out, store, labels)
+        done = [result for job in jobs for result in run_each([cfg for _, cfg in job], [folders[lb] for lb, _ in job],
+                                                              log=click.echo, overwrite=overwrite)]
     except (StoreError, GridTooLargeError, ValueError) as err:
         raise click.ClickException(str(err)) from None
-    click.echo(results.all_tables(summary))
-    click.echo(f"\nresults in {path} (reprint with: w2s-fit --show {path})")
+    for label, (summary, path) in zip(labels, done):
+        if len(done) > 1:
+            click.echo(f"\n== weak {label} ==")
+        click.echo(results.all_tables(summary))
+        click.echo(f"\nresults in {path} (reprint with: w2s-fit --show {path})")
+
+
+def fit_jobs(names, methods, common: dict) -> list[list[tuple[str, FitConfig]]]:
+    """The fits of ``--weak A[,B,...]``: ``[[(folder label, FitConfig)], ...]``, each inner list one compiled
+    program (w2s_jax.run.run_each). One weak model: one fit of every method. Several: every single-weak method
+    for each weak model (one folder each, one program for all), and the multi-weak methods over all of them (folder
+    ``A+B``)."""
+    if len(names) == 1:
+        return [[(names[0], FitConfig(weak=names[0], methods=methods, **common))]]
+    multi = tuple(m for m in methods if METHODS[m].target in MULTI_WEAK)
+    single = tuple(m for m in methods if m not in multi)
+    jobs = [[(w, FitConfig(weak=w, methods=single, **common)) for w in names]] if single else []
+    if multi:
+        jobs.append([("+".join(names), FitConfig(weak=names[0], ensemble=names, methods=multi, **common))])
+    return jobs

@@ -613,7 +613,24 @@ def seed_keys(root_seed: int, num_seeds: int):
 
 def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, num_classes: int, progress=None,
                 on_compiled=None):
-    """Fit every method of ``cfg`` for every seed x hparam; returns ({method: FitOutput}, timings).
+    """Fit every method of ``cfg`` for every seed x hparam; returns ({method: FitOutput}, timings)
+    (:func:`fit_each` with one weak model)."""
+    return fit_each(cfg, [data], splits, text_TxKxD, num_classes, progress, on_compiled)[0]
+
+
+def check_same_shapes(datas) -> None:
+    """The datas of one :func:`fit_each` share its programs: a ValueError unless their arrays' shapes agree."""
+    shapes = [jax.tree.map(np.shape, d) for d in datas]
+    if any(sh != shapes[0] for sh in shapes[1:]):
+        raise ValueError(f"the weak models of one fit must label the same rows with the same classes: shapes {shapes}")
+
+
+def fit_each(cfg: FitConfig, datas, splits: SeedSplits, text_TxKxD, num_classes: int, progress=None,
+             on_compiled=None) -> list[tuple[dict, dict]]:
+    """Fit every method of ``cfg`` for every seed x hparam, on each :class:`FitData` of ``datas`` (one store's rows
+    with each weak model's logits) by the same compiled programs: ``[({method: FitOutput}, timings)]``, one per
+    data, the compile counted in the first's timings (``w2s-fit --weak A,B``: every weak model of a store, one
+    compile).
 
     With ``cfg.vmap`` all methods, seeds and hparams form one jit-compiled epoch program: per seed one
     :func:`seed_epoch` for all its models (fused unless ``cfg.fuse`` is False), the seeds sharded over every
@@ -628,80 +645,107 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
     (:func:`teacher_width`). A later round compiles only its models' starts (their start targets differ).
     ``on_compiled(seconds)`` is called once round 1's programs are compiled.
     """
+    check_same_shapes(datas)
     cfg = resolve_batch_size(cfg, splits.hold_train.shape[-1])
-    seed_axis = resolve_seed_axis(cfg.seed_axis)
     keys = seed_keys(cfg.root_seed, cfg.seeds)
     hps = cfg.grid_hparams()
-    num_h = len(hps.lr)
     later = later_rounds(cfg.methods)
     first = tuple(m for m in cfg.methods if METHODS[m].round == 1)
     groups = make_groups(first, num_classes, text_TxKxD)
     specs, teacher_J = teacher_plan(groups, hps, cfg)
     width = teacher_width(len(specs), later)
     host_rows = {g: group_rows(grp, hps, teacher_J[g]) for g, grp in groups.items()}
-    check_heads(groups, host_rows, data, splits, cfg, num_classes)
-    report = progress or (lambda done: None)
+    check_heads(groups, host_rows, datas[0], splits, cfg, num_classes)
+    plan = Plan(cfg, keys, hps, groups, specs, teacher_J, width, host_rows, later, first, num_classes, text_TxKxD,
+                progress or (lambda done: None))
+    fit = vmapped_fits if cfg.vmap else model_by_model_fits
+    return fit(plan, datas, splits, on_compiled)
+
+
+class Plan(NamedTuple):
+    """What every data of a :func:`fit_each` shares: the config, seeds' keys, grid, groups and targets."""
+
+    cfg: FitConfig
+    keys: jax.Array
+    hps: Hparams
+    groups: dict
+    specs: tuple  # the distinct targets of round 1 (refine.plan)
+    teacher_J: dict  # {group: each model's target index}
+    width: int  # targets per seed in every round (teacher_width)
+    host_rows: dict  # {group: Rows} on the host
+    later: dict  # {round: its METHOD@roundR names}
+    first: tuple  # the round-1 methods
+    num_classes: int
+    text_TxKxD: object  # the store's text embeddings, or None
+    report: Callable
+
+
+def vmapped_fits(plan: Plan, datas, splits: SeedSplits, on_compiled) -> list[tuple[dict, dict]]:
+    """:func:`fit_each` with ``cfg.vmap``: two programs (start, epoch) compiled once for all datas and rounds."""
+    cfg, groups, num_h = plan.cfg, plan.groups, len(plan.hps.lr)
+    seed_axis = resolve_seed_axis(cfg.seed_axis)
     t0 = time.perf_counter()
-    later_compile_s = 0.0
-    if cfg.vmap:
-        # every model of a seed in one epoch step, one group per head; the seeds sharded across all devices
-        mesh = sharding.seed_mesh()
-        key_data_S, splits_S = sharding.place(sharding.pad_seeds((jax.random.key_data(keys), splits), mesh.size),
-                                              mesh, P("seeds"))
-        rows, shared = sharding.place((host_rows, data), mesh, P())
-        by_seed = NamedSharding(mesh, P("seeds"))  # every state and history leaf has the seed axis first
+    # every model of a seed in one epoch step, one group per head; the seeds sharded across all devices
+    mesh = sharding.seed_mesh()
+    key_data_S, splits_S = sharding.place(sharding.pad_seeds((jax.random.key_data(plan.keys), splits), mesh.size),
+                                          mesh, P("seeds"))
+    rows = sharding.place(plan.host_rows, mesh, P())
+    by_seed = NamedSharding(mesh, P("seeds"))  # every state and history leaf has the seed axis first
 
-        def start_plans(rows_host):
-            return {g: shared_starts(grp, jax.tree.map(np.asarray, rows_host[g])) for g, grp in groups.items()}
+    def start_plans(rows_host):
+        return {g: shared_starts(grp, jax.tree.map(np.asarray, rows_host[g])) for g, grp in groups.items()}
 
-        def start_models(plans, key_data_S, rows, data, splits_S, teachers_S):
-            return {g: start_group(grp, cfg, plans[g], key_data_S, rows[g], data, splits_S, teachers_S)
-                    for g, grp in groups.items()}
+    def start_models(plans, key_data_S, rows, data, splits_S, teachers_S):
+        return {g: start_group(grp, cfg, plans[g], key_data_S, rows[g], data, splits_S, teachers_S)
+                for g, grp in groups.items()}
 
-        def start_program(key_data_S, rows, data, splits_S):
-            """Each seed's targets (its refinements, once, before the epochs), then every model's start."""
-            teachers_S = over_seeds(lambda split, data: pad_targets(make_teachers(specs, data, split), width),
-                                    splits_S, data, mesh)
-            return start_models(start_plans(host_rows), key_data_S, rows, data, splits_S, teachers_S), teachers_S
+    def start_program(key_data_S, rows, data, splits_S):
+        """Each seed's targets (its refinements, once, before the epochs), then every model's start."""
+        teachers_S = over_seeds(lambda split, data: pad_targets(make_teachers(plan.specs, data, split), plan.width),
+                                splits_S, data, mesh)
+        return start_models(start_plans(plan.host_rows), key_data_S, rows, data, splits_S, teachers_S), teachers_S
 
-        def epoch_program(states, e, key_data_S, rows, data, splits_S, teachers_S):
-            def one_seed(seeded, shared):
-                (state, key_data, split, teachers), (e, rows, data) = seeded, shared
-                return seed_epoch(groups, state, jax.random.wrap_key_data(key_data), e, rows, data, split, cfg,
-                                  teachers)
+    def epoch_program(states, e, key_data_S, rows, data, splits_S, teachers_S):
+        def one_seed(seeded, shared):
+            (state, key_data, split, teachers), (e, rows, data) = seeded, shared
+            return seed_epoch(groups, state, jax.random.wrap_key_data(key_data), e, rows, data, split, cfg, teachers)
 
-            return over_seeds(one_seed, (states, key_data_S, splits_S, teachers_S), (e, rows, data), mesh, seed_axis)
+        return over_seeds(one_seed, (states, key_data_S, splits_S, teachers_S), (e, rows, data), mesh, seed_axis)
 
-        args = (key_data_S, rows, shared, splits_S)
-        start = jax.jit(start_program, out_shardings=by_seed).lower(*args).compile()
-        state_shapes, teacher_shapes = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_seed), jax.eval_shape(start_program, *args))
-        step = jax.jit(epoch_program, out_shardings=(by_seed, by_seed)).lower(state_shapes, jnp.int32(0), *args,
-                                                                               teacher_shapes)
-        step = step.compile()
-        t1 = time.perf_counter()  # both programs compiled (or loaded from the compilation cache); nothing run yet
-        if on_compiled:
-            on_compiled(t1 - t0)
+    args = (key_data_S, rows, sharding.place(datas[0], mesh, P()), splits_S)
+    start = jax.jit(start_program, out_shardings=by_seed).lower(*args).compile()
+    state_shapes, teacher_shapes = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_seed), jax.eval_shape(start_program, *args))
+    step = jax.jit(epoch_program, out_shardings=(by_seed, by_seed)).lower(state_shapes, jnp.int32(0), *args,
+                                                                           teacher_shapes).compile()
+    compile_s = time.perf_counter() - t0  # both programs compiled (or loaded from the compilation cache)
+    if on_compiled:
+        on_compiled(compile_s)
 
-        def train(states, rows, teachers_S, models) -> dict:
-            """Every epoch of the compiled step -> ``{method of round 1: FitOutput}`` (S x H, on the host)."""
-            history = []
-            for e in range(cfg.epochs):
-                states, h = step(states, jnp.int32(e), key_data_S, rows, shared, splits_S, teachers_S)
-                history.append(jax.block_until_ready(h))
-                report(cfg.seeds * num_h * models)  # the padding copies are not counted
-            history = jax.tree.map(lambda *per_epoch: jnp.stack(per_epoch, axis=-1), *history)
-            per_group = {g: finish(states[g], history[g]) for g in groups}
-            per_group = jax.tree.map(lambda a: a[: cfg.seeds], sharding.to_host(per_group))  # the padding trimmed
-            return {m: o for g, grp in groups.items() for m, o in split_models(per_group[g], grp).items()}
+    def train(states, rows, shared, teachers_S, models) -> dict:
+        """Every epoch of the compiled step -> ``{method of round 1: FitOutput}`` (S x H, on the host)."""
+        history = []
+        for e in range(cfg.epochs):
+            states, h = step(states, jnp.int32(e), key_data_S, rows, shared, splits_S, teachers_S)
+            history.append(jax.block_until_ready(h))
+            plan.report(cfg.seeds * num_h * models)  # the padding copies are not counted
+        history = jax.tree.map(lambda *per_epoch: jnp.stack(per_epoch, axis=-1), *history)
+        per_group = {g: finish(states[g], history[g]) for g in groups}
+        per_group = jax.tree.map(lambda a: a[: cfg.seeds], sharding.to_host(per_group))  # the padding trimmed
+        return {m: o for g, grp in groups.items() for m, o in split_models(per_group[g], grp).items()}
 
-        states, teachers_S = start(*args)
-        outputs = train(states, rows, teachers_S, len(first))
+    starts = {}  # a later round's start programs, by their plans (shared by rounds and datas with the same plans)
+    done = []
+    for data in datas:
+        t1, later_compile_s = time.perf_counter(), 0.0
+        shared = sharding.place(data, mesh, P())
+        states, teachers_S = start(key_data_S, rows, shared, splits_S)
+        outputs = train(states, rows, shared, teachers_S, len(plan.first))
         first_S = jax.tree.map(lambda a: a[: cfg.seeds], teachers_S)
-        starts = {}  # a later round's start programs, by their plans (rounds with the same methods share one)
-        for r, names in later.items():
-            round_host = round_rows(groups, host_rows, names, num_h)
-            round_targets = next_teachers(names, outputs, groups, hps, data, splits, first_S, teacher_J, width)
+        for names in plan.later.values():
+            round_host = round_rows(groups, plan.host_rows, names, num_h)
+            round_targets = next_teachers(names, outputs, groups, plan.hps, data, splits, first_S, plan.teacher_J,
+                                          plan.width)
             round_args = (key_data_S, sharding.place(round_host, mesh, P()), shared, splits_S,
                           sharding.place(sharding.pad_seeds(round_targets, mesh.size), mesh, P("seeds")))
             plans = start_plans(round_host)
@@ -711,42 +755,52 @@ def fit_methods(cfg: FitConfig, data: FitData, splits: SeedSplits, text_TxKxD, n
                 starts[plan_key] = jax.jit(functools.partial(start_models, plans), out_shardings=by_seed).lower(
                     *round_args).compile()
                 later_compile_s += time.perf_counter() - tc
-            by_base = train(starts[plan_key](*round_args), round_args[1], round_args[4], len(names))
+            by_base = train(starts[plan_key](*round_args), round_args[1], shared, round_args[4], len(names))
             outputs.update({n: by_base[round_of(n)[0]] for n in names})
-    else:
-        hps = jax.tree.map(jnp.asarray, hps)
-        splits = jax.tree.map(jnp.asarray, splits)
-        compiled = {m: jax.jit(make_fit(m, num_classes, text_TxKxD, cfg)) for m in first}
-        targets = jax.jit(make_teachers, static_argnums=0)
-        outputs = {}
+        run_s = time.perf_counter() - t1 - later_compile_s
+        done.append(({m: outputs[m] for m in cfg.methods},  # S x H, in the config's order
+                     {"compile_s": (compile_s if not done else 0.0) + later_compile_s, "run_s": run_s}))
+    return done
+
+
+def model_by_model_fits(plan: Plan, datas, splits: SeedSplits, on_compiled) -> list[tuple[dict, dict]]:
+    """:func:`fit_each` without vmap: :func:`make_fit` compiled per method (inside its first call, so the compile
+    counts as run time) and called model by model on one device."""
+    cfg, num_h = plan.cfg, len(plan.hps.lr)
+    hps = jax.tree.map(jnp.asarray, plan.hps)
+    splits = jax.tree.map(jnp.asarray, splits)
+    t0 = time.perf_counter()
+    compiled = {m: jax.jit(make_fit(m, plan.num_classes, plan.text_TxKxD, cfg)) for m in plan.first}
+    targets = jax.jit(make_teachers, static_argnums=0)
+    model_teacher_J = {m: plan.teacher_J[g][i * num_h:(i + 1) * num_h] for g, grp in plan.groups.items()
+                       for i, m in enumerate(grp.methods)}
+    compile_s = time.perf_counter() - t0
+
+    def fit_seeds(f, data, teachers_S, teacher_H):
+        """``f`` for every seed x grid point, stacked ``S x H``."""
+        per_seed = []
+        for s in range(cfg.seeds):
+            split_s = jax.tree.map(lambda a: a[s], splits)
+            per_hp = [f(plan.keys[s], jax.tree.map(lambda a: a[h], hps), data, split_s, teachers_S[s], teacher_H[h])
+                      for h in range(num_h)]
+            per_seed.append(jax.tree.map(lambda *xs: jnp.stack(xs), *per_hp))
+        plan.report(cfg.seeds * num_h * cfg.epochs)
+        return jax.block_until_ready(jax.tree.map(lambda *xs: jnp.stack(xs), *per_seed))
+
+    done = []
+    for data in datas:
         t1 = time.perf_counter()
-        teachers = [targets(specs, data, jax.tree.map(lambda a: a[s], splits)) for s in range(cfg.seeds)]
-        model_teacher_J = {m: teacher_J[g][i * num_h:(i + 1) * num_h] for g, grp in groups.items()
-                           for i, m in enumerate(grp.methods)}
-
-        def fit_seeds(f, teachers_S, teacher_H):
-            """``f`` for every seed x grid point, stacked ``S x H``."""
-            per_seed = []
-            for s in range(cfg.seeds):
-                split_s = jax.tree.map(lambda a: a[s], splits)
-                per_hp = [f(keys[s], jax.tree.map(lambda a: a[h], hps), data, split_s, teachers_S[s], teacher_H[h])
-                          for h in range(num_h)]
-                per_seed.append(jax.tree.map(lambda *xs: jnp.stack(xs), *per_hp))
-            report(cfg.seeds * num_h * cfg.epochs)
-            return jax.block_until_ready(jax.tree.map(lambda *xs: jnp.stack(xs), *per_seed))
-
-        for m, f in compiled.items():
-            outputs[m] = fit_seeds(f, teachers, model_teacher_J[m])
+        teachers = [targets(plan.specs, data, jax.tree.map(lambda a: a[s], splits)) for s in range(cfg.seeds)]
+        outputs = {m: fit_seeds(f, data, teachers, model_teacher_J[m]) for m, f in compiled.items()}
         first_S = jax.tree.map(lambda *xs: jnp.stack(xs), *teachers)
-        for names in later.values():
+        for names in plan.later.values():
             for n in names:  # each on its own targets: the weak labels, the reference, its previous round's student
-                round_S = next_teachers((n,), outputs, groups, hps, data, splits, first_S, teacher_J, 3)
-                outputs[n] = fit_seeds(compiled[round_of(n)[0]], [jax.tree.map(lambda a: a[s], round_S)
-                                                                  for s in range(cfg.seeds)], [2] * num_h)
-    t2 = time.perf_counter()
-    outputs = {m: outputs[m] for m in cfg.methods}  # S x H, in the config's order
-    # without vmap, compilation happens inside the first calls and is counted as run time
-    return outputs, {"compile_s": t1 - t0 + later_compile_s, "run_s": t2 - t1 - later_compile_s}
+                round_S = next_teachers((n,), outputs, plan.groups, hps, data, splits, first_S, plan.teacher_J, 3)
+                outputs[n] = fit_seeds(compiled[round_of(n)[0]], data,
+                                       [jax.tree.map(lambda a: a[s], round_S) for s in range(cfg.seeds)], [2] * num_h)
+        done.append(({m: outputs[m] for m in cfg.methods},
+                     {"compile_s": compile_s if not done else 0.0, "run_s": time.perf_counter() - t1}))
+    return done
 
 
 def estimate_bytes(cfg: FitConfig, n: int, d: int, k: int) -> int:

@@ -16,6 +16,18 @@ class OutputError(ValueError):
     """An output path that cannot be used, naming the path, the problem and the fix."""
 
 
+def result_folders(out, store: str, labels, suffix: str = "") -> dict:
+    """``{label: folder}`` of a fit's results folders (a label: a weak model, or ``A+B`` for several combined):
+    ``--out`` for one (default ``results/STORE-LABEL`` + ``suffix``); with several, ``--out`` is their parent
+    (``OUT/LABEL``), or a pattern holding ``{weak}``."""
+    labels = list(labels)
+    if out is None:
+        return {w: Path(f"results/{Path(store).stem}-{w}{suffix}") for w in labels}
+    if "{weak}" in str(out):
+        return {w: Path(str(out).replace("{weak}", w)) for w in labels}
+    return {labels[0]: Path(out)} if len(labels) == 1 else {w: Path(out) / w for w in labels}
+
+
 def check_output(path, *, folder: bool) -> Path:
     """``path`` as a Path, or an OutputError if it is the wrong kind or cannot be written (checked by a probe file)."""
     path = Path(path)

@@ -1,6 +1,7 @@
 """``run(cfg, out_dir)``: store -> fits of every method x seed x hparam -> metrics -> results folder."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -25,23 +26,39 @@ class GridTooLargeError(MemoryError):
 def run(cfg: FitConfig, out_dir, log=None, overwrite: bool = False) -> tuple[dict, Path]:
     """Fit, evaluate and write the results folder. ``log``: a print function for the plan, the compile time
     and a progress bar; None for silence. The folder is checked and locked before any work (outputs.py)."""
-    out_dir = outputs.check_output(out_dir, folder=True)
-    with outputs.exclusive(out_dir):
-        return _run(cfg, out_dir, log, overwrite)
+    return run_each([cfg], [out_dir], log, overwrite)[0]
 
 
-def _run(cfg: FitConfig, out_dir, log, overwrite) -> tuple[dict, Path]:
-    check_methods(cfg.methods)
-    cfg = dataclasses.replace(cfg, defined=definitions(cfg.methods))  # the folder alone rebuilds user methods
-    store = read_store(cfg.store, need_weak=(cfg.weak, *cfg.ensemble))
+def run_each(cfgs, out_dirs, log=None, overwrite: bool = False) -> list[tuple[dict, Path]]:
+    """:func:`run` for configs that differ only in their weak model (``w2s-fit --weak A,B``: every weak model of a
+    store), each into its own folder, by one compiled program (:func:`w2s_jax.fit.fit_each`). Every folder is
+    checked and locked before any work."""
+    but_weak = lambda c: {**c.to_dict(), "weak": None}  # noqa: E731
+    if any(but_weak(c) != but_weak(cfgs[0]) for c in cfgs) or len({c.weak for c in cfgs}) != len(cfgs):
+        raise ValueError("run_each fits one config for several weak models: the configs may differ in `weak` only")
+    out_dirs = [outputs.check_output(d, folder=True) for d in out_dirs]
+    with contextlib.ExitStack() as locks:
+        for d in out_dirs:
+            locks.enter_context(outputs.exclusive(d))
+        return _run(list(cfgs), out_dirs, log, overwrite)
+
+
+def _run(cfgs, out_dirs, log, overwrite) -> list[tuple[dict, Path]]:
+    check_methods(cfgs[0].methods)
+    cfgs = [dataclasses.replace(c, defined=definitions(c.methods)) for c in cfgs]  # the folder alone rebuilds them
+    cfg = cfgs[0]
+    store = read_store(cfg.store, need_weak=tuple(dict.fromkeys([*(c.weak for c in cfgs), *cfg.ensemble])))
     test = store.splits["test"]
     n, d = test.features_NxD.shape
     k = store.num_classes
     n_train, n_val, n_test = split_sizes(n)
-    cfg = resolve_batch_size(cfg, n_train)
-    results.check_replace(out_dir, cfg, overwrite)
+    cfgs = [resolve_batch_size(c, n_train) for c in cfgs]
+    cfg = cfgs[0]
+    for c, out_dir in zip(cfgs, out_dirs):
+        results.check_replace(out_dir, c, overwrite)
     num_h = len(cfg.grid_hparams().lr)
-    need, have = fitlib.estimate_bytes(cfg, n, d, k), fitlib.available_bytes()
+    need = fitlib.estimate_bytes(cfg, n, d, k) + 4 * (len(cfgs) - 1) * n * k  # each more weak model's logits
+    have = fitlib.available_bytes()
     if need > have:
         raise GridTooLargeError(
             f"the grid ({len(cfg.methods)} methods x {cfg.seeds} seeds x {num_h} hparams) "
@@ -50,12 +67,13 @@ def _run(cfg: FitConfig, out_dir, log, overwrite) -> tuple[dict, Path]:
         )
     splits = stacked_splits(n, cfg.seeds)  # raises ValueError for too few rows
     weaks = np.stack([test.weak_logits[w] for w in cfg.ensemble]) if cfg.ensemble else None
-    data = fitlib.make_data(test.features_NxD, test.weak_logits[cfg.weak], test.labels_N, weaks)
+    datas = [fitlib.make_data(test.features_NxD, test.weak_logits[c.weak], test.labels_N, weaks) for c in cfgs]
     text = store.text_TxKxD
     num_models = len(cfg.methods) * cfg.seeds * num_h
     if log:
+        each = f" each, one program for all {len(cfgs)}" if len(cfgs) > 1 else ""
         log(f"fitting {len(cfg.methods)} methods x {cfg.seeds} seeds x {num_h} grid point(s) = {num_models} models "
-            f"on {cfg.store} (weak {','.join(cfg.ensemble or (cfg.weak,))})\n"
+            f"on {cfg.store} (weak {', '.join(','.join(c.ensemble or (c.weak,)) for c in cfgs)}{each})\n"
             f"  rows: hold_train {n_train:,}, hold_val {n_val:,}, test' {n_test:,} of {n:,}; {d}-d features, {k} classes\n"
             f"  batch size {cfg.batch_size}" + (f" ({cfg.batch_size_rule})" if cfg.batch_size_rule else "") + "; "
             f"{cfg.epochs} epochs\n  memory: about {need / 2**30:.2f} GiB of {have / 2**30:.1f} GiB available\n"
@@ -65,22 +83,30 @@ def _run(cfg: FitConfig, out_dir, log, overwrite) -> tuple[dict, Path]:
     def compiled(seconds):
         if log:
             log(f"compiled in {seconds:.1f} s")
-            bar.append(tqdm(total=num_models * cfg.epochs, unit="model-epoch", desc="training"))
+            bar.append(tqdm(total=num_models * cfg.epochs * len(cfgs), unit="model-epoch", desc="training"))
 
-    outputs, timings = fitlib.fit_methods(cfg, data, splits, text, k, on_compiled=compiled,
-                                          progress=lambda done: bar and bar[0].update(done))
+    fitted = fitlib.fit_each(cfg, datas, splits, text, k, on_compiled=compiled,
+                             progress=lambda done: bar and bar[0].update(done))
     for b in bar:
         b.close()
+    done = []
+    for c, data, (fits, timings), out_dir in zip(cfgs, datas, fitted, out_dirs):
+        done.append(evaluate_and_finish(c, store, splits, data, fits, timings, out_dir, log, k))
+    return done
+
+
+def evaluate_and_finish(cfg, store, splits, data, fits: dict, timings: dict, out_dir, log, k: int):
+    """One weak model's fit (``{method: FitOutput}``) -> its metrics and results folder (:func:`finish_run`)."""
     hps = jax.tree.map(jax.numpy.asarray, cfg.grid_hparams())
     jsplits = jax.tree.map(jax.numpy.asarray, splits)
-    best_epochs = {m: o.best_epoch for m, o in outputs.items()}
-    histories = {m: o.history for m, o in outputs.items()}
+    best_epochs = {m: o.best_epoch for m, o in fits.items()}
+    histories = {m: o.history for m, o in fits.items()}
     evals = {m: {**metrics.evaluate_method(m, o, hps, data, jsplits, k),
-                 "val_score": at_best_epoch(o.history["val_score"], o.best_epoch)} for m, o in outputs.items()}
+                 "val_score": at_best_epoch(o.history["val_score"], o.best_epoch)} for m, o in fits.items()}
     failed = {m: failed_models(h) for m, h in histories.items()}
     if log and any(f.any() for f in failed.values()):
         log("non-finite training loss (reported as failed): " + ", ".join(m for m, f in failed.items() if f.any()))
-    heads = {m: (METHODS[m].head, o.variables) for m, o in outputs.items()}
+    heads = {m: (METHODS[m].head, o.variables) for m, o in fits.items()}
     return finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, heads, data, failed)
 
 
