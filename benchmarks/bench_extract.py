@@ -2,6 +2,8 @@
 encoder-only forward passes on the same preprocessed tensors (same tiny random open_clip model), with the start-up
 (model load, worker start to the first batch) reported apart from the steady-state rate of the image pass.
 Also: HDF5 write time, and what float16 feature storage saves.
+Each figure is printed as soon as it is measured. The JPEG folder is written once per (images, classes, size) and
+reused by later runs (``--jpegs``; gpu_check.sh's CPU- and GPU-decode steps share it).
 Usage: python benchmarks/bench_extract.py [--images 1024] [--workers 2] [--batch 64] [--model ViT-B-32] [--decode gpu]
 """
 from __future__ import annotations
@@ -35,6 +37,18 @@ def make_folder(root: Path, n: int, classes: int = 10, size: int = 256) -> None:
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path, quality=90)
 
 
+def jpeg_folder(root: Path | None, n: int, classes: int, size: int) -> Path:
+    """The benchmark's JPEGs: ``root`` (default a folder named by the sizes in the temp dir), written unless a run
+    before wrote it whole (its ``done`` marker), so that steps share one folder."""
+    root = root or Path(tempfile.gettempdir()) / f"w2s-bench-jpegs-{n}-{classes}-{size}"
+    if not (root / "done").exists():
+        t = time.perf_counter()
+        make_folder(root, n, classes, size)
+        (root / "done").write_text(f"{n} {classes} {size}\n")
+        print(f"wrote {n} JPEGs to {root} in {time.perf_counter() - t:.1f} s (reused by later runs)", flush=True)
+    return root
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=1024)
@@ -46,17 +60,21 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--decode", choices=["cpu", "gpu", "draft"], default="cpu",
                     help="how the JPEGs are decoded (w2s-extract --decode)")
+    ap.add_argument("--jpegs", type=Path, default=None, help="folder of the JPEGs, written once and reused "
+                    "[default: w2s-bench-jpegs-IMAGES-CLASSES-SIZE in the temp dir]")
     args = ap.parse_args()
     import open_clip
 
     tmp = Path(tempfile.mkdtemp())
+    images = jpeg_folder(args.jpegs, args.images, args.classes, args.size)
     name = args.model or register_tiny_clip(image_size=96, vision_width=192, layers=4)
     torch.manual_seed(0)
     ckpt = tmp / "weights.pt"
     torch.save(open_clip.create_model(name, pretrained=None).state_dict(), ckpt)
     spec = f"{name}:{ckpt}"
-    make_folder(tmp / "images", args.images, args.classes, args.size)
-    data = load_dataset("imagefolder", domain=None, root=str(tmp / "images"))
+    data = load_dataset("imagefolder", domain=None, root=str(images))
+    print(f"machine: {machine()}; device {args.device}; model {name} (random weights), {args.images} JPEGs {args.size}px, "
+          f"batch {args.batch}, {args.workers} workers, decode on {args.decode}", flush=True)
     opts = pipeline.Options(device=args.device, batch_size=args.batch, num_workers=args.workers, log=lambda *a: None,
                             decode=args.decode)
 
@@ -64,6 +82,7 @@ def main():
     t = time.perf_counter()
     out = pipeline.extract(data, spec, ["pixels@4"], tmp / "e2e.h5", opts)
     e2e = args.images / (time.perf_counter() - t)
+    print(f"end-to-end w2s-extract: {e2e:.1f} img/s (start-up, weak models, text and HDF5 included)", flush=True)
 
     # start-up apart from the steady state: the strong encoder's image pass over every image, as run_pass runs it
     t = time.perf_counter()
@@ -85,6 +104,9 @@ def main():
     t = time.perf_counter()
     source.close()
     close = time.perf_counter() - t
+    print(f"start-up: model load {model_load:.2f} s, workers to the first batch {first_batch:.2f} s; "
+          f"steady state of the image pass after the first batch: {steady:.1f} img/s over {done} images; "
+          f"stopping the workers {close:.2f} s", flush=True)
 
     # encoder only, on the same images already decoded and preprocessed
     x = torch.stack([enc.transform(data.load(i)) for s in ("train", "test") for i in data.splits[s][0]])
@@ -98,6 +120,9 @@ def main():
 
     encode_all()
     encoder_only = args.images / timed(encode_all, repeats=2)
+    print(f"encoder only: {encoder_only:.1f} img/s; steady-state efficiency (steady / encoder-only): "
+          f"{steady / encoder_only:.2f}; pipeline efficiency (end-to-end / encoder-only): {e2e / encoder_only:.2f}",
+          flush=True)
 
     # HDF5 write time and float16 storage
     store = st.read_store(out)
@@ -108,17 +133,8 @@ def main():
     size32, size16 = (tmp / "f32.h5").stat().st_size, (tmp / "f16.h5").stat().st_size
     err = np.abs(half.splits["test"].features_NxD.astype(np.float32) - store.splits["test"].features_NxD).max()
 
-    print(f"machine: {machine()}; device {args.device}; model {name} (random weights), {args.images} JPEGs {args.size}px, "
-          f"batch {args.batch}, {args.workers} workers, decode on {args.decode}")
-    print(f"end-to-end w2s-extract: {e2e:.1f} img/s (start-up, weak models, text and HDF5 included); "
-          f"encoder only: {encoder_only:.1f} img/s")
-    print(f"start-up: model load {model_load:.2f} s, workers to the first batch {first_batch:.2f} s; "
-          f"steady state of the image pass after the first batch: {steady:.1f} img/s over {done} images; "
-          f"stopping the workers {close:.2f} s")
-    print(f"steady-state efficiency (steady / encoder-only): {steady / encoder_only:.2f}")
     print(f"HDF5 write: float32 {w32 * 1e3:.1f} ms ({size32 / 1e6:.2f} MB), float16 {w16 * 1e3:.1f} ms "
-          f"({size16 / 1e6:.2f} MB, {size16 / size32:.2f}x size; max abs feature error {err:.2e})")
-    print(f"pipeline efficiency (end-to-end / encoder-only): {e2e / encoder_only:.2f}")
+          f"({size16 / 1e6:.2f} MB, {size16 / size32:.2f}x size; max abs feature error {err:.2e})", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ Each component's rate is measured here, at a small size, with random weights, an
   every image, each image decoded once per epoch and once for the logits for all five (pipeline.tuned_logits), so
   each pass takes the slower of its decodes and the five models' work, at a ResNet-18's train and inference rates
   (random weights; the proxy for all five: CvT-13 and ConvNeXt-tiny are slower, so this is a lower bound);
-- the JAX fits: one per domain x weak model, each compiled (measured once) and run (measured at --fit-rows rows, run
-  time scaled by rows), every w2s-fit method, 5 seeds, 10 epochs, batch 512;
+- the JAX fits: one per domain x weak model, run (measured at --fit-rows rows, run time scaled by rows), every
+  w2s-fit method, 5 seeds, 10 epochs, batch 512; compiled once per domain (w2s-run fits a store's weak models by
+  one program, run.run_each; the compile measured once);
 - TP: every TP model (4 weak-label methods x 5 weak models + ceiling+tp, per seed; cpl+textenc per weak model and
   seed) for 10 epochs of hold_train at batch 512, at the measured time per model-step (w2s-tp's own step,
   --tp-models per step) and, for cpl+textenc, the whole tower's step.
@@ -185,7 +186,7 @@ def main():
     train_images = sum(tr for tr, _ in DOMAINNET.values())
     weak_train, weak_logits = WEAK_MODELS * WEAK_EPOCHS * train_images, WEAK_MODELS * images  # model-images
     weak_decodes = WEAK_EPOCHS * train_images + images  # lockstep: one decode per image and pass for all five
-    fits = len(DOMAINNET) * WEAK_MODELS
+    fits, programs = len(DOMAINNET) * WEAK_MODELS, len(DOMAINNET)  # one compiled program per store
     tp_steps = sum(EPOCHS * math.ceil(int(0.64 * te) / BATCH) for _, te in DOMAINNET.values())  # per model, all domains
     prompt_models = SEEDS * (TP_WEAK_METHODS * WEAK_MODELS + 1)
     textenc_models = SEEDS * WEAK_MODELS
@@ -193,7 +194,7 @@ def main():
         "extraction": images / extract_rate,
         "weak_models": max(WEAK_EPOCHS * train_images / rates["decode_img_s"], weak_train / rates["weak_train_img_s"])
         + max(images / rates["decode_img_s"], weak_logits / rates["weak_infer_img_s"]),
-        "jax_fits_compile": fits * rates["fit_compile_s"],
+        "jax_fits_compile": programs * rates["fit_compile_s"],
         "jax_fits_run": WEAK_MODELS * sum(te for _, te in DOMAINNET.values()) * rates["fit_run_s_per_row"],
         "tp_prompt": prompt_models * tp_steps * rates["tp_model_step_s"],
         "tp_textenc": textenc_models * tp_steps * rates["textenc_step_s"],
@@ -204,11 +205,12 @@ def main():
                "total_h": total / 3600, "work": {"images": images, "weak_train_images": weak_train,
                                                  "weak_logit_images": weak_logits, "weak_decodes": weak_decodes,
                                                  "weak_decodes_per_image_epoch": 1, "fits": fits,
+                                                 "fit_programs": programs,
                                                  "tp_model_steps": (prompt_models + textenc_models) * tp_steps}}
     print(f"machine: {figures['machine']}; device {dev}, strong {name} (random weights), TP {precision}, "
           f"{tp_models} TP model(s) a step, {workers} decode workers")
     print("rates measured in this run: " + ", ".join(f"{k} {v:.4g}" for k, v in rates.items()))
-    print(f"the paper's DomainNet grid ({images:,} images, {fits} fits, "
+    print(f"the paper's DomainNet grid ({images:,} images, {fits} fits by {programs} compiled programs, "
           f"{figures['work']['tp_model_steps']:,} TP model-steps), estimated:")
     for part, s in seconds.items():
         print(f"  {part:18s} {s / 3600:8.2f} h  ({100 * s / total:4.1f}%)")

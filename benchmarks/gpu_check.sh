@@ -86,6 +86,6 @@ step extract 90 $PY bench_extract.py $EXTRACT
 step prompt_tuning 120 $PY bench_tp.py $TP --json
 step refine 90 $PY bench_refine.py $REFINE
 step fit_domainnet_jax 90 $PY bench_fit.py $FIT --skip-novmap --skip-torch --skip-unfused   # ours alone, after #23
-[ "${TINY:-0}" = 1 ] || step extract_gpu_decode 60 $PY bench_extract.py $EXTRACT --decode gpu
+[ "${TINY:-0}" = 1 ] || step extract_gpu_decode 150 $PY bench_extract.py $EXTRACT --decode gpu   # reuses extract's JPEGs
 step compile_cache 60 $PY bench_compile_cache.py $CACHE
 echo "wrote $LOG"

@@ -73,12 +73,16 @@ def test_bench_refine_compares_with_scikit_learn():
     assert "agrees with ours on 1.0000 of rows" in out and "scikit-learn / ours =" in out
 
 
-def test_bench_extract_separates_the_pipeline_from_the_encoder():
-    """It used to fail: its folder put the even classes only in train/, which the image-folder check refuses."""
-    out = run_script("bench_extract.py", "--images", "24", "--classes", "3", "--size", "32", "--batch", "8",
-                     "--workers", "0", "--device", "cpu")
-    assert "end-to-end w2s-extract:" in out and "encoder only:" in out and "pipeline efficiency" in out
-    assert "start-up: model load" in out and "steady-state efficiency" in out
+def test_bench_extract_separates_the_pipeline_from_the_encoder(tmp_path):
+    """It used to fail: its folder put the even classes only in train/, which the image-folder check refuses. Its
+    JPEGs are written once and reused by the next run (gpu_check's GPU-decode step)."""
+    args = ("bench_extract.py", "--images", "24", "--classes", "3", "--size", "32", "--batch", "8", "--workers", "0",
+            "--device", "cpu", "--jpegs", tmp_path / "jpegs")
+    for run in range(2):
+        out = run_script(*args)
+        assert "end-to-end w2s-extract:" in out and "encoder only:" in out and "pipeline efficiency" in out
+        assert "start-up: model load" in out and "steady-state efficiency" in out and "HDF5 write" in out
+        assert ("wrote 24 JPEGs" in out) == (run == 0)
 
 
 def test_bench_tp_prints_every_figure_and_its_json():
@@ -132,6 +136,7 @@ def test_bench_paper_grid_estimates_every_component():
     parts, total = figures["seconds"], figures["total_s"]  # the estimate's arithmetic, never a speed threshold
     assert set(parts) == {"extraction", "weak_models", "jax_fits_compile", "jax_fits_run", "tp_prompt", "tp_textenc"}
     assert figures["work"]["images"] == 586_575 and figures["work"]["fits"] == 30
+    assert parts["jax_fits_compile"] == pytest.approx(6 * figures["rates"]["fit_compile_s"])  # one program a store
     assert total == pytest.approx(sum(parts.values()))
     rates, work = figures["rates"], figures["work"]
     train = (work["weak_decodes"] - work["images"]) / 3  # lockstep: 3 epochs of decodes + one logits pass, for all 5
