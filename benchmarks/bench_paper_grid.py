@@ -23,6 +23,7 @@ Not measured here: a run of the whole grid. Usage: python benchmarks/bench_paper
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -36,9 +37,55 @@ from _common import machine, register_tiny_clip
 # DomainNet's official split files ({domain}_train.txt, {domain}_test.txt): rows per domain
 DOMAINNET = {"clipart": (33_525, 14_604), "infograph": (36_023, 15_582), "painting": (50_416, 21_850),
              "quickdraw": (120_750, 51_750), "real": (120_906, 52_041), "sketch": (48_212, 20_916)}
-WEAK_MODELS, WEAK_EPOCHS, WEAK_BATCH = 5, 3, 512
-SEEDS, EPOCHS, BATCH = 5, 10, 512
-TP_WEAK_METHODS = 4  # ce+tp, kd+tp, auxconf+tp, adaptconf+tp; ceiling+tp once per seed; cpl+textenc per weak model
+SEEDS, EPOCHS, BATCH = 5, 10, 512  # the JAX fit measured here (every w2s-fit method), as the paper grid's
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """What the estimate counts: rows per domain (train, test), the weak models, the fits and the TP models."""
+
+    sizes: dict  # domain -> (train rows, test rows)
+    weak_models: int = 5  # fine-tuned, in lockstep
+    weak_epochs: int = 3
+    seeds: int = 5
+    epochs: int = 10  # of every JAX fit and TP model
+    tp_weak_methods: int = 4  # ce+tp, kd+tp, auxconf+tp, adaptconf+tp: per weak model and seed
+    tp_ceiling: bool = True  # ceiling+tp: once per seed
+    tp_textenc: bool = True  # cpl+textenc: per weak model and seed
+    tp_batch: int = 512
+    cross_domain: bool = True  # every weak model applied to every other domain's test images ([report] cross_domain)
+
+
+PAPER = Grid(DOMAINNET)
+
+
+def estimate(rates: dict, grid: Grid) -> tuple[dict, dict]:
+    """``(seconds per component, work)`` of ``grid`` at ``rates``: work / rate, each pass at the slower of its
+    decodes and its models' work."""
+    images = sum(tr + te for tr, te in grid.sizes.values())
+    train_images, test_images = sum(tr for tr, _ in grid.sizes.values()), sum(te for _, te in grid.sizes.values())
+    weak_train, weak_logits = grid.weak_models * grid.weak_epochs * train_images, grid.weak_models * images
+    cross = grid.weak_models * (len(grid.sizes) - 1) * test_images if grid.cross_domain else 0  # one pass each
+    tp_steps = sum(grid.epochs * math.ceil(int(0.64 * te) / grid.tp_batch) for _, te in grid.sizes.values())
+    prompt_models = grid.seeds * (grid.tp_weak_methods * grid.weak_models + grid.tp_ceiling)
+    textenc_models = grid.seeds * grid.weak_models * grid.tp_textenc
+    decode = rates["decode_img_s"]
+    seconds = {
+        "extraction": images / min(rates["encoder_img_s"], decode),
+        "weak_models": max(grid.weak_epochs * train_images / decode, weak_train / rates["weak_train_img_s"])
+        + max(images / decode, weak_logits / rates["weak_infer_img_s"]),
+        "cross_domain_weak": cross / min(rates["weak_infer_img_s"], decode),
+        "jax_fits_compile": len(grid.sizes) * rates["fit_compile_s"],  # one compiled program per store
+        "jax_fits_run": grid.weak_models * test_images * rates["fit_run_s_per_row"]
+        * grid.seeds * grid.epochs / (SEEDS * EPOCHS),
+        "tp_prompt": prompt_models * tp_steps * rates["tp_model_step_s"],
+        "tp_textenc": textenc_models * tp_steps * rates["textenc_step_s"],
+    }
+    work = {"images": images, "weak_train_images": weak_train, "weak_logit_images": weak_logits,
+            "weak_decodes": grid.weak_epochs * train_images + images, "weak_decodes_per_image_epoch": 1,
+            "cross_domain_weak_images": cross, "fits": len(grid.sizes) * grid.weak_models,
+            "fit_programs": len(grid.sizes), "tp_model_steps": (prompt_models + textenc_models) * tp_steps}
+    return seconds, work
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -88,7 +135,7 @@ def weak_rates(device: str, batch: int, tiny: bool) -> tuple[float, float]:
     config = ResNetConfig(depths=[1, 1], hidden_sizes=[8, 16], embedding_size=8, num_labels=345) if tiny else \
         ResNetConfig(depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], layer_type="basic", num_labels=345)
     model = ResNetForImageClassification(config).to(device)
-    size = 32 if tiny else 224
+    size = 224  # the weak models' transform (weak.weak_transform), tiny or not
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 345, (batch,), device=device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -126,6 +173,95 @@ def fit_seconds(rows: int) -> tuple[float, float]:
     return t["compile_s"], t["run_s"]
 
 
+CHECK = Grid({"real": (24, 40), "sketch": (24, 40)}, weak_models=2, weak_epochs=1, seeds=2, epochs=2,
+             tp_weak_methods=1)  # kd+tp; the tiny tree of --check-run: 4 classes, 6 train and 10 test images each
+
+
+def check_run(rates: dict, strong: str, device: str) -> dict:
+    """A tiny w2s-run of CHECK (extraction, two tiny fine-tuned weak models, every w2s-fit method, TP, cross-domain
+    weak models, report) on a fake DomainNet tree: each phase's measured seconds beside the estimate of the same
+    grid at this run's rates (``--strong tiny``: the models the rates were measured on)."""
+    import tempfile
+    from pathlib import Path
+
+    import open_clip
+    from PIL import Image
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from extract import experiment, pipeline, tp_cli
+    from w2s_jax import run as runlib
+
+    tmp = Path(tempfile.mkdtemp())
+    rng = np.random.default_rng(0)
+    for domain, (train, test) in CHECK.sizes.items():
+        for split, n in (("train", train), ("test", test)):
+            lines = []
+            for i in range(n):
+                rel = f"{domain}/class_{i % 4}/{split}_{i:03d}.jpg"
+                (tmp / "tree" / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp / "tree" / rel)
+                lines.append(f"{rel} {i % 4}")
+            (tmp / "tree" / f"{domain}_{split}.txt").write_text("\n".join(lines) + "\n")
+    weaks = []
+    for w in range(CHECK.weak_models):
+        torch.manual_seed(w)
+        folder = tmp / f"weak{w}"
+        ResNetForImageClassification(ResNetConfig(depths=[1, 1], hidden_sizes=[8, 16], embedding_size=8,
+                                                  num_labels=4)).save_pretrained(folder)
+        weaks.append(f"{folder}:finetune")
+    torch.save(open_clip.create_model(strong, pretrained=None).state_dict(), tmp / "strong.pt")
+    (tmp / "exp.toml").write_text(f"""
+out = "{tmp / 'out'}"
+strong = "{strong}:{tmp / 'strong.pt'}"
+[[data]]
+dataset = "domainnet"
+root = "{tmp / 'tree'}"
+domains = {list(CHECK.sizes)}
+weak = {weaks}
+[fit]
+methods = ["all"]
+seeds = {CHECK.seeds}
+epochs = {CHECK.epochs}
+[tp]
+methods = ["kd+tp", "ceiling+tp", "cpl+textenc"]
+seeds = {CHECK.seeds}
+epochs = {CHECK.epochs}
+batch_size = {CHECK.tp_batch}
+[extract]
+num_workers = 0
+device = "{device}"
+weak_epochs = {CHECK.weak_epochs}
+[report]
+cross_domain = true
+""".replace("'", '"'))
+    measured = {"extraction + weak models": 0.0, "cross_domain_weak": 0.0, "jax_fits": 0.0, "tp": 0.0}
+
+    def timed_as(phase, fn):
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                measured[phase] += time.perf_counter() - t
+        return timed
+
+    for module, attr, phase in ((pipeline, "extract", "extraction + weak models"),
+                                (experiment, "weak_across_domains", "cross_domain_weak"),
+                                (runlib, "run_each", "jax_fits"), (tp_cli, "run_tp", "tp")):
+        setattr(module, attr, timed_as(phase, getattr(module, attr)))
+    t = time.perf_counter()
+    experiment.run_experiment(experiment.load_experiment(tmp / "exp.toml"), log=lambda *a: None)
+    total = time.perf_counter() - t
+    measured["the rest (report, loading)"] = total - sum(measured.values())
+    seconds, _ = estimate(rates, CHECK)
+    estimated = {"extraction + weak models": seconds["extraction"] + seconds["weak_models"],
+                 "cross_domain_weak": seconds["cross_domain_weak"],
+                 "jax_fits": seconds["jax_fits_compile"] + seconds["jax_fits_run"],
+                 "tp": seconds["tp_prompt"] + seconds["tp_textenc"], "the rest (report, loading)": 0.0}
+    return {"measured_s": measured, "estimated_s": estimated, "total_measured_s": total,
+            "total_estimated_s": sum(estimated.values())}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--strong", default="ViT-B-32", help="open_clip config (random weights); 'tiny' for a smoke run")
@@ -135,6 +271,8 @@ def main():
     ap.add_argument("--batch", type=int, default=64, help="images per batch of the encoder and weak measurements")
     ap.add_argument("--fit-rows", type=int, default=4096, help="rows of the measured JAX fit (run time scales)")
     ap.add_argument("--tp-models", type=int, default=None, help="TP models per step [default: 30 on CUDA, 1 on CPU]")
+    ap.add_argument("--check-run", action="store_true", help="also run a tiny w2s-run (with --strong tiny) and print "
+                    "its measured phases beside the estimate of the same tiny grid at this run's rates")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     args = ap.parse_args()
     import os
@@ -181,40 +319,32 @@ def main():
     rates["fit_compile_s"], rates["fit_run_s_per_row"] = compile_s, run_s / (256 if tiny else args.fit_rows)
 
     # ---- the grid's work, and the estimate
-    images = sum(tr + te for tr, te in DOMAINNET.values())
-    extract_rate = min(rates["encoder_img_s"], rates["decode_img_s"])
-    train_images = sum(tr for tr, _ in DOMAINNET.values())
-    weak_train, weak_logits = WEAK_MODELS * WEAK_EPOCHS * train_images, WEAK_MODELS * images  # model-images
-    weak_decodes = WEAK_EPOCHS * train_images + images  # lockstep: one decode per image and pass for all five
-    fits, programs = len(DOMAINNET) * WEAK_MODELS, len(DOMAINNET)  # one compiled program per store
-    tp_steps = sum(EPOCHS * math.ceil(int(0.64 * te) / BATCH) for _, te in DOMAINNET.values())  # per model, all domains
-    prompt_models = SEEDS * (TP_WEAK_METHODS * WEAK_MODELS + 1)
-    textenc_models = SEEDS * WEAK_MODELS
-    seconds = {
-        "extraction": images / extract_rate,
-        "weak_models": max(WEAK_EPOCHS * train_images / rates["decode_img_s"], weak_train / rates["weak_train_img_s"])
-        + max(images / rates["decode_img_s"], weak_logits / rates["weak_infer_img_s"]),
-        "jax_fits_compile": programs * rates["fit_compile_s"],
-        "jax_fits_run": WEAK_MODELS * sum(te for _, te in DOMAINNET.values()) * rates["fit_run_s_per_row"],
-        "tp_prompt": prompt_models * tp_steps * rates["tp_model_step_s"],
-        "tp_textenc": textenc_models * tp_steps * rates["textenc_step_s"],
-    }
+    seconds, work = estimate(rates, PAPER)
     total = sum(seconds.values())
     figures = {"machine": machine(), "device": dev, "strong": name, "precision": precision, "workers": workers,
                "tp_models_per_step": tp_models, "rates": rates, "seconds": seconds, "total_s": total,
-               "total_h": total / 3600, "work": {"images": images, "weak_train_images": weak_train,
-                                                 "weak_logit_images": weak_logits, "weak_decodes": weak_decodes,
-                                                 "weak_decodes_per_image_epoch": 1, "fits": fits,
-                                                 "fit_programs": programs,
-                                                 "tp_model_steps": (prompt_models + textenc_models) * tp_steps}}
+               "total_h": total / 3600, "work": work}
     print(f"machine: {figures['machine']}; device {dev}, strong {name} (random weights), TP {precision}, "
           f"{tp_models} TP model(s) a step, {workers} decode workers")
     print("rates measured in this run: " + ", ".join(f"{k} {v:.4g}" for k, v in rates.items()))
-    print(f"the paper's DomainNet grid ({images:,} images, {fits} fits by {programs} compiled programs, "
-          f"{figures['work']['tp_model_steps']:,} TP model-steps), estimated:")
+    print(f"the paper's DomainNet grid ({work['images']:,} images, {work['fits']} fits by {work['fit_programs']} "
+          f"compiled programs, {work['tp_model_steps']:,} TP model-steps), estimated:")
     for part, s in seconds.items():
         print(f"  {part:18s} {s / 3600:8.2f} h  ({100 * s / total:4.1f}%)")
     print(f"  {'total':18s} {total / 3600:8.2f} h   (north star: 2 h on one H200)")
+    if args.check_run:
+        if not tiny:
+            raise SystemExit("--check-run runs the tiny models the rates were measured on: add --strong tiny")
+        check = figures["check_run"] = check_run(rates, name, dev)
+        print("check: a tiny w2s-run (2 domains x 24 + 40 images, 2 tiny weak models, every w2s-fit method, TP), "
+              "measured against its estimate at this run's rates:")
+        for phase, s in check["measured_s"].items():
+            est = check["estimated_s"][phase]
+            print(f"  {phase:26s} measured {s:7.2f} s, estimated {est:7.2f} s"
+                  + (f"  (measured / estimated {s / est:.2f})" if est else "  (not estimated)"))
+        print(f"  {'total':26s} measured {check['total_measured_s']:7.2f} s, estimated "
+              f"{check['total_estimated_s']:7.2f} s: at this size, fixed costs the estimate leaves out (model "
+              "loads, worker start, each program's compile, the report) dominate")
     if args.json:
         print(json.dumps(figures))
 

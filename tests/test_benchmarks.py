@@ -131,10 +131,11 @@ def test_every_benchmark_script_has_a_smoke_test():
 
 
 def test_bench_paper_grid_estimates_every_component():
-    out = run_script("bench_paper_grid.py", "--strong", "tiny", "--batch", "8", "--json")
+    out = run_script("bench_paper_grid.py", "--strong", "tiny", "--batch", "8", "--check-run", "--json")
     figures = json.loads(out.strip().splitlines()[-1])
     parts, total = figures["seconds"], figures["total_s"]  # the estimate's arithmetic, never a speed threshold
-    assert set(parts) == {"extraction", "weak_models", "jax_fits_compile", "jax_fits_run", "tp_prompt", "tp_textenc"}
+    assert set(parts) == {"extraction", "weak_models", "cross_domain_weak", "jax_fits_compile", "jax_fits_run",
+                          "tp_prompt", "tp_textenc"}
     assert figures["work"]["images"] == 586_575 and figures["work"]["fits"] == 30
     assert parts["jax_fits_compile"] == pytest.approx(6 * figures["rates"]["fit_compile_s"])  # one program a store
     assert total == pytest.approx(sum(parts.values()))
@@ -145,3 +146,13 @@ def test_bench_paper_grid_estimates_every_component():
         max(3 * train / rates["decode_img_s"], work["weak_train_images"] / rates["weak_train_img_s"])
         + max(work["images"] / rates["decode_img_s"], work["weak_logit_images"] / rates["weak_infer_img_s"]))
     assert "north star" in out
+    # the tiny w2s-run: every phase measured, beside the same formulas on its own grid
+    sys.path.insert(0, str(BENCH))
+    import bench_paper_grid
+
+    check, (tiny, _) = figures["check_run"], bench_paper_grid.estimate(rates, bench_paper_grid.CHECK)
+    assert check["estimated_s"]["tp"] == pytest.approx(tiny["tp_prompt"] + tiny["tp_textenc"])
+    assert check["estimated_s"]["jax_fits"] == pytest.approx(tiny["jax_fits_compile"] + tiny["jax_fits_run"])
+    assert all(s > 0 for s in check["measured_s"].values()), check
+    assert check["total_measured_s"] == pytest.approx(sum(check["measured_s"].values()))
+    assert "measured / estimated" in out
