@@ -10,6 +10,8 @@ Each component's rate is measured here, at a small size, with random weights, an
   every image, each image decoded once per epoch and once for the logits for all five (pipeline.tuned_logits), so
   each pass takes the slower of its decodes and the five models' work, at a ResNet-18's train and inference rates
   (random weights; the proxy for all five: CvT-13 and ConvNeXt-tiny are slower, so this is a lower bound);
+- the weak models across domains ([report] cross_domain): every weak model of every other domain applied to each
+  domain's test images, all in one pass per target domain (cross_weak.write_cross_weak_all), at the inference rate;
 - the JAX fits: one per domain x weak model, run (measured at --fit-rows rows, run time scaled by rows), every
   w2s-fit method, 5 seeds, 10 epochs, batch 512; compiled once per domain (w2s-run fits a store's weak models by
   one program, run.run_each; the compile measured once);
@@ -65,7 +67,8 @@ def estimate(rates: dict, grid: Grid) -> tuple[dict, dict]:
     images = sum(tr + te for tr, te in grid.sizes.values())
     train_images, test_images = sum(tr for tr, _ in grid.sizes.values()), sum(te for _, te in grid.sizes.values())
     weak_train, weak_logits = grid.weak_models * grid.weak_epochs * train_images, grid.weak_models * images
-    cross = grid.weak_models * (len(grid.sizes) - 1) * test_images if grid.cross_domain else 0  # one pass each
+    cross = grid.weak_models * (len(grid.sizes) - 1) * test_images if grid.cross_domain else 0  # model-images
+    cross_decodes = test_images if cross else 0  # every other domain's weak models in one pass per target
     tp_steps = sum(grid.epochs * math.ceil(int(0.64 * te) / grid.tp_batch) for _, te in grid.sizes.values())
     prompt_models = grid.seeds * (grid.tp_weak_methods * grid.weak_models + grid.tp_ceiling)
     textenc_models = grid.seeds * grid.weak_models * grid.tp_textenc
@@ -74,7 +77,7 @@ def estimate(rates: dict, grid: Grid) -> tuple[dict, dict]:
         "extraction": images / min(rates["encoder_img_s"], decode),
         "weak_models": max(grid.weak_epochs * train_images / decode, weak_train / rates["weak_train_img_s"])
         + max(images / decode, weak_logits / rates["weak_infer_img_s"]),
-        "cross_domain_weak": cross / min(rates["weak_infer_img_s"], decode),
+        "cross_domain_weak": max(cross_decodes / decode, cross / rates["weak_infer_img_s"]),
         "jax_fits_compile": len(grid.sizes) * rates["fit_compile_s"],  # one compiled program per store
         "jax_fits_run": grid.weak_models * test_images * rates["fit_run_s_per_row"]
         * grid.seeds * grid.epochs / (SEEDS * EPOCHS),
@@ -83,7 +86,7 @@ def estimate(rates: dict, grid: Grid) -> tuple[dict, dict]:
     }
     work = {"images": images, "weak_train_images": weak_train, "weak_logit_images": weak_logits,
             "weak_decodes": grid.weak_epochs * train_images + images, "weak_decodes_per_image_epoch": 1,
-            "cross_domain_weak_images": cross, "fits": len(grid.sizes) * grid.weak_models,
+            "cross_domain_weak_images": cross, "cross_domain_decodes": cross_decodes, "fits": len(grid.sizes) * grid.weak_models,
             "fit_programs": len(grid.sizes), "tp_model_steps": (prompt_models + textenc_models) * tp_steps}
     return seconds, work
 

@@ -6,13 +6,18 @@ store's own weak model. A fine-tuned one is loaded from the weights its extracti
 (``pipeline.weak_weights``), without fine-tuning again; a store made before they were kept has none, and its cells
 show accuracy only (the report says so).
 
+The fine-tuned weak models of every other domain are applied to a target's test images in one image pass
+(:func:`write_cross_weak_all`): each image is decoded once for all of them.
+
 Each result is one file, ``DIR/WEAK/SOURCE__on__TARGET.npz`` (domains as ``dataset-domain``), holding the target's
 test ids and the logits ``N x K``; the report (``w2s_jax.report.cross_domain_tables``) reads them.
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,46 +35,84 @@ def probe_features(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Pat
     return {s: out[spec.name] for s, out in outs.items()}
 
 
-def finetuned_logits(spec: weak.WeakSpec, weights: Path, target: Dataset, target_rows: tuple, parts: Path,
-                     opts: pipeline.Options) -> np.ndarray:
-    """A fine-tuned weak model, loaded from its kept ``weights``, on the target's rows: logits ``N x K``."""
-    model = weak.load_hf(spec, len(target.class_names), opts.device)
-    model.load_state_dict(weak.load_weights(weights, opts.device))
-    model.eval()
-    transform = weak.weak_transform(spec)
-    with pipeline.ImageSource(target.load, {"weak": [transform]}, opts) as source:
-        outs = pipeline.run_splits({"test": target_rows}, source, "weak",
-                                   {spec.name: (transform, weak.hf_logits(model))}, parts, opts,
-                                   f"{spec.name} logits, {target.domain}")[0]
-    return outs["test"][spec.name]
+def finetuned_logits(models, target: Dataset, target_rows: tuple, parts: Path, opts: pipeline.Options) -> list:
+    """Fine-tuned weak models, each ``(spec, kept weights)``, on the target's rows in one image pass (each image
+    decoded once for all of them, one transform per distinct preprocessing): a list of logits ``N x K``."""
+    specs = [spec for spec, _ in models]
+    transforms, which = pipeline.tuned_inputs(specs)
+    heads, inputs = {}, {}
+    for j, (spec, weights) in enumerate(models):  # two domains' weak models may share a name: keyed by position
+        model = weak.load_hf(spec, len(target.class_names), opts.device)
+        model.load_state_dict(weak.load_weights(weights, opts.device))
+        heads[f"m{j}"], inputs[f"m{j}"] = (None, weak.hf_logits(model.eval())), which[spec.name]
+    with pipeline.ImageSource(target.load, {"weak": transforms}, opts) as source:
+        outs = pipeline.run_splits({"test": target_rows}, source, "weak", heads, parts, opts,
+                                   f"{len(models)} weak model(s)' logits, {target.domain}", inputs)[0]
+    return [outs["test"][f"m{j}"] for j in range(len(models))]
+
+
+class CrossJob(NamedTuple):
+    """A source domain's weak model to apply to a target's test rows."""
+
+    source: Dataset
+    source_rows: dict  # {split: (ids, labels)} of the source store
+    spec: weak.WeakSpec
+    source_store: Path | None  # beside it, a fine-tuned model's kept weights
 
 
 def write_cross_weak(source: Dataset, source_rows: dict, target: Dataset, target_rows: tuple, spec: weak.WeakSpec,
                      folder: Path, opts: pipeline.Options, source_store: Path | None = None) -> Path | None:
-    """Write the source's weak model ``spec`` applied to the target's test rows: a probe retrained on the source's
-    train rows, or a fine-tuned model from the weights kept beside ``source_store``; None where those weights are
-    missing. ``source_rows``: {split: (ids, labels)} of the source store; ``target_rows``: (ids, labels) of the target
-    store's test split. Done once: an existing valid file is kept, an invalid one (cut short, say) written again."""
-    out = cross_weak_file(folder, spec.name, f"{source.name}/{source.domain}", f"{target.name}/{target.domain}")
-    if out.exists():
-        try:
-            read_cross_weak(out)
-            return out
-        except ValueError as err:
-            opts.log(f"{err}: writing it again")
-    parts = out.with_name(out.stem + ".parts")
-    if spec.mode == "probe":
-        train = probe_features(spec, source, {"train": source_rows["train"]}, parts / "source", opts)["train"]
-        test = probe_features(spec, target, {"test": target_rows}, parts / "target", opts)["test"]
-        logits = weak.train_probe(train, source_rows["train"][1], len(source.class_names), device=opts.device)(test)
-    else:
-        weights = pipeline.weak_weights(source_store, spec.name) if source_store is not None else None
-        if weights is None or not weights.is_file():
-            return None
-        logits = finetuned_logits(spec, weights, target, target_rows, parts / "target", opts)
+    """Write the source's weak model ``spec`` applied to the target's test rows (:func:`write_cross_weak_all` of
+    one)."""
+    return write_cross_weak_all([CrossJob(source, source_rows, spec, source_store)], target, target_rows, folder,
+                                opts)[0]
+
+
+def write_cross_weak_all(jobs, target: Dataset, target_rows: tuple, folder: Path, opts: pipeline.Options) -> list:
+    """Write each job's weak model applied to the target's test rows ``(ids, labels)``: a probe retrained on its
+    source's train rows, a fine-tuned model from the weights kept beside its source store; the fine-tuned ones all
+    in one image pass over the target (:func:`finetuned_logits`). Returns each job's file, or None where a
+    fine-tuned model's weights are missing. Done once: an existing valid file is kept, an invalid one (cut short,
+    say) written again."""
+    done, tuned = [None] * len(jobs), []
+    for i, job in enumerate(jobs):
+        out = cross_weak_file(folder, job.spec.name, f"{job.source.name}/{job.source.domain}",
+                              f"{target.name}/{target.domain}")
+        if out.exists():
+            try:
+                read_cross_weak(out)
+                done[i] = out
+                continue
+            except ValueError as err:
+                opts.log(f"{err}: writing it again")
+        if job.spec.mode == "probe":
+            parts = out.with_name(out.stem + ".parts")
+            train = probe_features(job.spec, job.source, {"train": job.source_rows["train"]}, parts / "source",
+                                   opts)["train"]
+            test = probe_features(job.spec, target, {"test": target_rows}, parts / "target", opts)["test"]
+            logits = weak.train_probe(train, job.source_rows["train"][1], len(job.source.class_names),
+                                      device=opts.device)(test)
+            done[i] = save_logits(out, target_rows, logits, parts)
+        else:
+            weights = pipeline.weak_weights(job.source_store, job.spec.name) if job.source_store is not None else None
+            if weights is not None and weights.is_file():
+                tuned.append((i, out, weights))
+    if tuned:
+        key = hashlib.sha256("|".join(str(out) for _, out, _ in tuned).encode()).hexdigest()[:12]
+        parts = folder / f".{target.name}-{target.domain}-{key}.parts"  # resumable, for this set of models only
+        logits = finetuned_logits([(jobs[i].spec, weights) for i, _, weights in tuned], target, target_rows, parts,
+                                  opts)
+        for (i, out, _), lg in zip(tuned, logits):
+            done[i] = save_logits(out, target_rows, lg)
+        shutil.rmtree(parts, ignore_errors=True)
+    return done
+
+
+def save_logits(out: Path, target_rows: tuple, logits, parts: Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.npz")
     np.savez(tmp, ids=np.asarray(target_rows[0]), logits_NxK=np.asarray(logits, np.float32))
     tmp.replace(out)
-    shutil.rmtree(parts, ignore_errors=True)
+    if parts is not None:
+        shutil.rmtree(parts, ignore_errors=True)
     return out

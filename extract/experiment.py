@@ -272,23 +272,22 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
 
 def weak_across_domains(made: list, folder: Path, opts, log) -> None:
     """Each weak model of each domain applied to every other domain's test images (``extract.cross_weak``), for PGR
-    across domains; a fine-tuned one whose weights were not kept (a store made before they were) is left out, with a
-    line."""
-    from extract.cross_weak import write_cross_weak
+    across domains, every fine-tuned one of the other domains in one image pass per target; a fine-tuned one whose
+    weights were not kept (a store made before they were) is left out, with a line."""
+    from extract.cross_weak import CrossJob, write_cross_weak_all
     from w2s_jax.store import read_store
 
     rows = {}
     for dataset, path, _ in made:
         store = read_store(path)
         rows[path] = {s: (sp.ids_N, sp.labels_N) for s, sp in store.splits.items()}
-    for source, source_path, specs in made:
-        for spec in map(weaklib.parse_weak, specs):
-            for target, target_path, _ in made:
-                if target_path != source_path and write_cross_weak(
-                        source, rows[source_path], target, rows[target_path]["test"], spec, folder, opts,
-                        source_path) is None:
-                    log(f"weak model {spec.name} of {source.domain}: its fine-tuned weights were not kept beside "
-                        f"{source_path} (a store made before they were), so no PGR on {target.domain}")
+    for target, target_path, _ in made:
+        jobs = [CrossJob(source, rows[source_path], spec, source_path) for source, source_path, specs in made
+                if source_path != target_path for spec in map(weaklib.parse_weak, specs)]
+        for job, path in zip(jobs, write_cross_weak_all(jobs, target, rows[target_path]["test"], folder, opts)):
+            if path is None:
+                log(f"weak model {job.spec.name} of {job.source.domain}: its fine-tuned weights were not kept beside "
+                    f"{job.source_store} (a store made before they were), so no PGR on {target.domain}")
 
 
 def _run_tp(tp: dict, store_path, strong, weaks, store_id, where: Path, device, log) -> list[Path]:

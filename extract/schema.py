@@ -37,6 +37,7 @@ class Fit(_Section):
     seed_axis: StrictStr = "auto"
     select: StrictStr = "agreement"
     refine: list[StrictStr] = []
+    rounds: StrictInt = 1
     hparams: dict[str, Number] = {}
     grid: dict[str, list[Number]] = {}
 

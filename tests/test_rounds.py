@@ -136,8 +136,15 @@ def test_rounds_from_the_cli_to_the_report(store_path, tmp_path):
     assert (tmp_path / "rep" / "rounds-noisy.tex").exists()
 
 
-def test_an_experiment_file_asks_for_rounds(store_path):
-    from extract.experiment import fit_config
+def test_an_experiment_file_asks_for_rounds(store_path, tmp_path):
+    from extract.experiment import fit_config, load_experiment
+
+    path = tmp_path / "exp.toml"
+    path.write_text('out = "o"\n[[data]]\ndataset = "demo"\n[fit]\nmethods = ["ce+lp"]\nrounds = 3\n')
+    assert load_experiment(path)["fit"]["rounds"] == 3  # the typed file takes it
+    path.write_text('out = "o"\n[[data]]\ndataset = "demo"\n[fit]\nmethods = ["ce+lp"]\nrounds = 0\n')
+    with pytest.raises(ValueError, match="rounds = 0"):
+        load_experiment(path)
 
     cfg = fit_config({"methods": ["ce+lp", "ceiling+lp"], "refine": ["knn"], "rounds": 2}, store_path, "noisy")
     assert set(cfg.methods) == {"ce+lp", "ce+lp@knn", "ceiling+lp", "ce+lp@round2", "ce+lp@knn@round2"}

@@ -94,3 +94,29 @@ def test_a_weak_model_that_fails_is_named_and_the_others_are_kept(domainnet_root
     assert again.weak_names == ("other-resnet-finetune", "tiny-resnet-finetune")
     np.testing.assert_array_equal(again.splits["test"].weak_logits["tiny-resnet-finetune"],
                                   kept.splits["test"].weak_logits["tiny-resnet-finetune"])
+
+
+def test_weak_models_across_domains_read_each_target_image_once(domainnet_root, tiny_clip, tiny_resnet_dir, tmp_path,
+                                                                monkeypatch):
+    """Every fine-tuned weak model applied to a target's test images in one pass: each image decoded once for both,
+    and each model's logits are its own (here on its own domain: the store's weak logits)."""
+    from extract import cross_weak, datasets
+
+    other = other_resnet(tmp_path)
+    opts = pipeline.Options(device="cpu", batch_size=4, num_workers=0, weak_epochs=1, log=lambda *a: None)
+    data = datasets.load_dataset("domainnet", domain="real", root=str(domainnet_root))
+    out = tmp_path / "real.h5"
+    pipeline.extract(data, tiny_clip, [f"{tiny_resnet_dir}:finetune", f"{other}:finetune"], out, opts)
+    store = read_store(out)
+    rows = {s: (sp.ids_N, sp.labels_N) for s, sp in store.splits.items()}
+    jobs = [cross_weak.CrossJob(data, rows, weak.parse_weak(f"{folder}:finetune"), out)
+            for folder in (tiny_resnet_dir, other)]
+    reads = count_reads(monkeypatch)
+    paths = cross_weak.write_cross_weak_all(jobs, data, rows["test"], tmp_path / "cw", opts)
+    assert reads["weak"] == N_ALL - N_TRAIN  # the 9 test images, once for both models
+    for path, name in zip(paths, ("tiny-resnet-finetune", "other-resnet-finetune")):
+        with np.load(path) as z:
+            np.testing.assert_allclose(z["logits_NxK"], store.splits["test"].weak_logits[name], atol=1e-5)
+    reads.clear()
+    assert cross_weak.write_cross_weak_all(jobs, data, rows["test"], tmp_path / "cw", opts) == paths
+    assert not reads  # done once: the files are kept
