@@ -92,7 +92,8 @@ def write_cross_weak_all(jobs, target: Dataset, target_rows: tuple, folder: Path
             test = probe_features(job.spec, target, {"test": target_rows}, parts / "target", opts)["test"]
             logits = weak.train_probe(train, job.source_rows["train"][1], len(job.source.class_names),
                                       device=opts.device)(test)
-            done[i] = save_logits(out, target_rows, logits, parts)
+            done[i] = save_logits(out, target_rows, logits)
+            shutil.rmtree(parts, ignore_errors=True)
         else:
             weights = pipeline.weak_weights(job.source_store, job.spec.name) if job.source_store is not None else None
             if weights is not None and weights.is_file():
@@ -108,11 +109,10 @@ def write_cross_weak_all(jobs, target: Dataset, target_rows: tuple, folder: Path
     return done
 
 
-def save_logits(out: Path, target_rows: tuple, logits, parts: Path | None = None) -> Path:
+def save_logits(out: Path, target_rows: tuple, logits) -> Path:
+    """One cross-weak file: the target's test ids and the logits ``N x K``, written whole (a rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.npz")
     np.savez(tmp, ids=np.asarray(target_rows[0]), logits_NxK=np.asarray(logits, np.float32))
     tmp.replace(out)
-    if parts is not None:
-        shutil.rmtree(parts, ignore_errors=True)
     return out

@@ -220,7 +220,8 @@ def finetune(models: dict, loader, *, epochs: int = 3, lr: float = 1e-3, warmup:
                     optimizers[name].step()
                     schedules[name].step()
                 except Exception as err:  # its own failure, out of memory first: the others' work goes on
-                    failed[name] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+                    first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+                    failed[name] = f"{type(err).__name__}: {first_line}"
                     optimizers[name].zero_grad(set_to_none=True)
                     if use_amp:
                         torch.cuda.empty_cache()
