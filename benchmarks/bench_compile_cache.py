@@ -1,5 +1,6 @@
-"""Compile time with and without JAX's persistent compilation cache (w2s_jax.compile_cache), side by side, and
-how compile time grows with the number of methods (one method against every built-in one, cache off).
+"""Compile time with and without JAX's persistent compilation cache (w2s_jax.compile_cache), side by side, split
+into its phases (tracing, lowering, XLA: fit.compile_phases), and how compile time grows with the number of methods
+(one method against every built-in one, cache off).
 
 Each fit runs in a fresh process (the in-memory jit cache would hide the disk cache otherwise): first with an
 empty cache folder (cold), then again with the folder it filled (warm), then with the cache off. Shape: the demo's
@@ -69,12 +70,16 @@ def main():
             rows["warm cache"].append(run_child(args, folder))
     print(f"shape: n={args.n} d={args.d} k={args.k}, batch {args.batch}, {args.epochs} epochs, every method x "
           f"{args.seeds} seeds; {args.repeats} fresh processes each, interleaved")
-    print("| | compile (s), median [min-max] | run (s), median |")
-    print("|---|---|---|")
+    print("| | compile (s), median [min-max] | of it: trace / lower / XLA (s), medians | run (s), median |")
+    print("|---|---|---|---|")
     for name, timings in rows.items():
         c = np.array([t["compile_s"] for t in timings])
         r = np.array([t["run_s"] for t in timings])
-        print(f"| {name} | {np.median(c):.2f} [{c.min():.2f}-{c.max():.2f}] | {np.median(r):.2f} |")
+        phases = " / ".join(f"{np.median([t['compile_phases'][p] for t in timings]):.2f}"
+                            for p in ("trace_s", "lower_s", "xla_s"))
+        print(f"| {name} | {np.median(c):.2f} [{c.min():.2f}-{c.max():.2f}] | {phases} | {np.median(r):.2f} |")
+    print("trace: Python to jaxpr; lower: jaxpr to StableHLO (both needed for the cache key); XLA: its passes and, on "
+          "a GPU, GEMM autotuning, or the load from a warm cache")
 
 
 def methods_scaling(args) -> None:

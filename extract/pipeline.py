@@ -175,7 +175,8 @@ def run_pass(ids, source: ImageSource, key: str, heads: dict, parts: Path, opts:
              desc: str, which: dict | None = None) -> tuple[dict, np.ndarray, list]:
     """Run every head over the images ``ids``, read by ``source`` as its pass ``key`` (whose transforms are the
     heads', in order, unless ``which`` says which transform of the pass each head reads); resumable through
-    per-batch part files.
+    per-batch part files. A part file that lacks some heads (a sharded feature pass, merged by a run that adds the
+    fine-tuned weak models' logits) has its batch read again for those heads only.
 
     heads: name -> (transform PIL->tensor, fn tensor_Bx...->tensor_BxF).
     Returns ({name: outputs_MxF}, kept row indices M, ids of unreadable images).
@@ -184,31 +185,50 @@ def run_pass(ids, source: ImageSource, key: str, heads: dict, parts: Path, opts:
     n, bs = len(ids), opts.batch_size
     batches = [list(range(b * bs, min(n, (b + 1) * bs))) for b in range(math.ceil(n / bs))]
     mine = range(len(batches)) if opts.shard is None else range(opts.shard[0], len(batches), opts.shard[1])
-    todo = [b for b in mine if not (parts / f"{b:06d}.npz").exists()]
     names = list(heads)
+    missing = {b: _missing_heads(parts / f"{b:06d}.npz", names) for b in mine}
+    todo = [b for b in mine if missing[b]]
     loader = source.read(key, ids, [batches[b] for b in todo])
     use_amp = opts.device.startswith("cuda")
     bad_now = []
     total = sum(len(batches[b]) for b in mine)
     done = total - sum(len(batches[b]) for b in todo)
+
+    def apply(index, inputs, which_heads) -> dict:
+        if not len(index):
+            return {}
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+            return {name: heads[name][1](inputs[names.index(name) if which is None else which[name]]
+                                         .to(opts.device, non_blocking=True)).float().cpu().numpy()
+                    for name in which_heads}
+
     with tqdm(total=total, initial=done, desc=desc, unit="img", dynamic_ncols=True, disable=None) as bar:
         for b, (index, inputs, bad) in zip(todo, loader):
-            outputs = {}
-            if len(index):
-                with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                    for i, name in enumerate(names):
-                        x = inputs[i if which is None else which[name]]
-                        outputs[name] = heads[name][1](x.to(opts.device, non_blocking=True)).float().cpu().numpy()
+            path = parts / f"{b:06d}.npz"
+            earlier = {}
+            if len(missing[b]) < len(names):  # some heads are done: keep them if this read kept the same rows
+                with np.load(path) as z:
+                    earlier = {f: z[f] for f in z.files} if np.array_equal(z["index"], index.numpy()) else {}
+            outputs = {**earlier, **apply(index, inputs, [h for h in names if h not in earlier or h in missing[b]])}
             bad_now += bad
             bar.update(len(batches[b]))
             if bad and opts.on_corrupt == "fail":
                 continue  # not saved: a fixed image is read again on the rerun
-            _save_npz(parts / f"{b:06d}.npz", index=index.numpy(), bad=np.asarray(bad, np.int64), **outputs)
+            outputs.update(index=index.numpy(), bad=np.asarray(bad, np.int64))
+            _save_npz(path, **outputs)
     if bad_now and opts.on_corrupt == "fail":
         raise CorruptImagesError({desc: [ids[i] for i in bad_now]})
     if opts.shard is not None:
         return {}, np.zeros(0, np.int64), []
     return _gather(parts, len(batches), names)
+
+
+def _missing_heads(path: Path, names) -> list:
+    """The heads of ``names`` that the part file ``path`` lacks (all of them when there is none)."""
+    if not path.exists():
+        return list(names)
+    with np.load(path) as z:
+        return [n for n in names if n not in z.files]
 
 
 def _save_npz(path: Path, **arrays) -> None:
@@ -280,14 +300,17 @@ def with_accuracy(info: dict, logits: dict, rows: dict) -> dict:
     return {**info, **{f"{s}_accuracy": float(np.mean(logits[s].argmax(1) == labels)) for s, (_, labels) in rows.items()}}
 
 
-def tuned_logits(specs, dataset: Dataset, rows: dict, parts: Path, opts: Options,
-                 source: ImageSource) -> tuple[dict, dict]:
-    """Fine-tune every model of ``specs`` on ``train`` (ground truth) in lockstep, then their logits per split in one
-    more pass: each image is decoded once per epoch and once for the logits, whatever the number of models
-    (:func:`weak.finetune`). A model fine-tuned before (its ``weak-NAME.pt`` in ``parts``) is resumed.
+class UnreadableTrainImages(Exception):
+    """Fine-tuning met unreadable training images under ``--on-corrupt fail``: it stops, and the feature pass lists
+    every split's unreadable images at once (:class:`CorruptImagesError`)."""
 
-    Returns ``({name: ({split: logits_NxK}, provenance dict)}, {name: why it failed})``; a model that failed has no
-    logits, and the others' are kept."""
+
+def finetune_weak(specs, dataset: Dataset, train: tuple, parts: Path, opts: Options,
+                  source: ImageSource) -> tuple[dict, dict]:
+    """Fine-tune every model of ``specs`` on ``train`` = (ids, labels) in lockstep (:func:`weak.finetune`): each
+    image decoded once per epoch, whatever the number of models; unreadable images are left out (a
+    :class:`UnreadableTrainImages` under ``--on-corrupt fail``). A model fine-tuned before (its ``weak-NAME.pt`` in
+    ``parts``) is resumed. Returns ``({name: model}, {name: why it failed})``, the failed ones not in the first."""
     k = len(dataset.class_names)
     _, which = tuned_inputs(specs)
     models, todo = {}, {}
@@ -301,40 +324,68 @@ def tuned_logits(specs, dataset: Dataset, rows: dict, parts: Path, opts: Options
             todo[spec.name] = (models[spec.name], which[spec.name])
     failed = {}
     if todo:
-        ids, labels = rows["train"]
+        ids, labels = train
         order = np.random.default_rng(0).permutation(len(ids))
         batches = [order[i:i + opts.weak_batch_size].tolist() for i in range(0, len(ids), opts.weak_batch_size)]
-        loader = _FineTuneBatches(lambda: source.read(TUNED, ids, batches), len(batches), labels)
+        loader = _FineTuneBatches(lambda: source.read(TUNED, ids, batches), len(batches), labels,
+                                  stop_at_bad=opts.on_corrupt == "fail")
         failed = weak.finetune(todo, loader, epochs=opts.weak_epochs, lr=opts.weak_lr, device=opts.device,
                                progress=tqdm)
         parts.mkdir(parents=True, exist_ok=True)
         for name in todo.keys() - failed.keys():
             _save_torch(parts / f"weak-{name}.pt", models[name].state_dict())
-    kept = [s.name for s in specs if s.name not in failed]
-    if not kept:
+    return {n: m for n, m in models.items() if n not in failed}, failed
+
+
+def logit_heads(models: dict, first: int, which: dict) -> tuple[dict, dict]:
+    """The fine-tuned ``models``' logits as heads of an image pass (:func:`run_pass`) whose transforms from index
+    ``first`` on are :func:`tuned_inputs`'s: ``({name: (None, fn)}, {name: its transform's index})``."""
+    return ({n: (None, weak.hf_logits(m)) for n, m in models.items()},
+            {n: first + which[n] for n in models})
+
+
+def tuned_logits(specs, dataset: Dataset, rows: dict, parts: Path, opts: Options,
+                 source: ImageSource) -> tuple[dict, dict]:
+    """Fine-tune every model of ``specs`` (:func:`finetune_weak`), then their logits per split in one more pass
+    (a store that exists already: a new store's feature pass computes them, :func:`_extract`).
+
+    Returns ``({name: {split: logits_NxK}}, {name: why it failed})``; a model that failed has no logits, and the
+    others' are kept."""
+    models, failed = finetune_weak(specs, dataset, rows["train"], parts, opts, source)
+    if not models:
         return {}, failed
-    outs = run_splits(rows, source, TUNED, {n: (None, weak.hf_logits(models[n])) for n in kept},
-                      parts / f"weaklogits-{'+'.join(kept)}-all", opts, f"{', '.join(kept)} logits", which)[0]
-    info = {"epochs": opts.weak_epochs, "batch_size": opts.weak_batch_size, "lr": opts.weak_lr, "warmup": 0.1}
-    return {spec.name: ({s: out[spec.name] for s, out in outs.items()},
-                        with_accuracy({"source": spec.source, "mode": spec.mode, **info},
-                                      {s: out[spec.name] for s, out in outs.items()}, rows))
-            for spec in specs if spec.name in kept}, failed
+    heads, which = logit_heads(models, 0, tuned_inputs(specs)[1])
+    outs = run_splits(rows, source, TUNED, heads, parts / f"weaklogits-{'+'.join(models)}-all", opts,
+                      f"{', '.join(models)} logits", which)[0]
+    return {n: {s: out[n] for s, out in outs.items()} for n in models}, failed
+
+
+def tuned_info(spec: weak.WeakSpec, logits: dict, rows: dict, opts: Options) -> dict:
+    """A fine-tuned weak model's provenance: its recipe and accuracy per split."""
+    return with_accuracy({"source": spec.source, "mode": spec.mode, "epochs": opts.weak_epochs,
+                          "batch_size": opts.weak_batch_size, "lr": opts.weak_lr, "warmup": 0.1}, logits, rows)
 
 
 def add_weak_models(store: st.Store, specs, dataset: Dataset, rows: dict, parts: Path, opts: Options,
-                    source: ImageSource, probe_feats: dict | None = None) -> tuple[st.Store, dict]:
+                    source: ImageSource, probe_feats: dict | None = None, tuned: tuple | None = None
+                    ) -> tuple[st.Store, dict]:
     """``store`` with the logits of every weak model of ``specs`` added, in their order (probes: ``probe_feats``
-    {name: {split: features}} from the feature pass, if it computed them; the fine-tuned ones in lockstep,
-    :func:`tuned_logits`); returns it and ``{name: why it failed}``."""
-    done, failed = tuned_logits([s for s in specs if s.mode == "finetune"], dataset, rows, parts, opts, source) \
-        if any(s.mode == "finetune" for s in specs) else ({}, {})
+    {name: {split: features}} from the feature pass, if it computed them; the fine-tuned ones: ``tuned``
+    = ({name: {split: logits}}, {name: why it failed}) from the feature pass, else :func:`tuned_logits`);
+    returns it and ``{name: why it failed}``."""
+    if tuned is None:
+        tuned = tuned_logits([s for s in specs if s.mode == "finetune"], dataset, rows, parts, opts, source) \
+            if any(s.mode == "finetune" for s in specs) else ({}, {})
+    logits, failed = tuned
     for spec in specs:
         if spec.mode == "probe":
-            done[spec.name] = probe_logits(spec, dataset, rows, parts, opts, source, (probe_feats or {}).get(spec.name))
-        if spec.name in done:
-            store = st.with_weak_model(store, spec.name, *done[spec.name])
-            opts.log(f"weak model {spec.name}: test accuracy {done[spec.name][1]['test_accuracy']:.4f}")
+            done = probe_logits(spec, dataset, rows, parts, opts, source, (probe_feats or {}).get(spec.name))
+        elif spec.name in logits:
+            done = logits[spec.name], tuned_info(spec, logits[spec.name], rows, opts)
+        else:
+            continue
+        store = st.with_weak_model(store, spec.name, *done)
+        opts.log(f"weak model {spec.name}: test accuracy {done[1]['test_accuracy']:.4f}")
     return store, failed
 
 
@@ -350,16 +401,19 @@ def check_failed(failed: dict, out: Path) -> None:
 
 class _FineTuneBatches:
     """(inputs, labels) for :func:`weak.finetune` (inputs: one tensor per distinct preprocessing), one pass of
-    ``read()`` per epoch, dropping unreadable rows."""
+    ``read()`` per epoch, dropping unreadable rows (or stopping at them: ``stop_at_bad``)."""
 
-    def __init__(self, read, num_batches: int, labels_N):
+    def __init__(self, read, num_batches: int, labels_N, stop_at_bad: bool = False):
         self.read, self.num_batches, self.labels = read, num_batches, torch.as_tensor(labels_N)
+        self.stop_at_bad = stop_at_bad
 
     def __len__(self):
         return self.num_batches
 
     def __iter__(self):
-        for index, inputs, _ in self.read():
+        for index, inputs, bad in self.read():
+            if bad and self.stop_at_bad:
+                raise UnreadableTrainImages()
             if len(index):
                 yield inputs, self.labels[index]
 
@@ -439,19 +493,32 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
     templates = tuple(templates) if encoder.encode_text else ()
     _check_or_write_meta(parts, provenance_for(dataset, encoder.id, encoder.preprocessing, templates))
 
-    # one pass over the images: strong features and every weak probe's backbone features
+    # one pass over the images: strong features, every weak probe's backbone features and, once fine-tuned (before
+    # it, on train), every fine-tuned weak model's logits; each image decoded once for all of them
     heads = {"strong": (encoder.transform, encoder.encode_images)}
     probes = [spec for spec in specs if spec.mode == "probe"]
+    tuned_specs = [spec for spec in specs if spec.mode == "finetune"]
     k = len(dataset.class_names)
     for spec in probes:
         heads[spec.name] = (weak.weak_transform(spec), weak.probe_backbone(spec, k, opts.device))
-    # every split in one pass: the loader's workers start once, and one message lists every split's bad images
+    # every split in one pass: the loader's workers start once, and one message lists every split's bad images.
+    # The folder is named by the heads that shards compute too: a merge adds the weak models' logits to their parts
     pass_dir = parts / ("features-" + "+".join(sorted(heads)) + ({"gpu": "-gpu-decode", "draft": "-draft-decode"}.get(opts.decode, ""))
                         + "-all-splits")
-    with ImageSource(dataset.load, {"features": [t for t, _ in heads.values()],
-                                    **weak_passes(s for s in specs if s.mode != "probe")}, opts) as source:
+    logits_too = bool(tuned_specs) and opts.shard is None  # shards leave fine-tuning to the merge
+    transforms = [t for t, _ in heads.values()] + (tuned_inputs(tuned_specs)[0] if logits_too else [])
+    with ImageSource(dataset.load, {"features": transforms, **weak_passes(tuned_specs)}, opts) as source:
+        tuned, which = None, None
+        if logits_too:
+            try:
+                models, failed = finetune_weak(tuned_specs, dataset, dataset.splits["train"], parts, opts, source)
+                logit_fns, which = logit_heads(models, len(heads), tuned_inputs(tuned_specs)[1])
+                which.update({name: i for i, name in enumerate(heads)})
+                heads, tuned = {**heads, **logit_fns}, ({}, failed)
+            except UnreadableTrainImages:
+                opts.log("fine-tuning stopped at unreadable training images; the image pass lists every split's")
         results, kept, skipped = run_splits(dataset.splits, source, "features", heads, pass_dir, opts,
-                                            f"{dataset.domain} images")
+                                            f"{dataset.domain} images", which)
         rows = {s: (tuple(ids[i] for i in kept[s]), labels[kept[s]]) for s, (ids, labels) in dataset.splits.items()}
         if opts.shard is not None:
             opts.log(f"shard {opts.shard[0]}/{opts.shard[1]} done; when every shard is done, rerun the same command "
@@ -469,7 +536,9 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
         store = st.Store(provenance_for(dataset, encoder.id, encoder.preprocessing, templates, skipped, opts.decode),
                          splits, text, {})
         feats = {spec.name: {s: results[s][spec.name] for s in rows} for spec in probes}
-        store, failed = add_weak_models(store, specs, dataset, rows, parts, opts, source, feats)
+        if tuned is not None:
+            tuned[0].update({n: {s: results[s][n] for s in rows} for n in logit_fns})
+        store, failed = add_weak_models(store, specs, dataset, rows, parts, opts, source, feats, tuned)
     st.write_store(out, store)
     keep_weak_weights(parts, out)
     shutil.rmtree(parts)

@@ -47,6 +47,9 @@ def test_bench_compile_cache_prints_cache_rows_and_the_methods_ratio():
     tiny = ["--n", "600", "--d", "16", "--k", "5", "--seeds", "2", "--epochs", "1", "--batch", "64", "--repeats", "1"]
     out = run_script("bench_compile_cache.py", *tiny)
     assert "| cache off |" in out and "| warm cache |" in out
+    off = next(line for line in out.splitlines() if line.startswith("| cache off |")).split("|")
+    total, phases = float(off[2].split()[0]), [float(x) for x in off[3].split("/")]
+    assert 0 < sum(phases) <= total + 0.02  # the phases are parts of the compile (printed to 0.01 s each)
     out = run_script("bench_compile_cache.py", *tiny, "--methods-scaling")
     assert "| ce+lp alone |" in out and "compile time, all methods / one method:" in out
 
@@ -134,17 +137,19 @@ def test_bench_paper_grid_estimates_every_component():
     out = run_script("bench_paper_grid.py", "--strong", "tiny", "--batch", "8", "--check-run", "--json")
     figures = json.loads(out.strip().splitlines()[-1])
     parts, total = figures["seconds"], figures["total_s"]  # the estimate's arithmetic, never a speed threshold
-    assert set(parts) == {"extraction", "weak_models", "cross_domain_weak", "jax_fits_compile", "jax_fits_run",
+    assert set(parts) == {"extraction", "weak_finetune", "cross_domain_weak", "jax_fits_compile", "jax_fits_run",
                           "tp_prompt", "tp_textenc"}
     assert figures["work"]["images"] == 586_575 and figures["work"]["fits"] == 30
     assert parts["jax_fits_compile"] == pytest.approx(6 * figures["rates"]["fit_compile_s"])  # one program a store
     assert total == pytest.approx(sum(parts.values()))
     rates, work = figures["rates"], figures["work"]
-    train = (work["weak_decodes"] - work["images"]) / 3  # lockstep: 3 epochs of decodes + one logits pass, for all 5
+    train = work["weak_decodes"] / 3  # lockstep: 3 epochs of decodes for all 5; their logits in the feature pass
     assert work["weak_train_images"] == 5 * 3 * train and work["weak_decodes_per_image_epoch"] == 1
-    assert parts["weak_models"] == pytest.approx(
-        max(3 * train / rates["decode_img_s"], work["weak_train_images"] / rates["weak_train_img_s"])
-        + max(work["images"] / rates["decode_img_s"], work["weak_logit_images"] / rates["weak_infer_img_s"]))
+    assert parts["weak_finetune"] == pytest.approx(
+        max(3 * train / rates["decode_img_s"], work["weak_train_images"] / rates["weak_train_img_s"]))
+    assert parts["extraction"] == pytest.approx(max(
+        work["images"] / rates["decode_img_s"],
+        work["images"] / rates["encoder_img_s"] + work["weak_logit_images"] / rates["weak_infer_img_s"]))
     assert "north star" in out
     # the tiny w2s-run: every phase measured, beside the same formulas on its own grid
     sys.path.insert(0, str(BENCH))

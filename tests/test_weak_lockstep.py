@@ -48,20 +48,82 @@ def test_two_weak_models_fine_tune_in_lockstep_as_each_would_alone(domainnet_roo
     both = tmp_path / "both.h5"
     r = extract(domainnet_root, tiny_clip, both, f"{tiny_resnet_dir}:finetune", f"{other}:finetune")
     assert r.exit_code == 0, r.output
-    assert reads[pipeline.TUNED] == 2 * N_TRAIN + N_ALL  # per epoch one decode for both, then one for their logits
+    # per epoch one decode for both; their logits come from the strong features' pass, one decode per image
+    assert reads == {pipeline.TUNED: 2 * N_TRAIN, "features": N_ALL}
     together = read_store(both)
     assert together.weak_names == ("other-resnet-finetune", "tiny-resnet-finetune")
     for folder, name in ((tiny_resnet_dir, "tiny-resnet-finetune"), (other, "other-resnet-finetune")):
         reads.clear()
         alone = tmp_path / f"{name}.h5"
         assert extract(domainnet_root, tiny_clip, alone, f"{folder}:finetune").exit_code == 0
-        assert reads[pipeline.TUNED] == 2 * N_TRAIN + N_ALL
+        assert reads == {pipeline.TUNED: 2 * N_TRAIN, "features": N_ALL}
         for split in ("train", "test"):
             np.testing.assert_allclose(together.splits[split].weak_logits[name],
                                        read_store(alone).splits[split].weak_logits[name], atol=1e-5)
         assert together.weak_info[name] == read_store(alone).weak_info[name]
     a, b = (together.splits["test"].weak_logits[n] for n in together.weak_names)
     assert not np.allclose(a, b)  # two different models, each its own
+
+
+def test_logits_from_the_feature_pass_equal_those_of_their_own_pass(domainnet_root, tiny_clip, tiny_resnet_dir,
+                                                                    tmp_path, monkeypatch):
+    """A new store's fine-tuned weak models give their logits in the strong features' pass; added to a store that
+    exists, they take a pass of their own (the path before issue 30). Same numbers either way."""
+    reads = count_reads(monkeypatch)
+    built = tmp_path / "built.h5"
+    assert extract(domainnet_root, tiny_clip, built, f"{tiny_resnet_dir}:finetune").exit_code == 0
+    added = tmp_path / "added.h5"
+    assert extract(domainnet_root, tiny_clip, added, "pixels").exit_code == 0
+    reads.clear()
+    r = extract(domainnet_root, tiny_clip, added, f"{tiny_resnet_dir}:finetune")
+    assert r.exit_code == 0, r.output
+    assert reads == {pipeline.TUNED: 2 * N_TRAIN + N_ALL}  # fine-tuning, then the logits' own pass
+    name = "tiny-resnet-finetune"
+    for split in ("train", "test"):
+        np.testing.assert_allclose(read_store(added).splits[split].weak_logits[name],
+                                   read_store(built).splits[split].weak_logits[name], atol=1e-5)
+    assert read_store(added).weak_info[name] == read_store(built).weak_info[name]
+
+
+def test_sharded_features_then_a_merge_that_fine_tunes(domainnet_root, tiny_clip, tiny_resnet_dir, tmp_path,
+                                                       monkeypatch):
+    """Shards compute the features only; the merge fine-tunes, then reads each image once more for the logits alone
+    and keeps the shards' features."""
+    single = tmp_path / "single.h5"
+    assert extract(domainnet_root, tiny_clip, single, f"{tiny_resnet_dir}:finetune").exit_code == 0
+    out = tmp_path / "sharded.h5"
+    for i in (0, 1):
+        r = CliRunner().invoke(cli.main, [*map(str, ["--num-workers", "0", "--batch-size", "4", "--dataset",
+                                                     "domainnet", "--domain", "real", "--root", domainnet_root,
+                                                     "--strong", tiny_clip, "--weak-epochs", "2", "--out", out,
+                                                     "--weak", f"{tiny_resnet_dir}:finetune", "--shard", f"{i}/2"])])
+        assert r.exit_code == 0, r.output
+    assert not list(tmp_path.glob("sharded.h5.parts/weak-*.pt"))  # no shard fine-tuned
+    calls = Counter()  # rows each head computes in the merge: the shards' strong features are kept
+    monkeypatch.setattr(pipeline, "run_splits", counted_heads(pipeline.run_splits, calls))
+    r = extract(domainnet_root, tiny_clip, out, f"{tiny_resnet_dir}:finetune")
+    assert r.exit_code == 0, r.output
+    assert calls["strong"] == 0 and calls["tiny-resnet-finetune"] == N_ALL
+    a, b = read_store(single), read_store(out)
+    for split in ("train", "test"):
+        np.testing.assert_allclose(a.splits[split].features_NxD, b.splits[split].features_NxD, atol=1e-6)
+        np.testing.assert_allclose(a.splits[split].weak_logits["tiny-resnet-finetune"],
+                                   b.splits[split].weak_logits["tiny-resnet-finetune"], atol=1e-5)
+
+
+def counted_heads(run_splits, calls: Counter):
+    """``run_splits`` whose heads count the rows they compute, into ``calls``."""
+    def counted(splits, source, key, heads, *args, **kwargs):
+        def counting(name, fn):
+            def run(x):
+                calls[name] += len(x)
+                return fn(x)
+            return run
+
+        heads = {name: (t, counting(name, fn)) for name, (t, fn) in heads.items()}
+        return run_splits(splits, source, key, heads, *args, **kwargs)
+
+    return counted
 
 
 def test_a_weak_model_that_fails_is_named_and_the_others_are_kept(domainnet_root, tiny_clip, tiny_resnet_dir,
@@ -120,3 +182,25 @@ def test_weak_models_across_domains_read_each_target_image_once(domainnet_root, 
     reads.clear()
     assert cross_weak.write_cross_weak_all(jobs, data, rows["test"], tmp_path / "cw", opts) == paths
     assert not reads  # done once: the files are kept
+
+
+def test_unreadable_training_images_stop_fine_tuning_and_are_listed_with_the_others(domainnet_root, tiny_clip,
+                                                                                     tiny_resnet_dir, tmp_path):
+    """Fine-tuning runs before the feature pass: under --on-corrupt fail it stops at a broken training image, and
+    the feature pass lists every split's; with skip, the store leaves them out, weak logits included."""
+    broken = ["real/cat/real_train_0_000.jpg", "real/zebra/real_test_2_001.jpg"]
+    for rel in broken:
+        (domainnet_root / rel).write_bytes(b"broken")
+    out = tmp_path / "s.h5"
+    r = extract(domainnet_root, tiny_clip, out, f"{tiny_resnet_dir}:finetune")
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "2 unreadable image(s)" in r.output and all(rel in r.output for rel in broken), r.output
+    assert not list(tmp_path.glob("s.h5.parts/weak-*.pt"))  # not trained without the image the user will fix
+    r = CliRunner().invoke(cli.main, [*map(str, ["--num-workers", "0", "--batch-size", "4", "--dataset", "domainnet",
+                                                 "--domain", "real", "--root", domainnet_root, "--strong", tiny_clip,
+                                                 "--weak-epochs", "2", "--out", out, "--on-corrupt", "skip",
+                                                 "--weak", f"{tiny_resnet_dir}:finetune"])])
+    assert r.exit_code == 0, r.output
+    store = read_store(out)
+    assert [len(store.splits[s].labels_N) for s in ("train", "test")] == [N_TRAIN - 1, N_ALL - N_TRAIN - 1]
+    assert store.splits["test"].weak_logits["tiny-resnet-finetune"].shape[0] == N_ALL - N_TRAIN - 1

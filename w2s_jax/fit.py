@@ -713,11 +713,12 @@ def vmapped_fits(plan: Plan, datas, splits: SeedSplits, on_compiled) -> list[tup
         return over_seeds(one_seed, (states, key_data_S, splits_S, teachers_S), (e, rows, data), mesh, seed_axis)
 
     args = (key_data_S, rows, sharding.place(datas[0], mesh, P()), splits_S)
-    start = jax.jit(start_program, out_shardings=by_seed).lower(*args).compile()
+    phases = {"trace_s": 0.0, "lower_s": 0.0, "xla_s": 0.0}  # where the compile goes
+    start = compile_phases(jax.jit(start_program, out_shardings=by_seed), args, phases)
     state_shapes, teacher_shapes = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_seed), jax.eval_shape(start_program, *args))
-    step = jax.jit(epoch_program, out_shardings=(by_seed, by_seed)).lower(state_shapes, jnp.int32(0), *args,
-                                                                           teacher_shapes).compile()
+    step = compile_phases(jax.jit(epoch_program, out_shardings=(by_seed, by_seed)),
+                          (state_shapes, jnp.int32(0), *args, teacher_shapes), phases)
     compile_s = time.perf_counter() - t0  # both programs compiled (or loaded from the compilation cache)
     if on_compiled:
         on_compiled(compile_s)
@@ -759,8 +760,25 @@ def vmapped_fits(plan: Plan, datas, splits: SeedSplits, on_compiled) -> list[tup
             outputs.update({n: by_base[round_of(n)[0]] for n in names})
         run_s = time.perf_counter() - t1 - later_compile_s
         done.append(({m: outputs[m] for m in cfg.methods},  # S x H, in the config's order
-                     {"compile_s": (compile_s if not done else 0.0) + later_compile_s, "run_s": run_s}))
+                     {"compile_s": (compile_s if not done else 0.0) + later_compile_s, "run_s": run_s,
+                      **({} if done else {"compile_phases": phases})}))
     return done
+
+
+def compile_phases(jitted, args, phases: dict):
+    """``jitted`` compiled for ``args``, each phase's seconds added to ``phases``: tracing to a jaxpr (``trace_s``),
+    lowering it to StableHLO (``lower_s``) and XLA's compilation (``xla_s``: its passes, autotuning on a GPU; a
+    load from the persistent compilation cache when that holds the program)."""
+    t0 = time.perf_counter()
+    traced = jitted.trace(*args)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    compiled = lowered.compile()
+    phases["trace_s"] += t1 - t0
+    phases["lower_s"] += t2 - t1
+    phases["xla_s"] += time.perf_counter() - t2
+    return compiled
 
 
 def model_by_model_fits(plan: Plan, datas, splits: SeedSplits, on_compiled) -> list[tuple[dict, dict]]:
