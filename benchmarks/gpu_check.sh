@@ -58,6 +58,7 @@ print(json.dumps({"step": os.environ["NAME"], "rc": int(os.environ["RC"]), "seco
 
 if [ "${TINY:-0}" = 1 ]; then  # seconds on a CPU: the suite checks that every step runs and prints its figures
   FIT="--n 600 --d 16 --k 5 --seeds 2 --epochs 2 --batch 64 --runs 1"
+  NOVMAP=""                                                       # every path: bench_fit's smoke test too
   MANY="--n 600 --d 16 --k 5 --seeds 2 --epochs 2 --batch 64 --runs 1 --grid-lr 1e-2,3e-3"
   PROFILE="--n 600 --d 16 --k 5 --seeds 2 --batch 64 --runs 1"
   CACHE="--n 600 --d 16 --k 5 --seeds 2 --epochs 1 --batch 64 --repeats 1"
@@ -66,6 +67,7 @@ if [ "${TINY:-0}" = 1 ]; then  # seconds on a CPU: the suite checks that every s
   REFINE="--pool 300 --d 16 --classes 5 --runs 1"
 else
   FIT="--runs 1"                                                  # DomainNet shape: 52,041 x 512, k = 345
+  NOVMAP="--skip-novmap"                                          # model by model: minutes at that shape
   MANY="--n 2500 --d 1280 --k 10 --batch 64 --grid-lr 1e-2,3e-3 --runs 1"   # demo shape, 100 models
   PROFILE="--runs 3"
   CACHE="--repeats 1"
@@ -78,7 +80,7 @@ fi
 # in order of what matters most, since the budget may end the last steps
 step machine 60 $PY -c "from _common import machine; import jax; print(machine(), jax.devices())"
 [ "${TINY:-0}" = 1 ] || step paper_grid 150 $PY bench_paper_grid.py $GRID --json   # its smoke test runs it alone
-step fit_domainnet 150 $PY bench_fit.py $FIT --bf16 --skip-novmap
+step fit_domainnet 150 $PY bench_fit.py $FIT --bf16 $NOVMAP
 step step_profile 90 $PY bench_step_profile.py $PROFILE
 step fit_many_models 90 $PY bench_fit.py $MANY --skip-novmap --skip-unfused
 step compile_methods 60 $PY bench_compile_cache.py $CACHE --methods-scaling
