@@ -209,7 +209,7 @@ def run_pass(ids, source: ImageSource, key: str, heads: dict, parts: Path, opts:
             if len(missing[b]) < len(names):  # some heads are done: keep them if this read kept the same rows
                 with np.load(path) as z:
                     earlier = {f: z[f] for f in z.files} if np.array_equal(z["index"], index.numpy()) else {}
-            outputs = {**earlier, **apply(index, inputs, [h for h in names if h not in earlier or h in missing[b]])}
+            outputs = {**earlier, **apply(index, inputs, [h for h in names if h not in earlier])}
             bad_now += bad
             bar.update(len(batches[b]))
             if bad and opts.on_corrupt == "fail":
@@ -506,13 +506,14 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
     pass_dir = parts / ("features-" + "+".join(sorted(heads)) + ({"gpu": "-gpu-decode", "draft": "-draft-decode"}.get(opts.decode, ""))
                         + "-all-splits")
     logits_too = bool(tuned_specs) and opts.shard is None  # shards leave fine-tuning to the merge
-    transforms = [t for t, _ in heads.values()] + (tuned_inputs(tuned_specs)[0] if logits_too else [])
+    tuned_transforms, tuned_which = tuned_inputs(tuned_specs)
+    transforms = [t for t, _ in heads.values()] + (tuned_transforms if logits_too else [])
     with ImageSource(dataset.load, {"features": transforms, **weak_passes(tuned_specs)}, opts) as source:
         tuned, which = None, None
         if logits_too:
             try:
                 models, failed = finetune_weak(tuned_specs, dataset, dataset.splits["train"], parts, opts, source)
-                logit_fns, which = logit_heads(models, len(heads), tuned_inputs(tuned_specs)[1])
+                logit_fns, which = logit_heads(models, len(heads), tuned_which)
                 which.update({name: i for i, name in enumerate(heads)})
                 heads, tuned = {**heads, **logit_fns}, ({}, failed)
             except UnreadableTrainImages:

@@ -716,7 +716,7 @@ def vmapped_fits(plan: Plan, datas, splits: SeedSplits, on_compiled) -> list[tup
     phases = {"trace_s": 0.0, "lower_s": 0.0, "xla_s": 0.0}  # where the compile goes
     start = compile_phases(jax.jit(start_program, out_shardings=by_seed), args, phases)
     state_shapes, teacher_shapes = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_seed), jax.eval_shape(start_program, *args))
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_seed), start.out_info)  # traced once
     step = compile_phases(jax.jit(epoch_program, out_shardings=(by_seed, by_seed)),
                           (state_shapes, jnp.int32(0), *args, teacher_shapes), phases)
     compile_s = time.perf_counter() - t0  # both programs compiled (or loaded from the compilation cache)
