@@ -1,12 +1,15 @@
 """Compile time with and without JAX's persistent compilation cache (w2s_jax.compile_cache), side by side, split
-into its phases (tracing, lowering, XLA: fit.compile_phases), and how compile time grows with the number of methods
-(one method against every built-in one, cache off).
+into its phases (tracing, lowering, XLA: fit.compile_phases), how compile time grows with the number of methods
+(one method against every built-in one, cache off), and what size buckets cost (fit.bucket_size).
 
 Each fit runs in a fresh process (the in-memory jit cache would hide the disk cache otherwise): first with an
-empty cache folder (cold), then again with the folder it filled (warm), then with the cache off. Shape: the demo's
+empty cache folder (cold), then again with the folder it filled (warm), then a store one row smaller or larger in
+the same size bucket with that folder (it loads the program), then with the cache off. Shape: the demo's
 (n=2,500, d=1,280, k=10, batch 64, 10 epochs, every method x 5 seeds), synthetic data.
 Usage: python benchmarks/bench_compile_cache.py [--n 2500 --d 1280 --k 10 --epochs 10 --seeds 5 --repeats 3]
        python benchmarks/bench_compile_cache.py --methods-scaling [--seeds 2 --epochs 1]   (#21's target: <= 1.5x)
+       python benchmarks/bench_compile_cache.py --padding-cost [--n 3700 --d 512 --k 345 --batch 512]
+         (run time padded to the bucket against unpadded, --no-bucket; 3,700 rows pad by 10.7%, DomainNet's 11%)
 """
 from __future__ import annotations
 
@@ -32,15 +35,16 @@ if {cache!r}:
     compile_cache.enable({cache!r})
 feats, weak, labels, text = clustered({n}, {d}, {k}, np.random.default_rng(0))
 methods = {methods!r} or jax_methods()
-cfg = FitConfig(store="synthetic", weak="noisy", methods=methods, seeds={seeds}, epochs={epochs}, batch_size={batch})
+cfg = FitConfig(store="synthetic", weak="noisy", methods=methods, seeds={seeds}, epochs={epochs}, batch_size={batch},
+                bucket={bucket!r})
 _, t = fitlib.fit_methods(cfg, fitlib.make_data(feats, weak, labels), stacked_splits({n}, {seeds}), text, {k})
 print(json.dumps(t))
 """
 
 
-def run_child(args, cache, methods=()) -> dict:
-    code = CHILD.format(bench=str(Path(__file__).parent), cache=cache, n=args.n, d=args.d, k=args.k,
-                        seeds=args.seeds, epochs=args.epochs, batch=args.batch, methods=tuple(methods))
+def run_child(args, cache, methods=(), n=None, bucket=True) -> dict:
+    code = CHILD.format(bench=str(Path(__file__).parent), cache=cache, n=n or args.n, d=args.d, k=args.k,
+                        seeds=args.seeds, epochs=args.epochs, batch=args.batch, methods=tuple(methods), bucket=bucket)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -56,18 +60,26 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods-scaling", action="store_true",
                     help="compile time of one method (ce+lp) against every built-in method, cache off")
+    ap.add_argument("--padding-cost", action="store_true",
+                    help="run time of the fit padded to its size bucket against unpadded (--no-bucket), cache off")
     args = ap.parse_args()
     from _common import machine
+    from w2s_jax.fit import bucket_size
 
     print(f"machine: {machine()}")
     if args.methods_scaling:
         return methods_scaling(args)
-    rows = {"cache off": [], "cold cache": [], "warm cache": []}
+    if args.padding_cost:
+        return padding_cost(args)
+    other = args.n - 1 if bucket_size(args.n - 1) == bucket_size(args.n) else args.n + 1  # the same bucket
+    rows = {"cache off": [], "cold cache": [], "warm cache": [], f"warm cache, another store of the bucket "
+            f"(n={other})": []}
     for _ in range(args.repeats):
         rows["cache off"].append(run_child(args, ""))
         with tempfile.TemporaryDirectory() as folder:
             rows["cold cache"].append(run_child(args, folder))
             rows["warm cache"].append(run_child(args, folder))
+            rows[list(rows)[-1]].append(run_child(args, folder, n=other))
     print(f"shape: n={args.n} d={args.d} k={args.k}, batch {args.batch}, {args.epochs} epochs, every method x "
           f"{args.seeds} seeds; {args.repeats} fresh processes each, interleaved")
     print("| | compile (s), median [min-max] | of it: trace / lower / XLA (s), medians | run (s), median |")
@@ -82,24 +94,40 @@ def main():
           "a GPU, GEMM autotuning, or the load from a warm cache")
 
 
-def methods_scaling(args) -> None:
-    """Cache off, fresh processes, interleaved: compile time of ``ce+lp`` alone and of every built-in method."""
-    from w2s_jax.methods import jax_methods
-
-    rows = {"ce+lp alone": [], f"all {len(jax_methods())} built-in methods": []}
+def side_by_side(args, variants: dict, what: str, key: str) -> list[float]:
+    """Cache off, fresh processes, interleaved: each variant's fit (``{name: run_child keywords}``), printed as a
+    table of compile and run time; returns each variant's median of ``key`` ("compile_s" or "run_s")."""
+    rows = {name: [] for name in variants}
     for _ in range(args.repeats):
-        rows["ce+lp alone"].append(run_child(args, "", ("ce+lp",)))
-        rows[f"all {len(jax_methods())} built-in methods"].append(run_child(args, ""))
+        for name, keywords in variants.items():
+            rows[name].append(run_child(args, "", **keywords))
     print(f"shape: n={args.n} d={args.d} k={args.k}, batch {args.batch}, {args.epochs} epochs, {args.seeds} seeds, "
           f"cache off; {args.repeats} fresh processes each, interleaved")
-    print("| methods | compile (s), median [min-max] | run (s), median |")
+    print(f"| {what} | compile (s), median [min-max] | run (s), median [min-max] |")
     print("|---|---|---|")
-    medians = []
     for name, timings in rows.items():
-        c = np.array([t["compile_s"] for t in timings])
-        medians.append(np.median(c))
-        print(f"| {name} | {np.median(c):.2f} [{c.min():.2f}-{c.max():.2f}] | {np.median([t['run_s'] for t in timings]):.2f} |")
-    print(f"compile time, all methods / one method: {medians[1] / medians[0]:.2f}x (target <= 1.5x)")
+        c, r = (np.array([t[f] for t in timings]) for f in ("compile_s", "run_s"))
+        print(f"| {name} | {np.median(c):.2f} [{c.min():.2f}-{c.max():.2f}] | {np.median(r):.2f} "
+              f"[{r.min():.2f}-{r.max():.2f}] |")
+    return [float(np.median([t[key] for t in timings])) for timings in rows.values()]
+
+
+def padding_cost(args) -> None:
+    """The fit padded to its size bucket against the unpadded fit (--no-bucket), every method."""
+    from w2s_jax.fit import bucket_size
+
+    padded, unpadded = side_by_side(args, {f"padded to {bucket_size(args.n):,} rows": {"bucket": True},
+                                           "unpadded (--no-bucket)": {"bucket": False}}, "every method", "run_s")
+    print(f"run time, padded / unpadded: {padded / unpadded:.2f}x (rows padded / real: {bucket_size(args.n) / args.n:.3f})")
+
+
+def methods_scaling(args) -> None:
+    """Compile time of ``ce+lp`` alone and of every built-in method."""
+    from w2s_jax.methods import jax_methods
+
+    one, every = side_by_side(args, {"ce+lp alone": {"methods": ("ce+lp",)},
+                                     f"all {len(jax_methods())} built-in methods": {}}, "methods", "compile_s")
+    print(f"compile time, all methods / one method: {every / one:.2f}x (target <= 1.5x)")
 
 
 if __name__ == "__main__":

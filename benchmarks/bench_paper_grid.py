@@ -13,9 +13,11 @@ Each component's rate is measured here, at a small size, with random weights, an
   a lower bound; the inference rate is a ResNet-18's too);
 - the weak models across domains ([report] cross_domain): every weak model of every other domain applied to each
   domain's test images, all in one pass per target domain (cross_weak.write_cross_weak_all), at the inference rate;
-- the JAX fits: one per domain x weak model, run (measured at --fit-rows rows, run time scaled by rows), every
-  w2s-fit method, 5 seeds, 10 epochs, batch 512; compiled once per domain (w2s-run fits a store's weak models by
-  one program, run.run_each; the compile measured once);
+- the JAX fits: one per domain x weak model, run (measured at --fit-rows rows, run time scaled by the rows as
+  padded to their size bucket, fit.bucket_size), every w2s-fit method, 5 seeds, 10 epochs, batch 512; compiled
+  once per size bucket (w2s-run fits a store's weak models by one program, run.run_each, and the stores of one
+  bucket share it): the first store of a bucket compiles (measured, cache empty), the others load the program
+  from the compilation cache (measured: a second store of the same bucket);
 - TP: every TP model (4 weak-label methods x 5 weak models + ceiling+tp, per seed; cpl+textenc per weak model and
   seed) for 10 epochs of hold_train at batch 512, at the measured time per model-step (w2s-tp's own step,
   --tp-models per step) and, for cpl+textenc, the whole tower's step.
@@ -74,12 +76,17 @@ def estimate(rates: dict, grid: Grid) -> tuple[dict, dict]:
     prompt_models = grid.seeds * (grid.tp_weak_methods * grid.weak_models + grid.tp_ceiling)
     textenc_models = grid.seeds * grid.weak_models * grid.tp_textenc
     decode = rates["decode_img_s"]
+    from w2s_jax.fit import bucket_size  # imported here: it imports jax
+
+    buckets = {bucket_size(te) for _, te in grid.sizes.values()}  # one compiled program each
+    padded_test = sum(bucket_size(te) for _, te in grid.sizes.values())
     seconds = {
         "extraction": max(images / decode, images / rates["encoder_img_s"] + weak_logits / rates["weak_infer_img_s"]),
         "weak_finetune": max(grid.weak_epochs * train_images / decode, weak_train / rates["weak_train_img_s"]),
         "cross_domain_weak": max(cross_decodes / decode, cross / rates["weak_infer_img_s"]),
-        "jax_fits_compile": len(grid.sizes) * rates["fit_compile_s"],  # one compiled program per store
-        "jax_fits_run": grid.weak_models * test_images * rates["fit_run_s_per_row"]
+        "jax_fits_compile": len(buckets) * rates["fit_compile_s"]
+        + (len(grid.sizes) - len(buckets)) * rates["fit_cache_load_s"],
+        "jax_fits_run": grid.weak_models * padded_test * rates["fit_run_s_per_row"]
         * grid.seeds * grid.epochs / (SEEDS * EPOCHS),
         "tp_prompt": prompt_models * tp_steps * rates["tp_model_step_s"],
         "tp_textenc": textenc_models * tp_steps * rates["textenc_step_s"],
@@ -87,7 +94,8 @@ def estimate(rates: dict, grid: Grid) -> tuple[dict, dict]:
     work = {"images": images, "weak_train_images": weak_train, "weak_logit_images": weak_logits,
             "weak_decodes": grid.weak_epochs * train_images, "weak_decodes_per_image_epoch": 1,
             "cross_domain_weak_images": cross, "cross_domain_decodes": cross_decodes, "fits": len(grid.sizes) * grid.weak_models,
-            "fit_programs": len(grid.sizes), "tp_model_steps": (prompt_models + textenc_models) * tp_steps}
+            "fit_programs": len(buckets), "fit_programs_loaded": len(grid.sizes) - len(buckets),
+            "fit_padded_rows": padded_test, "tp_model_steps": (prompt_models + textenc_models) * tp_steps}
     return seconds, work
 
 
@@ -161,29 +169,40 @@ def weak_rates(device: str, batch: int, tiny: bool) -> tuple[float, float]:
     return batch / best_of(train, 2), batch / best_of(infer, 2)
 
 
-def fit_seconds(rows: int) -> tuple[float, float]:
-    """(compile, run) seconds of one w2s-fit of every method, 5 seeds, 10 epochs, batch 512, at ``rows`` x 512, K =
-    345 (clustered random features)."""
+def fit_seconds(rows: int) -> tuple[float, float, float]:
+    """(compile, run, cache load) seconds of one w2s-fit of every method, 5 seeds, 10 epochs, batch 512, at ``rows``
+    x 512, K = 345 (clustered random features), with the compilation cache on in a new folder; the load is the
+    compile of a second store of the same size bucket (one row apart), whose programs come from that cache."""
+    import tempfile
+    from pathlib import Path
+
     from _common import clustered
+    from w2s_jax import compile_cache
     from w2s_jax import fit as fitlib
     from w2s_jax.config import FitConfig
     from w2s_jax.methods import jax_methods
     from w2s_jax.splits import stacked_splits
 
-    feats, weak, labels, text = clustered(rows, 512, 345, np.random.default_rng(0))
+    compile_cache.enable(Path(tempfile.mkdtemp(prefix="bench-paper-grid-cache-")))  # empty: the first compiles
+    other = rows - 1 if fitlib.bucket_size(rows - 1) == fitlib.bucket_size(rows) else rows + 1
+    feats, weak, labels, text = clustered(max(rows, other), 512, 345, np.random.default_rng(0))
     cfg = FitConfig(store="x", weak="w", methods=jax_methods(), seeds=SEEDS, epochs=EPOCHS, batch_size=BATCH)
-    _, t = fitlib.fit_methods(cfg, fitlib.make_data(feats, weak, labels), stacked_splits(rows, SEEDS), text, 345)
-    return t["compile_s"], t["run_s"]
+    timings = [fitlib.fit_methods(cfg, fitlib.make_data(feats[:n], weak[:n], labels[:n]), stacked_splits(n, SEEDS),
+                                  text, 345)[1] for n in (rows, other)]
+    return timings[0]["compile_s"], timings[0]["run_s"], timings[1]["compile_s"]
 
 
-CHECK = Grid({"real": (24, 40), "sketch": (24, 40)}, weak_models=2, weak_epochs=1, seeds=2, epochs=2,
-             tp_weak_methods=1)  # kd+tp; the tiny tree of --check-run: 4 classes, 6 train and 10 test images each
+CHECK = Grid({"real": (24, 40), "sketch": (24, 38)}, weak_models=2, weak_epochs=1, seeds=2, epochs=2,
+             tp_weak_methods=1)  # kd+tp; the tiny tree of --check-run: 4 classes; 38 and 40 test rows, one bucket
 
 
 def check_run(rates: dict, strong: str, device: str) -> dict:
     """A tiny w2s-run of CHECK (extraction, two tiny fine-tuned weak models, every w2s-fit method, TP, cross-domain
     weak models, report) on a fake DomainNet tree: each phase's measured seconds beside the estimate of the same
-    grid at this run's rates (``--strong tiny``: the models the rates were measured on)."""
+    grid at this run's rates (``--strong tiny``: the models the rates were measured on), and how many of the fits'
+    epoch programs XLA compiled and how many came from the compilation cache (its two stores share a size bucket)."""
+    import logging
+    import re
     import tempfile
     from pathlib import Path
 
@@ -252,9 +271,20 @@ cross_domain = true
                                 (experiment, "weak_across_domains", "cross_domain_weak"),
                                 (runlib, "run_each", "jax_fits"), (tp_cli, "run_tp", "tp")):
         setattr(module, attr, timed_as(phase, getattr(module, attr)))
+    compiler_log, logger = io.StringIO(), logging.getLogger("jax._src.compiler")  # the cache's misses and hits
+    handler, level = logging.StreamHandler(compiler_log), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
     t = time.perf_counter()
-    experiment.run_experiment(experiment.load_experiment(tmp / "exp.toml"), log=lambda *a: None)
+    try:
+        experiment.run_experiment(experiment.load_experiment(tmp / "exp.toml"), log=lambda *a: None)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     total = time.perf_counter() - t
+    programs = {kind: len(re.findall(pattern + r" for 'jit_epoch_program'", compiler_log.getvalue()))
+                for kind, pattern in (("compiled", "PERSISTENT COMPILATION CACHE MISS"),
+                                      ("loaded", "Persistent compilation cache hit"))}
     measured["the rest (report, loading)"] = total - sum(measured.values())
     seconds, _ = estimate(rates, CHECK)
     estimated = {"extraction + weak models": seconds["extraction"] + seconds["weak_finetune"],
@@ -262,7 +292,7 @@ cross_domain = true
                  "jax_fits": seconds["jax_fits_compile"] + seconds["jax_fits_run"],
                  "tp": seconds["tp_prompt"] + seconds["tp_textenc"], "the rest (report, loading)": 0.0}
     return {"measured_s": measured, "estimated_s": estimated, "total_measured_s": total,
-            "total_estimated_s": sum(estimated.values())}
+            "total_estimated_s": sum(estimated.values()), "epoch_programs": programs}
 
 
 def main():
@@ -318,8 +348,11 @@ def main():
         opt.step()
 
     rates["textenc_step_s"] = best_of(textenc_step, steps)
-    compile_s, run_s = fit_seconds(256 if tiny else args.fit_rows)
-    rates["fit_compile_s"], rates["fit_run_s_per_row"] = compile_s, run_s / (256 if tiny else args.fit_rows)
+    from w2s_jax.fit import bucket_size
+
+    fit_rows = 256 if tiny else args.fit_rows
+    compile_s, run_s, rates["fit_cache_load_s"] = fit_seconds(fit_rows)
+    rates["fit_compile_s"], rates["fit_run_s_per_row"] = compile_s, run_s / bucket_size(fit_rows)  # per padded row
 
     # ---- the grid's work, and the estimate
     seconds, work = estimate(rates, PAPER)
@@ -331,7 +364,8 @@ def main():
           f"{tp_models} TP model(s) a step, {workers} decode workers")
     print("rates measured in this run: " + ", ".join(f"{k} {v:.4g}" for k, v in rates.items()))
     print(f"the paper's DomainNet grid ({work['images']:,} images, {work['fits']} fits by {work['fit_programs']} "
-          f"compiled programs, {work['tp_model_steps']:,} TP model-steps), estimated:")
+          f"compiled programs (one per size bucket; {work['fit_programs_loaded']} stores load theirs from the "
+          f"compilation cache), {work['tp_model_steps']:,} TP model-steps), estimated:")
     for part, s in seconds.items():
         print(f"  {part:18s} {s / 3600:8.2f} h  ({100 * s / total:4.1f}%)")
     print(f"  {'total':18s} {total / 3600:8.2f} h   (north star: 2 h on one H200)")
@@ -348,6 +382,10 @@ def main():
         print(f"  {'total':26s} measured {check['total_measured_s']:7.2f} s, estimated "
               f"{check['total_estimated_s']:7.2f} s: at this size, fixed costs the estimate leaves out (model "
               "loads, worker start, each program's compile, the report) dominate")
+        programs = check["epoch_programs"]
+        print(f"  the fits' epoch programs: {programs['compiled']} compiled by XLA, {programs['loaded']} loaded from "
+              f"the compilation cache ({len(CHECK.sizes)} stores of {sorted(te for _, te in CHECK.sizes.values())} "
+              "test rows, one size bucket)")
     if args.json:
         print(json.dumps(figures))
 

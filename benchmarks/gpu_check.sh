@@ -12,7 +12,8 @@
 # the named steps alone (a second call for what the first left out). A step that
 # fails does not stop the others. Steps: machine, bench_fit at DomainNet shape (fused, bf16, PyTorch on the same
 # GPU), the many-model shape, bench_step_profile (fused epoch against its GEMMs, seeds mapped and vmapped) and
-# bench_compile_cache (cache off/warm, one method against all), then bench_extract (ViT-B-32, random weights:
+# bench_compile_cache (cache off/warm, another store of the bucket, one method against all, and what padding to
+# a size bucket costs a run), then bench_extract (ViT-B-32, random weights:
 # start-up apart from the steady state, against the encoder alone) and bench_tp (K = 345 prompts: full against cut
 # prompts, 30 models one after another against one step, time per model-step, share of the tower's FLOP floor), the same extraction decoding on the GPU, and
 # bench_refine (the weak-label refinements at DomainNet's largest pool, against scikit-learn).
@@ -62,6 +63,7 @@ if [ "${TINY:-0}" = 1 ]; then  # seconds on a CPU: the suite checks that every s
   MANY="--n 600 --d 16 --k 5 --seeds 2 --epochs 2 --batch 64 --runs 1 --grid-lr 1e-2,3e-3"
   PROFILE="--n 600 --d 16 --k 5 --seeds 2 --batch 64 --runs 1"
   CACHE="--n 600 --d 16 --k 5 --seeds 2 --epochs 1 --batch 64 --repeats 1"
+  PADDING="$CACHE"
   EXTRACT="--images 24 --classes 3 --size 32 --batch 8 --workers 0"
   TP="--classes 3 --models 2 --batch 8 --rows 64 --steps 1"
   REFINE="--pool 300 --d 16 --classes 5 --runs 1"
@@ -71,6 +73,7 @@ else
   MANY="--n 2500 --d 1280 --k 10 --batch 64 --grid-lr 1e-2,3e-3 --runs 1"   # demo shape, 100 models
   PROFILE="--runs 3"
   CACHE="--repeats 1"
+  PADDING="--n 14604 --d 512 --k 345 --batch 512 --repeats 1"   # DomainNet clipart's test rows, in 16,384
   EXTRACT="--images 8192 --classes 100 --batch 256 --workers 12 --model ViT-B-32"
   TP="--classes 345 --models 30 --batch 256 --steps 3 --model ViT-B-32"   # 6 methods x 5 seeds, bf16
   REFINE="--runs 3"                                               # DomainNet's largest pool, 41,600 x 512, K = 345
@@ -90,4 +93,5 @@ step refine 90 $PY bench_refine.py $REFINE
 step fit_domainnet_jax 90 $PY bench_fit.py $FIT --skip-novmap --skip-torch --skip-unfused   # ours alone, after #23
 [ "${TINY:-0}" = 1 ] || step extract_gpu_decode 150 $PY bench_extract.py $EXTRACT --decode gpu   # reuses extract's JPEGs
 step compile_cache 60 $PY bench_compile_cache.py $CACHE
+step padding_cost 90 $PY bench_compile_cache.py $PADDING --padding-cost   # size buckets: what padding costs a run
 echo "wrote $LOG"

@@ -30,7 +30,7 @@ SECTIONS = {
     "": {"name", "out", "strong", "data", "fit", "tp", "extract", "report", "methods"},
     "data": {"dataset", "domains", "root", "weak", "limit"},
     "fit": {"methods", "seeds", "epochs", "batch_size", "warmup", "hparams", "grid", "multi_weak", "seed_axis",
-            "select", "refine", "rounds"},
+            "select", "refine", "rounds", "bucket"},
     "tp": {"methods", "seeds", "epochs", "batch_size", "optimizer", "n_ctx", "ctx_init", "hparams", "precision",
            "grid", "select", "refine"},
     "extract": {"batch_size", "num_workers", "device", "on_corrupt", "weak_epochs", "feature_dtype", "templates"},
@@ -148,6 +148,7 @@ def fit_config(fit: dict, store, weak, ensemble=()) -> FitConfig:
                      seeds=fit.get("seeds", 5), epochs=fit.get("epochs", 10), batch_size=fit.get("batch_size", "auto"),
                      warmup=fit.get("warmup", 0.1), hparams=Hparams(**fit.get("hparams", {})),
                      seed_axis=fit.get("seed_axis", "auto"), select=fit.get("select", "agreement"),
+                     bucket=fit.get("bucket", True),
                      grid=tuple((k, tuple(v)) for k, v in fit.get("grid", {}).items()))
 
 

@@ -36,6 +36,7 @@ class Fit(_Section):
     warmup: Number = 0.1
     seed_axis: StrictStr = "auto"
     select: StrictStr = "agreement"
+    bucket: StrictBool = True
     refine: list[StrictStr] = []
     rounds: StrictInt = 1
     hparams: dict[str, Number] = {}

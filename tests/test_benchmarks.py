@@ -30,14 +30,14 @@ def test_bench_progress_prints_both_paths():
 
 def test_gpu_check_writes_one_json_line_per_step(tmp_path):
     """The device script at its tiny size on the CPU: every step runs (rc 0) and leaves its figures in $OUT. Its
-    steps are also the smoke tests of bench_fit.py (every path), bench_step_profile.py, bench_compile_cache.py (both
-    modes), bench_tp.py and bench_refine.py, whose figures are checked here rather than run a second time."""
+    steps are also the smoke tests of bench_fit.py (every path), bench_step_profile.py, bench_compile_cache.py (its
+    three modes), bench_tp.py and bench_refine.py, whose figures are checked here rather than run a second time."""
     result = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, timeout=2000,
                             env={**os.environ, "TINY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable})
     assert result.returncode == 0, result.stdout + result.stderr
     lines = {x["step"]: x for x in map(json.loads, (tmp_path / "gpu_check.jsonl").read_text().splitlines())}
     assert set(lines) == {"machine", "fit_domainnet", "fit_many_models", "step_profile", "compile_cache",
-                          "compile_methods", "extract", "prompt_tuning", "refine", "fit_domainnet_jax"}
+                          "compile_methods", "extract", "prompt_tuning", "refine", "fit_domainnet_jax", "padding_cost"}
     for name, x in lines.items():
         assert x["rc"] == 0, (name, x["output"][-2000:])
     assert "PyTorch / ours" in lines["fit_many_models"]["output"]
@@ -53,6 +53,8 @@ def test_gpu_check_writes_one_json_line_per_step(tmp_path):
     off = next(line for line in out["compile_cache"].splitlines() if line.startswith("| cache off |")).split("|")
     total, phases = float(off[2].split()[0]), [float(x) for x in off[3].split("/")]
     assert 0 < sum(phases) <= total + 0.02  # the phases are parts of the compile (printed to 0.01 s each)
+    assert "| warm cache, another store of the bucket (n=599) |" in out["compile_cache"]
+    assert "run time, padded / unpadded:" in out["padding_cost"] and "| padded to 640 rows |" in out["padding_cost"]
     assert "| ce+lp alone |" in out["compile_methods"]
     for figure in ("full/cut =", "loop/one step =", "time per model-step:", "share of the floor"):
         assert figure in out["prompt_tuning"], figure
@@ -117,7 +119,10 @@ def test_bench_paper_grid_estimates_every_component():
     assert set(parts) == {"extraction", "weak_finetune", "cross_domain_weak", "jax_fits_compile", "jax_fits_run",
                           "tp_prompt", "tp_textenc"}
     assert figures["work"]["images"] == 586_575 and figures["work"]["fits"] == 30
-    assert parts["jax_fits_compile"] == pytest.approx(6 * figures["rates"]["fit_compile_s"])  # one program a store
+    rates = figures["rates"]  # DomainNet's six domains in three size buckets: three compile, three load
+    assert figures["work"]["fit_programs"] == 3 and figures["work"]["fit_programs_loaded"] == 3
+    assert parts["jax_fits_compile"] == pytest.approx(3 * rates["fit_compile_s"] + 3 * rates["fit_cache_load_s"])
+    assert figures["work"]["fit_padded_rows"] == 2 * (16_384 + 24_576 + 57_344)
     assert total == pytest.approx(sum(parts.values()))
     rates, work = figures["rates"], figures["work"]
     train = work["weak_decodes"] / 3  # lockstep: 3 epochs of decodes for all 5; their logits in the feature pass
@@ -138,3 +143,5 @@ def test_bench_paper_grid_estimates_every_component():
     assert all(s > 0 for s in check["measured_s"].values()), check
     assert check["total_measured_s"] == pytest.approx(sum(check["measured_s"].values()))
     assert "measured / estimated" in out
+    # its two stores (38 and 40 test rows) share a size bucket: at most one epoch program compiled, both served
+    assert check["epoch_programs"]["compiled"] <= 1 and sum(check["epoch_programs"].values()) == 2, check

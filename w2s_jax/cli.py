@@ -110,6 +110,10 @@ def find_store(folder: Path = STORES) -> str:
 @click.option("--seed-axis", type=click.Choice(["auto", "map", "vmap"]), default="auto", show_default=True,
               help="A device's seeds one after the other (map) or batched (vmap); auto: vmap on a GPU/TPU, map on "
                    "the CPU, where each is faster (same numbers).")
+@click.option("--bucket/--no-bucket", default=True, show_default=True,
+              help="Pad the store's rows to a size bucket (at most 25% more), so that stores of one bucket run one "
+                   "compiled program, loaded from the compilation cache after the first (same numbers; README: "
+                   "Size buckets).")
 @click.option("--compile-cache/--no-compile-cache", default=True, show_default=True,
               help="Keep compiled programs on disk ($W2S_CACHE/jax or ~/.cache/w2s/jax): a rerun of the same grid "
                    "does not compile again.")
@@ -130,7 +134,7 @@ def find_store(folder: Path = STORES) -> str:
 def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit_scale, lp_scale, lp_shrinkage,
          lp_l2, alpha_max, tau_a, raven_lr, refine, refine_k, refine_alpha, refine_c, rounds, select,
          grid,
-         vmap, fuse, matmul_dtype, seed_axis, compile_cache, out, overwrite, distributed, coordinator, num_processes, process_id, plugins, allow_replace, list_methods, show):
+         vmap, fuse, matmul_dtype, seed_axis, bucket, compile_cache, out, overwrite, distributed, coordinator, num_processes, process_id, plugins, allow_replace, list_methods, show):
     """Fit CPL and linear-probe heads with CE, KD, AuxConf, AdaptConf (+ ceilings) for every seed."""
     from w2s_jax import results
 
@@ -197,7 +201,7 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
                                                                      if k.strip()]), rounds))
         common = dict(
             store=str(store), select=select, seeds=seeds, epochs=epochs, batch_size=_parse_batch_size(batch_size),
-            vmap=vmap, fuse=fuse, matmul_dtype=matmul_dtype, seed_axis=seed_axis, imports=tuple(plugins),
+            vmap=vmap, fuse=fuse, matmul_dtype=matmul_dtype, seed_axis=seed_axis, bucket=bucket, imports=tuple(plugins),
             grid=_parse_grid(grid),
             hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale, lp_scale=lp_scale,
                             lp_shrinkage=lp_shrinkage, lp_l2=lp_l2, alpha_max=alpha_max, tau_a=tau_a,

@@ -143,6 +143,7 @@ class FitConfig:
     matmul_dtype: str = "float32"  # "bfloat16": the fused GEMM's inputs rounded to bf16, accumulated in float32
     ensemble: tuple[str, ...] = ()  # the weak models the multi-weak methods combine (--weak a,b,...; `weak` is a)
     seed_axis: str = "auto"  # "map": a device's seeds one after the other; "vmap": batched; "auto": by backend
+    bucket: bool = True  # pad the rows to a size bucket (fit.bucket_size) so that stores of one bucket share programs
     imports: tuple[str, ...] = ()  # the --import modules that registered user heads/methods (w2s-predict asks for them)
     defined: tuple = ()  # ((name, head, ((field, value), ...)), ...): the user-defined methods among `methods`
     #                      (methods.define_method), filled in by w2s_jax.run so that the folder alone rebuilds them

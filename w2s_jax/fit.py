@@ -40,8 +40,8 @@ from w2s_jax.config import FitConfig, Hparams, resolve_batch_size, resolve_seed_
 from w2s_jax.heads import Start, get_head, l2_normalize
 from w2s_jax.losses import Coeffs, family_loss, stack_rows
 from w2s_jax.methods import METHODS, MULTI_WEAK, Method, coeffs_of, previous_round, round_of
-from w2s_jax.refine import Refinement, Teachers, plan, seed_teachers
-from w2s_jax.select import CRITERIA, HISTORY_KEY, ValView, kept_point, scores, val_view
+from w2s_jax.refine import Refinement, Teachers, drop_count, plan, seed_teachers
+from w2s_jax.select import CRITERIA, HISTORY_KEY, ValView, kept_point, masked_mean, scores, val_view
 from w2s_jax.splits import SeedSplits, split_sizes
 
 
@@ -101,11 +101,16 @@ def consensus(weaks_MxBxK):
     return jnp.where(jnp.all(votes_MxB == votes_MxB[0], axis=0), votes_MxB[0], -1)
 
 
-def lr_factor(step, total_steps: int, warmup: float):
-    """Linear warmup over ``warmup`` of the steps to 1, then linear decay to 0 at ``total_steps``."""
-    warm = max(1, math.ceil(warmup * total_steps))
+def warmup_steps(total_steps: int, warmup: float) -> int:
+    return max(1, math.ceil(warmup * total_steps))
+
+
+def lr_factor(step, total_steps, warmup: float, warm=None):
+    """Linear warmup over ``warmup`` of the steps to 1, then linear decay to 0 at ``total_steps``; a padded fit
+    passes ``total_steps`` and ``warm`` (:func:`warmup_steps`) as data (:class:`Padding`)."""
+    warm = warmup_steps(total_steps, warmup) if warm is None else warm
     up = (step + 1) / warm
-    down = (total_steps - step) / max(1, total_steps - warm)
+    down = (total_steps - step) / jnp.maximum(1, total_steps - warm)
     return jnp.clip(jnp.where(step < warm, up, down), 0.0, 1.0)
 
 
@@ -203,13 +208,89 @@ def pool_rows(split: SeedSplits):
     return jnp.concatenate([split.hold_train, split.hold_val], axis=-1)
 
 
-def make_teachers(specs, data: FitData, split: SeedSplits) -> Teachers:
-    return seed_teachers(specs, data.feats_NxD, data.weak_NxK, pool_rows(split), split.hold_val.shape[-1])
+def make_teachers(specs, data: FitData, split: SeedSplits, padding: Padding | None = None) -> Teachers:
+    """A seed's targets (:func:`w2s_jax.refine.seed_teachers`); ``padding``: the seed's :class:`Padding` when its
+    splits are padded to a size bucket."""
+    return seed_teachers(specs, data.feats_NxD, data.weak_NxK, pool_rows(split), split.hold_val.shape[-1],
+                         None if padding is None else padding.drops_U)
 
 
 def seed_targets(specs, data: FitData, splits_S) -> Teachers:
     """:func:`make_teachers` for every seed, one after the other: leading S."""
     return jax.lax.map(lambda split: make_teachers(specs, data, split), splits_S)
+
+
+# ------------------------------------------------------------------ size buckets: one program for the stores of a bucket
+
+
+def bucket_size(n: int) -> int:
+    """The rows a fit of ``n`` test rows is padded to (:func:`pad_to_bucket`): the smallest ``m · 2^k >= n`` with
+    m in 4..7, so at most 25% padding. DomainNet's six test splits fall in three buckets: 14,604 and 15,582 rows
+    in 16,384; 20,916 and 21,850 in 24,576; 51,750 and 52,041 in 57,344."""
+    unit = 2 ** max(0, n.bit_length() - 3)
+    return -(-n // unit) * unit
+
+
+class Padding(NamedTuple):
+    """A seed's real sizes when its splits are padded to a size bucket, as data (leading S when stacked), so that
+    every store of the bucket runs the same compiled programs. A padded split marks its padding rows -1."""
+
+    orders_ExR: jax.Array  # each epoch's hold_train rows in minibatch order (epoch_order), R = padded steps x batch
+    n_train: jax.Array  # the real hold_train rows
+    steps: jax.Array  # the real minibatches per epoch
+    total: jax.Array  # the lr schedule's steps (total_steps of the real split)
+    warm: jax.Array  # its warmup steps (warmup_steps)
+    drops_U: jax.Array  # rows each of the seed's targets drops from its real pool (refine.drop_count; 0: none)
+
+
+def paddable(plan: Plan, splits: SeedSplits) -> bool:
+    """Whether padding keeps every number of the fit: each head weighs its start's rows (``Head.masked_start``)
+    and each refinement's k is below the real pool's size (on a smaller pool, the fit as it is says why)."""
+    pool = splits.hold_train.shape[-1] + splits.hold_val.shape[-1]
+    return (all(get_head(grp.head).masked_start for grp in plan.groups.values())
+            and all(spec.k < pool for spec in plan.specs))
+
+
+def pad_rows(data: FitData, n_pad: int) -> FitData:
+    """``data`` with its first row repeated up to ``n_pad`` rows (finite values where the padding rows point)."""
+    def pad(a, axis=0):
+        first = jax.lax.slice_in_dim(a, 0, 1, axis=axis)
+        return jnp.concatenate([a, jnp.repeat(first, n_pad - a.shape[axis], axis)], axis)
+
+    return FitData(pad(data.feats_NxD), pad(data.weak_NxK), pad(data.labels_N),
+                   None if data.weaks_MxNxK is None else pad(data.weaks_MxNxK, 1))
+
+
+def pad_to_bucket(plan: Plan, datas, splits: SeedSplits):
+    """``(datas, splits, padding_S)`` padded to the store's size bucket (:func:`bucket_size`), or as they are with
+    ``padding_S`` None when ``cfg.bucket`` is off or padding would not be exact (:func:`paddable`).
+
+    Padded, each split grows to its size for the bucket's row count, its extra rows -1, which point at the
+    data's last row (a padding row: a store below its bucket's size gains one at least). The minibatch orders are
+    those of the unpadded fit, computed here (:func:`epoch_order`), and :func:`seed_epoch` masks the padding
+    everywhere. A store that fills its bucket exactly runs the padded program too (with no padding row), so
+    that it shares the bucket's program."""
+    cfg = plan.cfg
+    n = datas[0].labels_N.shape[0]
+    n_pad = bucket_size(n)
+    if not cfg.bucket or not paddable(plan, splits):
+        return datas, splits, None
+    sizes = [max(a, np.shape(part)[-1]) for a, part in zip(split_sizes(n_pad), splits)]
+    padded = SeedSplits(*(np.pad(np.asarray(part), ((0, 0), (0, size - np.shape(part)[-1])), constant_values=-1)
+                          for part, size in zip(splits, sizes)))
+    n_train, n_val = splits.hold_train.shape[-1], splits.hold_val.shape[-1]
+    steps = math.ceil(n_train / cfg.batch_size)
+    total = cfg.epochs * steps
+    length = math.ceil(sizes[0] / cfg.batch_size) * cfg.batch_size
+    order = jax.jit(epoch_order, static_argnums=3)
+    orders_SxExR = np.stack([np.stack([np.asarray(order(plan.keys[s], e, jnp.asarray(splits.hold_train[s]), length))
+                                       for e in range(cfg.epochs)]) for s in range(cfg.seeds)])
+    drops_U = [drop_count(spec.c, n_train + n_val) if spec.kind in ("filter", "confident") else 0
+               for spec in plan.specs]
+    per_seed = lambda value, dtype=np.int32: np.full((cfg.seeds, *np.shape(value)), value, dtype)  # noqa: E731
+    padding_S = Padding(orders_SxExR.astype(np.int32), per_seed(n_train), per_seed(steps), per_seed(total),
+                        per_seed(warmup_steps(total, cfg.warmup)), per_seed(drops_U))
+    return [pad_rows(d, n_pad) for d in datas], padded, padding_S
 
 
 # ------------------------------------------------------------------ strong-to-strong rounds (METHOD@roundR)
@@ -316,12 +397,12 @@ def split_models(tree, group: Group):
 
 
 def make_optimizer(cfg: FitConfig):
-    """-> ``optimizer(hp, total_steps)``: one model's Adam with warmup and linear decay, the head at ``hp.lr``,
-    the multi-weak mixture logits at ``hp.raven_lr``."""
-    def optimizer(hp, total):
+    """-> ``optimizer(hp, total_steps, warm=None)``: one model's Adam with warmup and linear decay
+    (:func:`lr_factor`), the head at ``hp.lr``, the multi-weak mixture logits at ``hp.raven_lr``."""
+    def optimizer(hp, total, warm=None):
         def adam(lr):
-            return optax.chain(optax.scale_by_adam(),
-                               optax.scale_by_schedule(lambda count: -lr * lr_factor(count, total, cfg.warmup)))
+            return optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(
+                lambda count: -lr * lr_factor(count, total, cfg.warmup, warm)))
 
         return optax.multi_transform({"params": adam(hp.lr), "mixture": adam(hp.raven_lr)},
                                      lambda trainable: {collection: collection for collection in trainable})
@@ -351,15 +432,20 @@ def start_targets(group: Group, row: Rows, data: FitData, rows_N, teachers: Teac
 
 
 def start_model(group: Group, cfg: FitConfig, key, row: Rows, data: FitData, split: SeedSplits,
-                teachers: Teachers) -> FitState:
-    """One model's first state (leading axes none): its head started from the data, Adam's state, no best yet."""
+                teachers: Teachers, padding: Padding | None = None) -> FitState:
+    """One model's first state (leading axes none): its head started from the data, Adam's state, no best yet.
+    Padded (``padding``), the padding rows of hold_train start nothing (``Start.weight_N`` 0, target -1)."""
     init_key, _ = jax.random.split(key)
     mixture = {"mixture": {"logits_M": jnp.zeros(data.weaks_MxNxK.shape[0])}} if group.multi else {}
     targets_N = start_targets(group, row, data, split.hold_train, teachers)
+    weight_N = None
+    if padding is not None:
+        weight_N = (split.hold_train >= 0).astype(jnp.float32)
+        targets_N = jnp.where(weight_N > 0, targets_N, -1)
     variables = {**group.module.init(init_key, data.feats_NxD[split.hold_train], row.hp,
-                                     Start(targets_N, group.text_KxD)), **mixture}
+                                     Start(targets_N, group.text_KxD, weight_N)), **mixture}
     best = {"variables": variables, "score": jnp.float32(-1.0), "epoch": jnp.int32(0)}
-    return FitState(variables, make_optimizer(cfg)(row.hp, total_steps(cfg, split)).init(trained(variables)), best)
+    return FitState(variables, make_optimizer(cfg)(row.hp, 1).init(trained(variables)), best)  # init reads no lr
 
 
 def shared_starts(group: Group, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
@@ -378,18 +464,18 @@ def shared_starts(group: Group, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
 
 
 def start_group(group: Group, cfg: FitConfig, plan, key_data_S, rows: Rows, data: FitData, splits_S,
-                teachers_S: Teachers) -> FitState:
+                teachers_S: Teachers, padding_S=None) -> FitState:
     """:func:`start_seeds` for a group, each distinct start made once and copied to the models that share it
     (``plan``: :func:`shared_starts` of the group's rows): leading S x J. A model's other hyperparameters enter
     only in training."""
     firsts_U, of_model_J = plan
     states_SxU = start_seeds(group, cfg, key_data_S, jax.tree.map(lambda a: a[firsts_U], rows), data, splits_S,
-                             teachers_S)
+                             teachers_S, padding_S)
     return jax.tree.map(lambda a: a[:, of_model_J], states_SxU)
 
 
 def start_seeds(group: Group, cfg: FitConfig, key_data_S, rows: Rows, data: FitData, splits_S,
-                teachers_S: Teachers) -> FitState:
+                teachers_S: Teachers, padding_S=None) -> FitState:
     """:func:`start_model` for every seed x model of ``group``, one after the other (``lax.map`` over the seeds,
     then over their models): leading S x J.
 
@@ -398,27 +484,31 @@ def start_seeds(group: Group, cfg: FitConfig, key_data_S, rows: Rows, data: FitD
     (benchmarks/RESULTS.md). Model by model, the solves are unbatched; the start is a small part of a fit.
     """
     def one_seed(seeded):
-        key_data, split, teachers = seeded
+        key_data, split, teachers, padding = seeded
         return jax.lax.map(lambda row: start_model(group, cfg, jax.random.wrap_key_data(key_data), row, data, split,
-                                                   teachers), rows)
+                                                   teachers, padding), rows)
 
-    return jax.lax.map(one_seed, (key_data_S, splits_S, teachers_S))
+    return jax.lax.map(one_seed, (key_data_S, splits_S, teachers_S, padding_S))
 
 
 # ------------------------------------------------------------------ one epoch of every model of a seed
 
 
-def minibatches(key, epoch, hold_train_N, batch: int):
-    """This epoch's rows ``T x B`` (a permutation of ``hold_train`` from the seed's key, padded) and their mask.
-
-    The order depends on the seed's key and the epoch only, so every method and hparam of a seed shares it."""
+def epoch_order(key, epoch, hold_train_N, length: int):
+    """This epoch's ``hold_train`` rows in minibatch order, ``length``: a permutation from the seed's key and the
+    epoch, padded with the first row (masked out). Every method and hparam of a seed shares it."""
     n_train = hold_train_N.shape[0]
-    steps = math.ceil(n_train / batch)
     _, order_key = jax.random.split(key)
     perm = jax.random.permutation(jax.random.fold_in(order_key, epoch), n_train)
-    perm = jnp.concatenate([perm, jnp.zeros(steps * batch - n_train, perm.dtype)])
+    return hold_train_N[jnp.concatenate([perm, jnp.zeros(length - n_train, perm.dtype)])]
+
+
+def minibatches(key, epoch, hold_train_N, batch: int):
+    """This epoch's rows ``T x B`` (:func:`epoch_order`) and their mask."""
+    n_train = hold_train_N.shape[0]
+    steps = math.ceil(n_train / batch)
     mask_TxB = (jnp.arange(steps * batch) < n_train).reshape(steps, batch).astype(jnp.float32)
-    return hold_train_N[perm].reshape(steps, batch), mask_TxB
+    return epoch_order(key, epoch, hold_train_N, steps * batch).reshape(steps, batch), mask_TxB
 
 
 def group_logits(group: Group, variables: dict, feats_BxD, hp: Hparams, fuse: bool, matmul_dtype: str = "float32"):
@@ -485,16 +575,19 @@ def model_loss(group: Group, trainable, logits_BxK, shared: Shared, labels_B, ma
 
 
 def end_model(group: Group, select: str, state: FitState, trainable, opt_state, val_logits, test_logits, row: Rows,
-              val_shared: Shared, view: ValView, labels_test, progress, epoch, train):
+              val_shared: Shared, view: ValView, labels_test, progress, epoch, train, valid=(None, None)):
     """hold_val picks a model's best epoch by the ``select`` criterion (:mod:`w2s_jax.select`; every criterion's
     score is kept in the history); test' accuracy is kept for curves only. ``view``: what the rules read on
-    hold_val, once for all models (:func:`w2s_jax.select.val_view`); ``train``: (loss, accuracy)."""
+    hold_val, once for all models (:func:`w2s_jax.select.val_view`); ``train``: (loss, accuracy); ``valid``: the
+    real rows of hold_val and test' when they are padded to a size bucket (None: every row)."""
     labels_val = view.labels_V
+    valid_V, valid_T = valid
     teacher_BxK, weight_B = model_teacher(group, trainable, val_shared, row)
-    criteria = scores(val_logits, teacher_BxK, weight_B, view, row.target == TRUTH)
+    criteria = scores(val_logits, teacher_BxK, weight_B, view, row.target == TRUTH, valid_V)
     val_score = criteria[select]
-    val_loss = jnp.mean(family_loss(val_logits, teacher_BxK, labels_val, row.coeffs, progress=progress, hp=row.hp))
-    test_acc = jnp.mean(jnp.argmax(test_logits, 1) == labels_test)
+    val_loss = masked_mean(family_loss(val_logits, teacher_BxK, labels_val, row.coeffs, progress=progress, hp=row.hp),
+                           valid_V)
+    test_acc = masked_mean(jnp.argmax(test_logits, 1) == labels_test, valid_T)
     better = val_score > state.best["score"]
     variables = {**state.variables, **trainable}
     candidate = {"variables": variables, "score": val_score, "epoch": epoch + 1}
@@ -504,14 +597,14 @@ def end_model(group: Group, select: str, state: FitState, trainable, opt_state, 
     return FitState(variables, opt_state, best), history
 
 
-def optimizer_step(optimizer, total: int, grad, opt_state, trainable, hp):
-    """One update of one model's TRAINED collections -> (trainable, opt_state)."""
-    updates, opt_state = optimizer(hp, total).update(grad, opt_state, trainable)
+def optimizer_step(optimizer, schedule, grad, opt_state, trainable, hp):
+    """One update of one model's TRAINED collections -> (trainable, opt_state); ``schedule``: (total, warm)."""
+    updates, opt_state = optimizer(hp, *schedule).update(grad, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state
 
 
 def seed_epoch(groups: dict, states: dict, key, epoch, rows: dict, data: FitData, split: SeedSplits,
-               cfg: FitConfig, teachers: Teachers):
+               cfg: FitConfig, teachers: Teachers, padding: Padding | None = None):
     """One epoch of all models of one seed: ``{group: FitState}`` with a leading J, ``{group: Rows}``, the seed's
     targets ``teachers`` (:func:`make_teachers`).
 
@@ -519,11 +612,25 @@ def seed_epoch(groups: dict, states: dict, key, epoch, rows: dict, data: FitData
     (:func:`group_logits`), its vectorized loss (:func:`model_loss` vmapped over J) and differentiates the sum,
     which gives each model its own gradient, as they share no parameters; one vmapped Adam update per group
     follows. At the end, hold_val and test' are gathered once for all models.
+
+    With ``padding`` (splits padded to a size bucket, :func:`pad_to_bucket`), the minibatch order, the real
+    sizes and the lr schedule come as data; a step with no real row changes no model, and every mean is over
+    the real rows, so the numbers are those of the unpadded fit.
     Returns ``({group: FitState}, {group: history_e})``, each history field ``J``.
     """
-    total = total_steps(cfg, split)
     optimizer = make_optimizer(cfg)
-    rows_TxB, mask_TxB = minibatches(key, epoch, split.hold_train, cfg.batch_size)
+    if padding is None:
+        schedule, n_train = (total_steps(cfg, split), None), split.hold_train.shape[0]
+        rows_TxB, mask_TxB = minibatches(key, epoch, split.hold_train, cfg.batch_size)
+        steps_before = epoch * rows_TxB.shape[0]
+        valid = (None, None)
+    else:
+        schedule, n_train = (padding.total, padding.warm), padding.n_train
+        rows_TxB = padding.orders_ExR[epoch].reshape(-1, cfg.batch_size)
+        mask_TxB = (jnp.arange(rows_TxB.size) < n_train).reshape(rows_TxB.shape).astype(jnp.float32)
+        steps_before = epoch * padding.steps
+        valid = (split.hold_val >= 0, split.test_prime >= 0)
+    total = schedule[0]
 
     def logits_of(trainables, feats_BxD):
         variables = {g: {**states[g].variables, **trainables[g]} for g in groups}
@@ -542,22 +649,24 @@ def seed_epoch(groups: dict, states: dict, key, epoch, rows: dict, data: FitData
         trainables, opt_states = carry
         step, rows_B, mask_B = xs
         grads, aux = jax.grad(summed_loss, has_aux=True)(trainables, rows_B, mask_B, step / total)
-        new = {g: jax.vmap(functools.partial(optimizer_step, optimizer, total))(
+        new = {g: jax.vmap(functools.partial(optimizer_step, optimizer, schedule))(
             grads[g], opt_states[g], trainables[g], rows[g].hp) for g in groups}
+        new = ({g: n[0] for g, n in new.items()}, {g: n[1] for g, n in new.items()})
         count = jnp.sum(mask_B)
+        if padding is not None:  # a step of padding rows only: no update, Adam's count and moments untouched
+            new = jax.tree.map(lambda n, old: jnp.where(count > 0, n, old), new, carry)
         per_step = {g: (head_loss * count, hits) for g, (head_loss, hits) in aux.items()}
-        return ({g: n[0] for g, n in new.items()}, {g: n[1] for g, n in new.items()}), per_step
+        return new, per_step
 
     steps = rows_TxB.shape[0]
     first = ({g: trained(st.variables) for g, st in states.items()}, {g: st.opt_state for g, st in states.items()})
     (trainables, opt_states), sums = jax.lax.scan(
-        train_step, first, (epoch * steps + jnp.arange(steps), rows_TxB, mask_TxB))
+        train_step, first, (steps_before + jnp.arange(steps), rows_TxB, mask_TxB))
     val = logits_of(trainables, data.feats_NxD[split.hold_val])
     test = logits_of(trainables, data.feats_NxD[split.test_prime])
-    n_train = split.hold_train.shape[0]
     labels_val, labels_test = data.labels_N[split.hold_val], data.labels_N[split.test_prime]
-    view = val_view(data.weak_NxK[split.hold_val], teachers.logits_UxNxK[1, split.hold_val], labels_val)
-    out = {g: jax.vmap(functools.partial(end_model, grp, cfg.select),
+    view = val_view(data.weak_NxK[split.hold_val], teachers.logits_UxNxK[1, split.hold_val], labels_val, valid[0])
+    out = {g: jax.vmap(functools.partial(end_model, grp, cfg.select, valid=valid),
                        in_axes=(0, 0, 0, 0, 0, 0, None, None, None, None, None, 0))(
         states[g], trainables[g], opt_states[g], val[g], test[g], rows[g],
         shared_teacher(grp, data, teachers, split.hold_val), view, labels_test, (epoch + 1) / cfg.epochs, epoch,
@@ -687,32 +796,37 @@ def vmapped_fits(plan: Plan, datas, splits: SeedSplits, on_compiled) -> list[tup
     t0 = time.perf_counter()
     # every model of a seed in one epoch step, one group per head; the seeds sharded across all devices
     mesh = sharding.seed_mesh()
-    key_data_S, splits_S = sharding.place(sharding.pad_seeds((jax.random.key_data(plan.keys), splits), mesh.size),
-                                          mesh, P("seeds"))
+    datas, padded_splits, padding = pad_to_bucket(plan, datas, splits)
+    key_data_S, splits_S, padding_S = sharding.place(
+        sharding.pad_seeds((jax.random.key_data(plan.keys), padded_splits, padding), mesh.size), mesh, P("seeds"))
     rows = sharding.place(plan.host_rows, mesh, P())
     by_seed = NamedSharding(mesh, P("seeds"))  # every state and history leaf has the seed axis first
 
     def start_plans(rows_host):
         return {g: shared_starts(grp, jax.tree.map(np.asarray, rows_host[g])) for g, grp in groups.items()}
 
-    def start_models(plans, key_data_S, rows, data, splits_S, teachers_S):
-        return {g: start_group(grp, cfg, plans[g], key_data_S, rows[g], data, splits_S, teachers_S)
+    def start_models(plans, key_data_S, rows, data, splits_S, padding_S, teachers_S):
+        return {g: start_group(grp, cfg, plans[g], key_data_S, rows[g], data, splits_S, teachers_S, padding_S)
                 for g, grp in groups.items()}
 
-    def start_program(key_data_S, rows, data, splits_S):
+    def start_program(key_data_S, rows, data, splits_S, padding_S):
         """Each seed's targets (its refinements, once, before the epochs), then every model's start."""
-        teachers_S = over_seeds(lambda split, data: pad_targets(make_teachers(plan.specs, data, split), plan.width),
-                                splits_S, data, mesh)
-        return start_models(start_plans(plan.host_rows), key_data_S, rows, data, splits_S, teachers_S), teachers_S
+        teachers_S = over_seeds(
+            lambda seeded, data: pad_targets(make_teachers(plan.specs, data, *seeded), plan.width),
+            (splits_S, padding_S), data, mesh)
+        return (start_models(start_plans(plan.host_rows), key_data_S, rows, data, splits_S, padding_S, teachers_S),
+                teachers_S)
 
-    def epoch_program(states, e, key_data_S, rows, data, splits_S, teachers_S):
+    def epoch_program(states, e, key_data_S, rows, data, splits_S, padding_S, teachers_S):
         def one_seed(seeded, shared):
-            (state, key_data, split, teachers), (e, rows, data) = seeded, shared
-            return seed_epoch(groups, state, jax.random.wrap_key_data(key_data), e, rows, data, split, cfg, teachers)
+            (state, key_data, split, padding, teachers), (e, rows, data) = seeded, shared
+            return seed_epoch(groups, state, jax.random.wrap_key_data(key_data), e, rows, data, split, cfg, teachers,
+                              padding)
 
-        return over_seeds(one_seed, (states, key_data_S, splits_S, teachers_S), (e, rows, data), mesh, seed_axis)
+        return over_seeds(one_seed, (states, key_data_S, splits_S, padding_S, teachers_S), (e, rows, data), mesh,
+                          seed_axis)
 
-    args = (key_data_S, rows, sharding.place(datas[0], mesh, P()), splits_S)
+    args = (key_data_S, rows, sharding.place(datas[0], mesh, P()), splits_S, padding_S)
     phases = {"trace_s": 0.0, "lower_s": 0.0, "xla_s": 0.0}  # where the compile goes
     start = compile_phases(jax.jit(start_program, out_shardings=by_seed), args, phases)
     state_shapes, teacher_shapes = jax.tree.map(
@@ -727,7 +841,7 @@ def vmapped_fits(plan: Plan, datas, splits: SeedSplits, on_compiled) -> list[tup
         """Every epoch of the compiled step -> ``{method of round 1: FitOutput}`` (S x H, on the host)."""
         history = []
         for e in range(cfg.epochs):
-            states, h = step(states, jnp.int32(e), key_data_S, rows, shared, splits_S, teachers_S)
+            states, h = step(states, jnp.int32(e), key_data_S, rows, shared, splits_S, padding_S, teachers_S)
             history.append(jax.block_until_ready(h))
             plan.report(cfg.seeds * num_h * models)  # the padding copies are not counted
         history = jax.tree.map(lambda *per_epoch: jnp.stack(per_epoch, axis=-1), *history)
@@ -737,17 +851,17 @@ def vmapped_fits(plan: Plan, datas, splits: SeedSplits, on_compiled) -> list[tup
 
     starts = {}  # a later round's start programs, by their plans (shared by rounds and datas with the same plans)
     done = []
-    for data in datas:
+    for data in datas:  # padded to the bucket, if any (the splits of next_teachers are the real ones)
         t1, later_compile_s = time.perf_counter(), 0.0
         shared = sharding.place(data, mesh, P())
-        states, teachers_S = start(key_data_S, rows, shared, splits_S)
+        states, teachers_S = start(key_data_S, rows, shared, splits_S, padding_S)
         outputs = train(states, rows, shared, teachers_S, len(plan.first))
         first_S = jax.tree.map(lambda a: a[: cfg.seeds], teachers_S)
         for names in plan.later.values():
             round_host = round_rows(groups, plan.host_rows, names, num_h)
             round_targets = next_teachers(names, outputs, groups, plan.hps, data, splits, first_S, plan.teacher_J,
                                           plan.width)
-            round_args = (key_data_S, sharding.place(round_host, mesh, P()), shared, splits_S,
+            round_args = (key_data_S, sharding.place(round_host, mesh, P()), shared, splits_S, padding_S,
                           sharding.place(sharding.pad_seeds(round_targets, mesh.size), mesh, P("seeds")))
             plans = start_plans(round_host)
             plan_key = repr({g: (p[0].tolist(), p[1].tolist()) for g, p in plans.items()})
@@ -756,11 +870,12 @@ def vmapped_fits(plan: Plan, datas, splits: SeedSplits, on_compiled) -> list[tup
                 starts[plan_key] = jax.jit(functools.partial(start_models, plans), out_shardings=by_seed).lower(
                     *round_args).compile()
                 later_compile_s += time.perf_counter() - tc
-            by_base = train(starts[plan_key](*round_args), round_args[1], shared, round_args[4], len(names))
+            by_base = train(starts[plan_key](*round_args), round_args[1], shared, round_args[5], len(names))
             outputs.update({n: by_base[round_of(n)[0]] for n in names})
         run_s = time.perf_counter() - t1 - later_compile_s
         done.append(({m: outputs[m] for m in cfg.methods},  # S x H, in the config's order
                      {"compile_s": (compile_s if not done else 0.0) + later_compile_s, "run_s": run_s,
+                      "bucket_rows": None if padding is None else int(data.labels_N.shape[0]),
                       **({} if done else {"compile_phases": phases})}))
     return done
 
@@ -826,9 +941,10 @@ def estimate_bytes(cfg: FitConfig, n: int, d: int, k: int) -> int:
     its params, Adam moments, grads and best copy (6 x params); per seed its targets (the weak labels, the
     reference kNN vote and each refinement, N x (K + 1) each); and, for the one seed running at a time, its J
     models' step (one minibatch's features and J logits, twice for the gradient) and end-of-epoch evaluation
-    (hold_val and test' features and J logits, 36% of n rows). Checked against measured peak RSS in
+    (hold_val and test' features and J logits, 36% of n rows); n as padded to its size bucket. Checked against measured peak RSS in
     benchmarks/bench_scaling.py (runtime overhead not included)."""
     cfg = resolve_batch_size(cfg, split_sizes(n)[0])  # an "auto" batch as the fit will resolve it
+    n = bucket_size(n) if cfg.vmap and cfg.bucket else n  # the rows the fit may be padded to
     num_h = int(np.prod([len(v) for _, v in cfg.grid] or [1]))
     params = k * d + k
     first = [m for m in cfg.methods if m not in METHODS or METHODS[m].round == 1]  # later rounds reuse their slots

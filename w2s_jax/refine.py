@@ -58,9 +58,10 @@ def spec_of(kind: str, hp) -> Refinement:
                       float(hp.refine_c) if kind in ("filter", "confident") else 0.0)
 
 
-def neighbours(feats_PxD, k: int, chunk: int = CHUNK, first: int = 0):
+def neighbours(feats_PxD, k: int, chunk: int = CHUNK, first: int = 0, valid_P=None):
     """The k nearest neighbours in the pool of each row from ``first`` on, by cosine (rows L2-normalised), itself
-    left out: indices ``(P - first) x k`` into the pool."""
+    left out: indices ``(P - first) x k`` into the pool. ``valid_P``: False for the padding rows of a size bucket
+    (:func:`w2s_jax.fit.pad_to_bucket`), which are never anyone's neighbour (None: every row is real)."""
     feats_PxD = jnp.asarray(feats_PxD)
     num_p = feats_PxD.shape[0]
     if not 1 <= k < num_p:
@@ -75,6 +76,8 @@ def neighbours(feats_PxD, k: int, chunk: int = CHUNK, first: int = 0):
         q_CxD, start = args
         sims_CxP = jnp.dot(q_CxD, feats_PxD.T, precision="highest")  # full float32: TF32 reorders near-ties
         itself = jnp.arange(num_p)[None, :] == (start + jnp.arange(chunk))[:, None]
+        if valid_P is not None:
+            itself = itself | ~valid_P[None, :]
         return jax.lax.top_k(jnp.where(itself, -jnp.inf, sims_CxP), k)[1]
 
     return jax.lax.map(block, (queries, starts)).reshape(-1, k)[:num_q]
@@ -117,56 +120,72 @@ def propagate(probs_PxK, index_Pxk, alpha: float, steps: int | None = None):
     return jax.lax.fori_loop(0, steps, step, probs_PxK)
 
 
-def drop_least(support_P, c: float):
-    """1 per row, 0 for the ``floor(c · P)`` rows of least ``support`` (first rows on ties)."""
+def drop_count(c: float, num_p: int) -> int:
+    """Rows a fraction ``c`` of a pool of ``num_p`` drops: ``floor(c · P)``."""
+    return int(np.floor(c * num_p))
+
+
+def drop_least(support_P, c: float, valid_P=None, count=None):
+    """1 per row, 0 for the ``floor(c · P)`` rows of least ``support`` (first rows on ties). For a padded pool,
+    ``valid_P`` marks its real rows (the padding ranks last) and ``count`` is the real pool's drop count."""
     num_p = support_P.shape[0]
+    if valid_P is not None:
+        support_P = jnp.where(valid_P, support_P, jnp.inf)
     rank_P = jnp.zeros(num_p, jnp.int32).at[jnp.argsort(support_P, stable=True)].set(jnp.arange(num_p))
-    return (rank_P >= int(np.floor(c * num_p))).astype(jnp.float32)
+    return (rank_P >= (drop_count(c, num_p) if count is None else count)).astype(jnp.float32)
 
 
-def filter_weights(probs_PxK, vote_PxK, c: float):
+def filter_weights(probs_PxK, vote_PxK, c: float, valid_P=None, count=None):
     """1 per row, 0 for the ``floor(c · P)`` rows whose weak label the vote supports least (first rows on ties)."""
     probs_PxK, vote_PxK = jnp.asarray(probs_PxK), jnp.asarray(vote_PxK)
-    return drop_least(jnp.take_along_axis(vote_PxK, jnp.argmax(probs_PxK, axis=1)[:, None], axis=1)[:, 0], c)
+    support_P = jnp.take_along_axis(vote_PxK, jnp.argmax(probs_PxK, axis=1)[:, None], axis=1)[:, 0]
+    return drop_least(support_P, c, valid_P, count)
 
 
-def refine(spec: Refinement, feats_PxD, weak_PxK, index_Pxk=None):
+def refine(spec: Refinement, feats_PxD, weak_PxK, index_Pxk=None, valid_P=None, count=None):
     """The refined target of one pool: (log-probabilities ``P x K``, weights ``P``); ``index_Pxk``: the pool's
-    :func:`neighbours` at ``spec.k`` if already found."""
+    :func:`neighbours` at ``spec.k`` if already found; ``valid_P``, ``count``: a padded pool's real rows and drop
+    count (:func:`drop_least`)."""
     weak_PxK = jnp.asarray(weak_PxK)
     probs = jax.nn.softmax(weak_PxK)
     ones = jnp.ones(weak_PxK.shape[0], jnp.float32)
     if not spec.kind:
         return weak_PxK, ones
     if spec.kind == "confident":  # the weak model's own confidence: no neighbours
-        return weak_PxK, drop_least(jnp.max(probs, axis=1), spec.c)
-    index = neighbours(feats_PxD, spec.k) if index_Pxk is None else index_Pxk
+        return weak_PxK, drop_least(jnp.max(probs, axis=1), spec.c, valid_P, count)
+    index = neighbours(feats_PxD, spec.k, valid_P=valid_P) if index_Pxk is None else index_Pxk
     if spec.kind == "knn":
         return log_of(knn_vote(probs, index)), ones
     if spec.kind == "graph":
         return log_of(propagate(probs, index, spec.alpha)), ones
     if spec.kind == "filter":
-        return weak_PxK, filter_weights(probs, knn_vote(probs, index), spec.c)
+        return weak_PxK, filter_weights(probs, knn_vote(probs, index), spec.c, valid_P, count)
     raise ValueError(f"unknown refinement {spec.kind!r}; valid: {', '.join(REFINEMENTS)}")
 
 
-def seed_teachers(specs, feats_NxD, weak_NxK, pool_P, num_val: int) -> Teachers:
+def seed_teachers(specs, feats_NxD, weak_NxK, pool_P, num_val: int, drops_U=None) -> Teachers:
     """Every refinement of ``specs`` over one seed's pool rows (its last ``num_val`` are hold_val), as targets
     over all N rows (leading U). The neighbours are searched once per distinct k, and only for the hold_val rows
-    when no refinement of the whole pool needs that k (the ``refined`` rule's reference alone)."""
+    when no refinement of the whole pool needs that k (the ``refined`` rule's reference alone).
+
+    A pool padded to a size bucket marks its padding rows -1 (they point at the data's last row, a padding row
+    too) and ``drops_U`` gives each target's drop count on the real pool (:func:`drop_count`, 0 where none)."""
     feats_NxD, weak_NxK, pool_P = jnp.asarray(feats_NxD), jnp.asarray(weak_NxK), jnp.asarray(pool_P)
     feats_PxD, weak_PxK = feats_NxD[pool_P], weak_NxK[pool_P]
     first_val = pool_P.shape[0] - num_val
+    valid_P = None if drops_U is None else pool_P >= 0
     whole = {spec.k for spec in specs if spec.kind and spec.k and not spec.val_only}  # "confident" needs none
-    index = {k: neighbours(feats_PxD, k) for k in sorted(whole)}
+    index = {k: neighbours(feats_PxD, k, valid_P=valid_P) for k in sorted(whole)}
     # the `refined` rule's reference, which nobody asked for by name: at most pool - 1 neighbours on a small store
     val_k = lambda spec: min(spec.k, pool_P.shape[0] - 1)  # noqa: E731
     val_index = {val_k(spec): index[val_k(spec)][first_val:] if val_k(spec) in index
-                 else neighbours(feats_PxD, val_k(spec), first=first_val) for spec in specs if spec.val_only}
+                 else neighbours(feats_PxD, val_k(spec), first=first_val, valid_P=valid_P)
+                 for spec in specs if spec.val_only}
     probs = jax.nn.softmax(weak_PxK)
     outs = [(jnp.concatenate([weak_PxK[:first_val], log_of(knn_vote(probs, val_index[val_k(spec)]))]),
              jnp.ones(pool_P.shape[0], jnp.float32)) if spec.val_only
-            else refine(spec, feats_PxD, weak_PxK, index.get(spec.k)) for spec in specs]
+            else refine(spec, feats_PxD, weak_PxK, index.get(spec.k), valid_P, None if drops_U is None else drops_U[u])
+            for u, spec in enumerate(specs)]
     logits = jnp.stack([weak_NxK.at[pool_P].set(lg) for lg, _ in outs])
     weights = jnp.stack([jnp.ones(weak_NxK.shape[0], jnp.float32).at[pool_P].set(w) for _, w in outs])
     return Teachers(logits, weights)

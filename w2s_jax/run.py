@@ -89,6 +89,9 @@ def _run(cfgs, out_dirs, log, overwrite) -> list[tuple[dict, Path]]:
                              progress=lambda done: bar and bar[0].update(done))
     for b in bar:
         b.close()
+    if log and fitted[0][1].get("bucket_rows"):
+        log(f"rows padded to the size bucket of {fitted[0][1]['bucket_rows']:,} (the stores of a bucket share one "
+            "compiled program; --no-bucket fits them unpadded)")
     done = []
     for c, data, (fits, timings), out_dir in zip(cfgs, datas, fitted, out_dirs):
         done.append(evaluate_and_finish(c, store, splits, data, fits, timings, out_dir, log, k))

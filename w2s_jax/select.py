@@ -37,26 +37,40 @@ class ValView(NamedTuple):
     labels_V: jax.Array  # ground truth, for the ceilings only
 
 
-def val_view(weak_VxK, reference_VxK, labels_V) -> ValView:
+def masked_mean(x_V, valid_V=None):
+    """The mean of ``x`` over the real rows (``valid_V``: False for the padding rows of a size bucket; None: all)."""
+    if valid_V is None:
+        return jnp.mean(x_V)
+    return jnp.sum(jnp.where(valid_V, x_V, 0.0)) / jnp.sum(valid_V)
+
+
+def val_view(weak_VxK, reference_VxK, labels_V, valid_V=None) -> ValView:
+    """``valid_V``: the real rows of hold_val padded to a size bucket (None: every row); a padding row is never
+    unsure and the median is over the real rows."""
     log_weak = jax.nn.log_softmax(weak_VxK)
     weak_top = jnp.max(jnp.exp(log_weak), axis=1)
-    return ValView(log_weak, (weak_top <= jnp.median(weak_top)).astype(jnp.float32),
-                   jnp.argmax(reference_VxK, axis=1), labels_V)
+    if valid_V is None:
+        unsure = weak_top <= jnp.median(weak_top)
+    else:  # nanmedian is the median of the rows that are not NaN, by the same arithmetic as median's
+        unsure = valid_V & (weak_top <= jnp.nanmedian(jnp.where(valid_V, weak_top, jnp.nan)))
+    return ValView(log_weak, unsure.astype(jnp.float32), jnp.argmax(reference_VxK, axis=1), labels_V)
 
 
-def scores(val_logits_VxK, teacher_VxK, weight_V, view: ValView, is_truth) -> dict:
-    """Every criterion's score of one model at one epoch (larger is better): ``{criterion: scalar}``."""
+def scores(val_logits_VxK, teacher_VxK, weight_V, view: ValView, is_truth, valid_V=None) -> dict:
+    """Every criterion's score of one model at one epoch (larger is better): ``{criterion: scalar}``;
+    ``valid_V`` as in :func:`val_view`."""
     student = jnp.argmax(val_logits_VxK, axis=1)
-    kept = jnp.mean(weight_V)  # 1 unless a filter dropped rows (then agreement is over the kept rows)
+    kept = masked_mean(weight_V, valid_V)  # 1 unless a filter dropped rows (then agreement is over the kept rows)
     unsure = view.unsure_V
     log_ps, log_pw = jax.nn.log_softmax(val_logits_VxK), view.log_weak_VxK
+    hits = weight_V * (student == jnp.argmax(teacher_VxK, axis=1))
     label_free = {
-        "agreement": jnp.mean(weight_V * (student == jnp.argmax(teacher_VxK, axis=1))) / jnp.maximum(kept, 1e-6),
-        "refined": jnp.mean(student == view.reference_V),
-        "misfit": jnp.mean(jnp.sum(jnp.exp(log_ps) * (log_ps - log_pw), axis=1)),
+        "agreement": masked_mean(hits, valid_V) / jnp.maximum(kept, 1e-6),
+        "refined": masked_mean(student == view.reference_V, valid_V),
+        "misfit": masked_mean(jnp.sum(jnp.exp(log_ps) * (log_ps - log_pw), axis=1), valid_V),
         "confidence": jnp.sum(unsure * jnp.max(jnp.exp(log_ps), axis=1)) / jnp.maximum(jnp.sum(unsure), 1.0),
     }
-    truth = jnp.mean(student == view.labels_V)
+    truth = masked_mean(student == view.labels_V, valid_V)
     return {c: jnp.where(is_truth, truth, label_free[c]).astype(jnp.float32) for c in CRITERIA}
 
 
