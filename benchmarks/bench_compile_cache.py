@@ -33,7 +33,8 @@ from w2s_jax.methods import jax_methods
 from w2s_jax.splits import stacked_splits
 if {cache!r}:
     compile_cache.enable({cache!r})
-feats, weak, labels, text = clustered({n}, {d}, {k}, np.random.default_rng(0))
+feats, weak, labels, text = clustered({rows}, {d}, {k}, np.random.default_rng(0))  # one dataset: the same text
+feats, weak, labels = feats[:{n}], weak[:{n}], labels[:{n}]
 methods = {methods!r} or jax_methods()
 cfg = FitConfig(store="synthetic", weak="noisy", methods=methods, seeds={seeds}, epochs={epochs}, batch_size={batch},
                 bucket={bucket!r})
@@ -43,7 +44,7 @@ print(json.dumps(t))
 
 
 def run_child(args, cache, methods=(), n=None, bucket=True) -> dict:
-    code = CHILD.format(bench=str(Path(__file__).parent), cache=cache, n=n or args.n, d=args.d, k=args.k,
+    code = CHILD.format(bench=str(Path(__file__).parent), cache=cache, n=n or args.n, rows=args.n + 1, d=args.d, k=args.k,
                         seeds=args.seeds, epochs=args.epochs, batch=args.batch, methods=tuple(methods), bucket=bucket)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])

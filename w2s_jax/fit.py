@@ -208,11 +208,11 @@ def pool_rows(split: SeedSplits):
     return jnp.concatenate([split.hold_train, split.hold_val], axis=-1)
 
 
-def make_teachers(specs, data: FitData, split: SeedSplits, padding: Padding | None = None) -> Teachers:
-    """A seed's targets (:func:`w2s_jax.refine.seed_teachers`); ``padding``: the seed's :class:`Padding` when its
+def make_teachers(specs, data: FitData, split: SeedSplits, sizes: Sizes | None = None) -> Teachers:
+    """A seed's targets (:func:`w2s_jax.refine.seed_teachers`); ``sizes``: the store's real :class:`Sizes` when its
     splits are padded to a size bucket."""
     return seed_teachers(specs, data.feats_NxD, data.weak_NxK, pool_rows(split), split.hold_val.shape[-1],
-                         None if padding is None else padding.drops_U)
+                         None if sizes is None else sizes.drops_U)
 
 
 def seed_targets(specs, data: FitData, splits_S) -> Teachers:
@@ -231,16 +231,22 @@ def bucket_size(n: int) -> int:
     return -(-n // unit) * unit
 
 
-class Padding(NamedTuple):
-    """A seed's real sizes when its splits are padded to a size bucket, as data (leading S when stacked), so that
+class Sizes(NamedTuple):
+    """A store's real sizes when its splits are padded to a size bucket, as data (the same for every seed), so that
     every store of the bucket runs the same compiled programs. A padded split marks its padding rows -1."""
 
-    orders_ExR: jax.Array  # each epoch's hold_train rows in minibatch order (epoch_order), R = padded steps x batch
     n_train: jax.Array  # the real hold_train rows
     steps: jax.Array  # the real minibatches per epoch
     total: jax.Array  # the lr schedule's steps (total_steps of the real split)
     warm: jax.Array  # its warmup steps (warmup_steps)
-    drops_U: jax.Array  # rows each of the seed's targets drops from its real pool (refine.drop_count; 0: none)
+    drops_U: jax.Array  # rows each of a seed's targets drops from its real pool (refine.drop_count; 0: none)
+
+
+class Padding(NamedTuple):
+    """What one seed's epoch reads of a padded fit."""
+
+    orders_ExR: jax.Array  # each epoch's hold_train rows in minibatch order (epoch_order), R = padded steps x batch
+    sizes: Sizes
 
 
 def paddable(plan: Plan, splits: SeedSplits) -> bool:
@@ -262,8 +268,8 @@ def pad_rows(data: FitData, n_pad: int) -> FitData:
 
 
 def pad_to_bucket(plan: Plan, datas, splits: SeedSplits):
-    """``(datas, splits, padding_S)`` padded to the store's size bucket (:func:`bucket_size`), or as they are with
-    ``padding_S`` None when ``cfg.bucket`` is off or padding would not be exact (:func:`paddable`).
+    """``(datas, splits, orders_SxExR, sizes)`` padded to the store's size bucket (:func:`bucket_size`), or as they
+    are with None, None when ``cfg.bucket`` is off or padding would not be exact (:func:`paddable`).
 
     Padded, each split grows to its size for the bucket's row count, its extra rows -1, which point at the
     data's last row (a padding row: a store below its bucket's size gains one at least). The minibatch orders are
@@ -274,7 +280,7 @@ def pad_to_bucket(plan: Plan, datas, splits: SeedSplits):
     n = datas[0].labels_N.shape[0]
     n_pad = bucket_size(n)
     if not cfg.bucket or not paddable(plan, splits):
-        return datas, splits, None
+        return datas, splits, None, None
     sizes = [max(a, np.shape(part)[-1]) for a, part in zip(split_sizes(n_pad), splits)]
     padded = SeedSplits(*(np.pad(np.asarray(part), ((0, 0), (0, size - np.shape(part)[-1])), constant_values=-1)
                           for part, size in zip(splits, sizes)))
@@ -287,10 +293,8 @@ def pad_to_bucket(plan: Plan, datas, splits: SeedSplits):
                                        for e in range(cfg.epochs)]) for s in range(cfg.seeds)])
     drops_U = [drop_count(spec.c, n_train + n_val) if spec.kind in ("filter", "confident") else 0
                for spec in plan.specs]
-    per_seed = lambda value, dtype=np.int32: np.full((cfg.seeds, *np.shape(value)), value, dtype)  # noqa: E731
-    padding_S = Padding(orders_SxExR.astype(np.int32), per_seed(n_train), per_seed(steps), per_seed(total),
-                        per_seed(warmup_steps(total, cfg.warmup)), per_seed(drops_U))
-    return [pad_rows(d, n_pad) for d in datas], padded, padding_S
+    sizes = Sizes(*(np.asarray(v, np.int32) for v in (n_train, steps, total, warmup_steps(total, cfg.warmup), drops_U)))
+    return [pad_rows(d, n_pad) for d in datas], padded, orders_SxExR.astype(np.int32), sizes
 
 
 # ------------------------------------------------------------------ strong-to-strong rounds (METHOD@roundR)
@@ -432,14 +436,14 @@ def start_targets(group: Group, row: Rows, data: FitData, rows_N, teachers: Teac
 
 
 def start_model(group: Group, cfg: FitConfig, key, row: Rows, data: FitData, split: SeedSplits,
-                teachers: Teachers, padding: Padding | None = None) -> FitState:
+                teachers: Teachers, sizes: Sizes | None = None) -> FitState:
     """One model's first state (leading axes none): its head started from the data, Adam's state, no best yet.
-    Padded (``padding``), the padding rows of hold_train start nothing (``Start.weight_N`` 0, target -1)."""
+    Padded (``sizes``), the padding rows of hold_train start nothing (``Start.weight_N`` 0, target -1)."""
     init_key, _ = jax.random.split(key)
     mixture = {"mixture": {"logits_M": jnp.zeros(data.weaks_MxNxK.shape[0])}} if group.multi else {}
     targets_N = start_targets(group, row, data, split.hold_train, teachers)
     weight_N = None
-    if padding is not None:
+    if sizes is not None:
         weight_N = (split.hold_train >= 0).astype(jnp.float32)
         targets_N = jnp.where(weight_N > 0, targets_N, -1)
     variables = {**group.module.init(init_key, data.feats_NxD[split.hold_train], row.hp,
@@ -464,18 +468,18 @@ def shared_starts(group: Group, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
 
 
 def start_group(group: Group, cfg: FitConfig, plan, key_data_S, rows: Rows, data: FitData, splits_S,
-                teachers_S: Teachers, padding_S=None) -> FitState:
+                teachers_S: Teachers, sizes: Sizes | None = None) -> FitState:
     """:func:`start_seeds` for a group, each distinct start made once and copied to the models that share it
     (``plan``: :func:`shared_starts` of the group's rows): leading S x J. A model's other hyperparameters enter
     only in training."""
     firsts_U, of_model_J = plan
     states_SxU = start_seeds(group, cfg, key_data_S, jax.tree.map(lambda a: a[firsts_U], rows), data, splits_S,
-                             teachers_S, padding_S)
+                             teachers_S, sizes)
     return jax.tree.map(lambda a: a[:, of_model_J], states_SxU)
 
 
 def start_seeds(group: Group, cfg: FitConfig, key_data_S, rows: Rows, data: FitData, splits_S,
-                teachers_S: Teachers, padding_S=None) -> FitState:
+                teachers_S: Teachers, sizes: Sizes | None = None) -> FitState:
     """:func:`start_model` for every seed x model of ``group``, one after the other (``lax.map`` over the seeds,
     then over their models): leading S x J.
 
@@ -484,11 +488,11 @@ def start_seeds(group: Group, cfg: FitConfig, key_data_S, rows: Rows, data: FitD
     (benchmarks/RESULTS.md). Model by model, the solves are unbatched; the start is a small part of a fit.
     """
     def one_seed(seeded):
-        key_data, split, teachers, padding = seeded
+        key_data, split, teachers = seeded
         return jax.lax.map(lambda row: start_model(group, cfg, jax.random.wrap_key_data(key_data), row, data, split,
-                                                   teachers, padding), rows)
+                                                   teachers, sizes), rows)
 
-    return jax.lax.map(one_seed, (key_data_S, splits_S, teachers_S, padding_S))
+    return jax.lax.map(one_seed, (key_data_S, splits_S, teachers_S))
 
 
 # ------------------------------------------------------------------ one epoch of every model of a seed
@@ -614,7 +618,8 @@ def seed_epoch(groups: dict, states: dict, key, epoch, rows: dict, data: FitData
     follows. At the end, hold_val and test' are gathered once for all models.
 
     With ``padding`` (splits padded to a size bucket, :func:`pad_to_bucket`), the minibatch order, the real
-    sizes and the lr schedule come as data; a step with no real row changes no model, and every mean is over
+    sizes and the lr schedule come as data; the steps past the real ones are skipped (``lax.cond`` on a
+    predicate that every seed shares, so it stays a branch when the seeds are vmapped), and every mean is over
     the real rows, so the numbers are those of the unpadded fit.
     Returns ``({group: FitState}, {group: history_e})``, each history field ``J``.
     """
@@ -625,10 +630,11 @@ def seed_epoch(groups: dict, states: dict, key, epoch, rows: dict, data: FitData
         steps_before = epoch * rows_TxB.shape[0]
         valid = (None, None)
     else:
-        schedule, n_train = (padding.total, padding.warm), padding.n_train
+        sizes = padding.sizes
+        schedule, n_train = (sizes.total, sizes.warm), sizes.n_train
         rows_TxB = padding.orders_ExR[epoch].reshape(-1, cfg.batch_size)
         mask_TxB = (jnp.arange(rows_TxB.size) < n_train).reshape(rows_TxB.shape).astype(jnp.float32)
-        steps_before = epoch * padding.steps
+        steps_before = epoch * sizes.steps
         valid = (split.hold_val >= 0, split.test_prime >= 0)
     total = schedule[0]
 
@@ -651,17 +657,21 @@ def seed_epoch(groups: dict, states: dict, key, epoch, rows: dict, data: FitData
         grads, aux = jax.grad(summed_loss, has_aux=True)(trainables, rows_B, mask_B, step / total)
         new = {g: jax.vmap(functools.partial(optimizer_step, optimizer, schedule))(
             grads[g], opt_states[g], trainables[g], rows[g].hp) for g in groups}
-        new = ({g: n[0] for g, n in new.items()}, {g: n[1] for g, n in new.items()})
         count = jnp.sum(mask_B)
-        if padding is not None:  # a step of padding rows only: no update, Adam's count and moments untouched
-            new = jax.tree.map(lambda n, old: jnp.where(count > 0, n, old), new, carry)
         per_step = {g: (head_loss * count, hits) for g, (head_loss, hits) in aux.items()}
-        return new, per_step
+        return ({g: n[0] for g, n in new.items()}, {g: n[1] for g, n in new.items()}), per_step
+
+    def padded_step(carry, xs):  # a step past the real ones (padding rows only): skipped, nothing changes
+        t, xs = xs
+        no_step = lambda carry, xs: (carry, jax.tree.map(  # noqa: E731
+            jnp.zeros_like, jax.eval_shape(train_step, carry, xs)[1]))
+        return jax.lax.cond(t < padding.sizes.steps, train_step, no_step, carry, xs)
 
     steps = rows_TxB.shape[0]
     first = ({g: trained(st.variables) for g, st in states.items()}, {g: st.opt_state for g, st in states.items()})
-    (trainables, opt_states), sums = jax.lax.scan(
-        train_step, first, (steps_before + jnp.arange(steps), rows_TxB, mask_TxB))
+    xs = (steps_before + jnp.arange(steps), rows_TxB, mask_TxB)
+    (trainables, opt_states), sums = (jax.lax.scan(train_step, first, xs) if padding is None
+                                      else jax.lax.scan(padded_step, first, (jnp.arange(steps), xs)))
     val = logits_of(trainables, data.feats_NxD[split.hold_val])
     test = logits_of(trainables, data.feats_NxD[split.test_prime])
     labels_val, labels_test = data.labels_N[split.hold_val], data.labels_N[split.test_prime]
@@ -796,37 +806,39 @@ def vmapped_fits(plan: Plan, datas, splits: SeedSplits, on_compiled) -> list[tup
     t0 = time.perf_counter()
     # every model of a seed in one epoch step, one group per head; the seeds sharded across all devices
     mesh = sharding.seed_mesh()
-    datas, padded_splits, padding = pad_to_bucket(plan, datas, splits)
-    key_data_S, splits_S, padding_S = sharding.place(
-        sharding.pad_seeds((jax.random.key_data(plan.keys), padded_splits, padding), mesh.size), mesh, P("seeds"))
+    datas, padded_splits, orders, sizes = pad_to_bucket(plan, datas, splits)
+    key_data_S, splits_S, orders_S = sharding.place(
+        sharding.pad_seeds((jax.random.key_data(plan.keys), padded_splits, orders), mesh.size), mesh, P("seeds"))
+    sizes = sharding.place(sizes, mesh, P())  # None unless padded
     rows = sharding.place(plan.host_rows, mesh, P())
     by_seed = NamedSharding(mesh, P("seeds"))  # every state and history leaf has the seed axis first
 
     def start_plans(rows_host):
         return {g: shared_starts(grp, jax.tree.map(np.asarray, rows_host[g])) for g, grp in groups.items()}
 
-    def start_models(plans, key_data_S, rows, data, splits_S, padding_S, teachers_S):
-        return {g: start_group(grp, cfg, plans[g], key_data_S, rows[g], data, splits_S, teachers_S, padding_S)
+    def start_models(plans, key_data_S, rows, data, splits_S, orders_S, sizes, teachers_S):
+        return {g: start_group(grp, cfg, plans[g], key_data_S, rows[g], data, splits_S, teachers_S, sizes)
                 for g, grp in groups.items()}
 
-    def start_program(key_data_S, rows, data, splits_S, padding_S):
+    def start_program(key_data_S, rows, data, splits_S, orders_S, sizes):
         """Each seed's targets (its refinements, once, before the epochs), then every model's start."""
         teachers_S = over_seeds(
-            lambda seeded, data: pad_targets(make_teachers(plan.specs, data, *seeded), plan.width),
-            (splits_S, padding_S), data, mesh)
-        return (start_models(start_plans(plan.host_rows), key_data_S, rows, data, splits_S, padding_S, teachers_S),
-                teachers_S)
+            lambda split, shared: pad_targets(make_teachers(plan.specs, shared[0], split, shared[1]), plan.width),
+            splits_S, (data, sizes), mesh)
+        return (start_models(start_plans(plan.host_rows), key_data_S, rows, data, splits_S, orders_S, sizes,
+                             teachers_S), teachers_S)
 
-    def epoch_program(states, e, key_data_S, rows, data, splits_S, padding_S, teachers_S):
+    def epoch_program(states, e, key_data_S, rows, data, splits_S, orders_S, sizes, teachers_S):
         def one_seed(seeded, shared):
-            (state, key_data, split, padding, teachers), (e, rows, data) = seeded, shared
+            (state, key_data, split, orders, teachers), (e, rows, data, sizes) = seeded, shared
+            padding = None if sizes is None else Padding(orders, sizes)
             return seed_epoch(groups, state, jax.random.wrap_key_data(key_data), e, rows, data, split, cfg, teachers,
                               padding)
 
-        return over_seeds(one_seed, (states, key_data_S, splits_S, padding_S, teachers_S), (e, rows, data), mesh,
-                          seed_axis)
+        return over_seeds(one_seed, (states, key_data_S, splits_S, orders_S, teachers_S), (e, rows, data, sizes),
+                          mesh, seed_axis)
 
-    args = (key_data_S, rows, sharding.place(datas[0], mesh, P()), splits_S, padding_S)
+    args = (key_data_S, rows, sharding.place(datas[0], mesh, P()), splits_S, orders_S, sizes)
     phases = {"trace_s": 0.0, "lower_s": 0.0, "xla_s": 0.0}  # where the compile goes
     start = compile_phases(jax.jit(start_program, out_shardings=by_seed), args, phases)
     state_shapes, teacher_shapes = jax.tree.map(
@@ -841,7 +853,7 @@ def vmapped_fits(plan: Plan, datas, splits: SeedSplits, on_compiled) -> list[tup
         """Every epoch of the compiled step -> ``{method of round 1: FitOutput}`` (S x H, on the host)."""
         history = []
         for e in range(cfg.epochs):
-            states, h = step(states, jnp.int32(e), key_data_S, rows, shared, splits_S, padding_S, teachers_S)
+            states, h = step(states, jnp.int32(e), key_data_S, rows, shared, splits_S, orders_S, sizes, teachers_S)
             history.append(jax.block_until_ready(h))
             plan.report(cfg.seeds * num_h * models)  # the padding copies are not counted
         history = jax.tree.map(lambda *per_epoch: jnp.stack(per_epoch, axis=-1), *history)
@@ -854,14 +866,14 @@ def vmapped_fits(plan: Plan, datas, splits: SeedSplits, on_compiled) -> list[tup
     for data in datas:  # padded to the bucket, if any (the splits of next_teachers are the real ones)
         t1, later_compile_s = time.perf_counter(), 0.0
         shared = sharding.place(data, mesh, P())
-        states, teachers_S = start(key_data_S, rows, shared, splits_S, padding_S)
+        states, teachers_S = start(key_data_S, rows, shared, splits_S, orders_S, sizes)
         outputs = train(states, rows, shared, teachers_S, len(plan.first))
         first_S = jax.tree.map(lambda a: a[: cfg.seeds], teachers_S)
         for names in plan.later.values():
             round_host = round_rows(groups, plan.host_rows, names, num_h)
             round_targets = next_teachers(names, outputs, groups, plan.hps, data, splits, first_S, plan.teacher_J,
                                           plan.width)
-            round_args = (key_data_S, sharding.place(round_host, mesh, P()), shared, splits_S, padding_S,
+            round_args = (key_data_S, sharding.place(round_host, mesh, P()), shared, splits_S, orders_S, sizes,
                           sharding.place(sharding.pad_seeds(round_targets, mesh.size), mesh, P("seeds")))
             plans = start_plans(round_host)
             plan_key = repr({g: (p[0].tolist(), p[1].tolist()) for g, p in plans.items()})
@@ -870,12 +882,12 @@ def vmapped_fits(plan: Plan, datas, splits: SeedSplits, on_compiled) -> list[tup
                 starts[plan_key] = jax.jit(functools.partial(start_models, plans), out_shardings=by_seed).lower(
                     *round_args).compile()
                 later_compile_s += time.perf_counter() - tc
-            by_base = train(starts[plan_key](*round_args), round_args[1], shared, round_args[5], len(names))
+            by_base = train(starts[plan_key](*round_args), round_args[1], shared, round_args[-1], len(names))
             outputs.update({n: by_base[round_of(n)[0]] for n in names})
         run_s = time.perf_counter() - t1 - later_compile_s
         done.append(({m: outputs[m] for m in cfg.methods},  # S x H, in the config's order
                      {"compile_s": (compile_s if not done else 0.0) + later_compile_s, "run_s": run_s,
-                      "bucket_rows": None if padding is None else int(data.labels_N.shape[0]),
+                      "bucket_rows": None if sizes is None else int(data.labels_N.shape[0]),
                       **({} if done else {"compile_phases": phases})}))
     return done
 
