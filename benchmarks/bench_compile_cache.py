@@ -44,7 +44,8 @@ print(json.dumps(t))
 
 
 def run_child(args, cache, methods=(), n=None, bucket=True) -> dict:
-    code = CHILD.format(bench=str(Path(__file__).parent), cache=cache, n=n or args.n, rows=args.n + 1, d=args.d, k=args.k,
+    code = CHILD.format(bench=str(Path(__file__).parent), cache=cache, n=n or args.n, rows=args.n + 1, d=args.d,
+                        k=args.k,
                         seeds=args.seeds, epochs=args.epochs, batch=args.batch, methods=tuple(methods), bucket=bucket)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -119,7 +120,8 @@ def padding_cost(args) -> None:
 
     padded, unpadded = side_by_side(args, {f"padded to {bucket_size(args.n):,} rows": {"bucket": True},
                                            "unpadded (--no-bucket)": {"bucket": False}}, "every method", "run_s")
-    print(f"run time, padded / unpadded: {padded / unpadded:.2f}x (rows padded / real: {bucket_size(args.n) / args.n:.3f})")
+    print(f"run time, padded / unpadded: {padded / unpadded:.2f}x "
+          f"(rows padded / real: {bucket_size(args.n) / args.n:.3f})")
 
 
 def methods_scaling(args) -> None:

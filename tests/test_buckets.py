@@ -55,7 +55,8 @@ def test_padding_changes_no_number(store_path, select):
             if field in COUNTS:
                 np.testing.assert_array_equal(padded[m].history[field], curve, err_msg=f"{m} {field}")
             else:
-                np.testing.assert_allclose(padded[m].history[field], curve, rtol=1e-5, atol=1e-5, err_msg=f"{m} {field}")
+                np.testing.assert_allclose(padded[m].history[field], curve, rtol=1e-5, atol=1e-5,
+                                           err_msg=f"{m} {field}")
         for a, b in zip(jax.tree.leaves(padded[m].variables), jax.tree.leaves(plain[m].variables)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=m)
 

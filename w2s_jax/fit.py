@@ -220,7 +220,7 @@ def seed_targets(specs, data: FitData, splits_S) -> Teachers:
     return jax.lax.map(lambda split: make_teachers(specs, data, split), splits_S)
 
 
-# ------------------------------------------------------------------ size buckets: one program for the stores of a bucket
+# ------------------------------------------------------------------ size buckets: one program per bucket of stores
 
 
 def bucket_size(n: int) -> int:
@@ -953,8 +953,8 @@ def estimate_bytes(cfg: FitConfig, n: int, d: int, k: int) -> int:
     its params, Adam moments, grads and best copy (6 x params); per seed its targets (the weak labels, the
     reference kNN vote and each refinement, N x (K + 1) each); and, for the one seed running at a time, its J
     models' step (one minibatch's features and J logits, twice for the gradient) and end-of-epoch evaluation
-    (hold_val and test' features and J logits, 36% of n rows); n as padded to its size bucket. Checked against measured peak RSS in
-    benchmarks/bench_scaling.py (runtime overhead not included)."""
+    (hold_val and test' features and J logits, 36% of n rows); n as padded to its size bucket. Checked against
+    measured peak RSS in benchmarks/bench_scaling.py (runtime overhead not included)."""
     cfg = resolve_batch_size(cfg, split_sizes(n)[0])  # an "auto" batch as the fit will resolve it
     n = bucket_size(n) if cfg.vmap and cfg.bucket else n  # the rows the fit may be padded to
     num_h = int(np.prod([len(v) for _, v in cfg.grid] or [1]))
