@@ -103,3 +103,15 @@ def test_stores_of_one_bucket_share_one_compiled_program(tmp_path, caplog):
         unpadded = fit_cli(tmp_path / "s620.h5", tmp_path / "c", "--no-bucket")
     assert unpadded.exit_code == 0 and "size bucket" not in unpadded.output
     assert "epoch_program" in re.findall(r"PERSISTENT COMPILATION CACHE MISS for 'jit_(\w+)'", caplog.text)
+
+
+def test_an_experiment_file_turns_buckets_off(tmp_path):
+    """``[fit] bucket = false`` reaches the fit's config; a value that is not a boolean is named before any work."""
+    from extract import experiment
+    from test_experiment import TOML, write
+
+    assert experiment.fit_config({"bucket": False}, "s.h5", "w").bucket is False
+    assert experiment.fit_config({}, "s.h5", "w").bucket is True
+    path = write(tmp_path, TOML.format(out=tmp_path / "out").replace("seeds = 2", 'seeds = 2\nbucket = "no"'))
+    with pytest.raises(experiment.ExperimentError, match="bucket"):
+        experiment.load_experiment(path)
