@@ -17,6 +17,9 @@ and :class:`Rows` holds what sets them apart as arrays, one row per model: the l
 wide GEMM ``r̂ · [A_1 … A_J]ᵀ`` through the heads' ``linear_form``), one vectorized loss and one vectorized Adam
 update, whatever the number of methods; the program grows with the number of heads, not of methods.
 All models of a seed share its minibatch order, so :func:`seed_epoch` gathers each step's rows once.
+
+The vmapped fit pads a store's rows to its size bucket (:func:`bucket_size`, :func:`pad_to_bucket`) and masks the
+padding everywhere, so that the stores of one bucket run the same compiled programs and get the unpadded numbers.
 """
 from __future__ import annotations
 
