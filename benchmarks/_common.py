@@ -19,6 +19,13 @@ from pathlib import Path
 import numpy as np
 
 
+def bucket_neighbour(n: int) -> int:
+    """A store size one row from ``n`` in the same size bucket (w2s_jax.fit.bucket_size): it loads n's programs."""
+    from w2s_jax.fit import bucket_size  # imported here: it imports jax
+
+    return n - 1 if bucket_size(n - 1) == bucket_size(n) else n + 1
+
+
 def machine() -> str:
     """One line: CPU model and cores, package versions and BLAS, and this machine's best float32 GEMM rates."""
     import os

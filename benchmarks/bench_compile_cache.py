@@ -65,15 +65,14 @@ def main():
     ap.add_argument("--padding-cost", action="store_true",
                     help="run time of the fit padded to its size bucket against unpadded (--no-bucket), cache off")
     args = ap.parse_args()
-    from _common import machine
-    from w2s_jax.fit import bucket_size
+    from _common import bucket_neighbour, machine
 
     print(f"machine: {machine()}")
     if args.methods_scaling:
         return methods_scaling(args)
     if args.padding_cost:
         return padding_cost(args)
-    other = args.n - 1 if bucket_size(args.n - 1) == bucket_size(args.n) else args.n + 1  # the same bucket
+    other = bucket_neighbour(args.n)
     rows = {"cache off": [], "cold cache": [], "warm cache": [], f"warm cache, another store of the bucket "
             f"(n={other})": []}
     for _ in range(args.repeats):

@@ -176,7 +176,7 @@ def fit_seconds(rows: int) -> tuple[float, float, float]:
     import tempfile
     from pathlib import Path
 
-    from _common import clustered
+    from _common import bucket_neighbour, clustered
     from w2s_jax import compile_cache
     from w2s_jax import fit as fitlib
     from w2s_jax.config import FitConfig
@@ -184,7 +184,7 @@ def fit_seconds(rows: int) -> tuple[float, float, float]:
     from w2s_jax.splits import stacked_splits
 
     compile_cache.enable(Path(tempfile.mkdtemp(prefix="bench-paper-grid-cache-")))  # empty: the first compiles
-    other = rows - 1 if fitlib.bucket_size(rows - 1) == fitlib.bucket_size(rows) else rows + 1
+    other = bucket_neighbour(rows)
     feats, weak, labels, text = clustered(max(rows, other), 512, 345, np.random.default_rng(0))
     cfg = FitConfig(store="x", weak="w", methods=jax_methods(), seeds=SEEDS, epochs=EPOCHS, batch_size=BATCH)
     timings = [fitlib.fit_methods(cfg, fitlib.make_data(feats[:n], weak[:n], labels[:n]), stacked_splits(n, SEEDS),

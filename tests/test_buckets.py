@@ -62,7 +62,7 @@ def test_padding_changes_no_number(store_path, select):
 
 
 def test_a_head_that_does_not_weigh_its_start_is_fitted_unpadded(store_path, registries):
-    """A registered head that does not say it weighs ``Start.weight_N`` (``masked_start``) is never padded."""
+    """A registered head that does not say it honours ``Start.real_N`` (``masked_start``) is never padded."""
     from w2s_jax import heads
     from w2s_jax.methods import METHODS, Method
 

@@ -284,18 +284,17 @@ def pad_to_bucket(plan: Plan, datas, splits: SeedSplits):
     n_pad = bucket_size(n)
     if not cfg.bucket or not paddable(plan, splits):
         return datas, splits, None, None
-    sizes = [max(a, np.shape(part)[-1]) for a, part in zip(split_sizes(n_pad), splits)]
+    part_sizes = [max(a, np.shape(part)[-1]) for a, part in zip(split_sizes(n_pad), splits)]
     padded = SeedSplits(*(np.pad(np.asarray(part), ((0, 0), (0, size - np.shape(part)[-1])), constant_values=-1)
-                          for part, size in zip(splits, sizes)))
+                          for part, size in zip(splits, part_sizes)))
     n_train, n_val = splits.hold_train.shape[-1], splits.hold_val.shape[-1]
-    steps = math.ceil(n_train / cfg.batch_size)
-    total = cfg.epochs * steps
-    length = math.ceil(sizes[0] / cfg.batch_size) * cfg.batch_size
+    total = total_steps(cfg, splits)
+    steps = total // cfg.epochs
+    length = math.ceil(part_sizes[0] / cfg.batch_size) * cfg.batch_size
     order = jax.jit(epoch_order, static_argnums=3)
     orders_SxExR = np.stack([np.stack([np.asarray(order(plan.keys[s], e, jnp.asarray(splits.hold_train[s]), length))
                                        for e in range(cfg.epochs)]) for s in range(cfg.seeds)])
-    drops_U = [drop_count(spec.c, n_train + n_val) if spec.kind in ("filter", "confident") else 0
-               for spec in plan.specs]
+    drops_U = [drop_count(spec.c, n_train + n_val) for spec in plan.specs]  # c is 0 but for filter, confident
     sizes = Sizes(*(np.asarray(v, np.int32) for v in (n_train, steps, total, warmup_steps(total, cfg.warmup), drops_U)))
     return [pad_rows(d, n_pad) for d in datas], padded, orders_SxExR.astype(np.int32), sizes
 
@@ -441,16 +440,16 @@ def start_targets(group: Group, row: Rows, data: FitData, rows_N, teachers: Teac
 def start_model(group: Group, cfg: FitConfig, key, row: Rows, data: FitData, split: SeedSplits,
                 teachers: Teachers, sizes: Sizes | None = None) -> FitState:
     """One model's first state (leading axes none): its head started from the data, Adam's state, no best yet.
-    Padded (``sizes``), the padding rows of hold_train start nothing (``Start.weight_N`` 0, target -1)."""
+    Padded (``sizes``), the padding rows of hold_train start nothing (``Start.real_N`` False, target -1)."""
     init_key, _ = jax.random.split(key)
     mixture = {"mixture": {"logits_M": jnp.zeros(data.weaks_MxNxK.shape[0])}} if group.multi else {}
     targets_N = start_targets(group, row, data, split.hold_train, teachers)
-    weight_N = None
+    real_N = None
     if sizes is not None:
-        weight_N = (split.hold_train >= 0).astype(jnp.float32)
-        targets_N = jnp.where(weight_N > 0, targets_N, -1)
+        real_N = split.hold_train >= 0
+        targets_N = jnp.where(real_N, targets_N, -1)
     variables = {**group.module.init(init_key, data.feats_NxD[split.hold_train], row.hp,
-                                     Start(targets_N, group.text_KxD, weight_N)), **mixture}
+                                     Start(targets_N, group.text_KxD, real_N)), **mixture}
     best = {"variables": variables, "score": jnp.float32(-1.0), "epoch": jnp.int32(0)}
     return FitState(variables, make_optimizer(cfg)(row.hp, 1).init(trained(variables)), best)  # init reads no lr
 

@@ -9,8 +9,8 @@ Every head is called as ``head(feats_BxD, hp, start=None) -> logits_BxK``:
   (``self.param`` also runs its initialiser at apply, abstractly, to check the shape).
 - ``head.apply(variables, feats_BxD, hp)`` is the forward pass. Both are pure, so ``fit`` vmaps them.
 - A fit padded to a size bucket (``fit.pad_to_bucket``: stores of one bucket share a compiled program) passes
-  padding rows to ``init`` too: ``Start.weight_N`` is 0 there (and their ``targets_N`` -1). A head that reads
-  statistics of the features at ``init`` must weigh them by it, and says so with ``Head(masked_start=True)``;
+  padding rows to ``init`` too: ``Start.real_N`` is False there (and their ``targets_N`` -1). A head that reads
+  statistics of the features at ``init`` must leave them out, and says so with ``Head(masked_start=True)``;
   a fit with any other head is not padded.
 - Hyperparameters arrive in ``hp`` (arrays, so a grid sweeps them); fields of the module are its shape.
 - A head whose logits are linear in ``r̂`` may also define ``linear_form(self, hp) -> (A_KxD, c_K)``, the logits
@@ -46,6 +46,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from w2s_jax.select import masked_mean
+
 
 class Start(NamedTuple):
     """What a head may start from at ``init`` (never passed to ``apply``)."""
@@ -53,7 +55,7 @@ class Start(NamedTuple):
     targets_N: jax.Array  # target class of each training row (weak argmax, or the label for a ceiling);
     #                       -1 leaves a row out (multi-weak: the rows where the weak models disagree)
     text_KxD: Any = None  # mean raw text embedding per class, or None without a text tower
-    weight_N: Any = None  # 1 per real row, 0 per padding row of a size bucket; None: every row is real
+    real_N: Any = None  # False for the padding rows of a size bucket; None: every row is real
 
 
 class Head(NamedTuple):
@@ -63,7 +65,7 @@ class Head(NamedTuple):
     module: Callable[[int], nn.Module]
     penalty: Callable = lambda params, hp: 0.0  # (params, hp) -> scalar added to the mean training loss
     start_fields: tuple | None = None  # Hparams fields that init reads; None: any of them (no start is shared)
-    masked_start: bool = False  # init weighs the rows by Start.weight_N (the fit may pad to a size bucket)
+    masked_start: bool = False  # init leaves out the rows Start.real_N marks (the fit may pad to a size bucket)
 
 
 def linear_logits(feats_BxD, a_KxD, c_K):
@@ -78,13 +80,6 @@ def l2_normalize(x, axis=-1):
 def zero_shot_prototypes(text_TxKxD):
     """Normalised mean of the normalised per-template text embeddings (open_clip's recipe), ``K x D``."""
     return l2_normalize(jnp.mean(l2_normalize(text_TxKxD), axis=0))
-
-
-def row_mean(x_NxD, weight_N=None):
-    """The mean row, ``D``; with ``weight_N`` (0 for padding rows) the weighted mean."""
-    if weight_N is None:
-        return jnp.mean(x_NxD, 0)
-    return jnp.sum(x_NxD * weight_N[:, None], 0) / jnp.sum(weight_N)
 
 
 def centroid_prototypes(key, feats_NxD, targets_N, num_classes):
@@ -151,7 +146,7 @@ class LinearHead(nn.Module):
     @nn.compact
     def __call__(self, feats_BxD, hp, start: Start | None = None):
         center_D = self.variable("stats", "center_D",  # computed at init only
-                                 lambda: row_mean(feats_BxD, None if start is None else start.weight_N)).value
+                                 lambda: masked_mean(feats_BxD, None if start is None else start.real_N)).value
         if start is not None:
             first = shrunk_lda(feats_BxD - center_D, start.targets_N, self.num_classes, hp.lp_shrinkage)
             self.variable("params", "w_KxD", lambda: first[0] / hp.lp_scale)

@@ -38,10 +38,12 @@ class ValView(NamedTuple):
 
 
 def masked_mean(x_V, valid_V=None):
-    """The mean of ``x`` over the real rows (``valid_V``: False for the padding rows of a size bucket; None: all)."""
+    """The mean of ``x`` over its real rows (leading axis V; ``valid_V``: False for the padding rows of a size
+    bucket; None: every row)."""
     if valid_V is None:
-        return jnp.mean(x_V)
-    return jnp.sum(jnp.where(valid_V, x_V, 0.0)) / jnp.sum(valid_V)
+        return jnp.mean(x_V, 0)
+    valid = jnp.reshape(valid_V, valid_V.shape + (1,) * (jnp.ndim(x_V) - 1))
+    return jnp.sum(jnp.where(valid, x_V, 0.0), 0) / jnp.sum(valid_V)
 
 
 def val_view(weak_VxK, reference_VxK, labels_V, valid_V=None) -> ValView:
