@@ -221,6 +221,7 @@ def main(results_dir, store, split, images, export_prototypes, method, seed, gri
             again = "--export-prototypes path" if export_prototypes else "--out"
             raise outputs.OutputError(f"{target} exists; pass --overwrite to replace it, or another {again}")
         head = choose_head(results_dir, method)
+        head.check_usable(seed, grid_index)  # a failed model's parameters are not a model
         if export_prototypes:
             np.save(target, head.prototypes(seed, grid_index).astype(np.float32))
             click.echo(f"wrote the {len(head.class_names)} x {head.feature_dim} prototypes of {method} (seed {seed}) "

@@ -74,13 +74,20 @@ def _short(value) -> str:
     return ", ".join(map(str, value[:4])) + (", ..." if len(value) > 4 else "")
 
 
+FAILED = "failed"  # a cell of a method that failed in training: never evaluated, never used for PGR
+
+
 def evaluate(folder, store, where: str) -> dict:
     """``{method: test' accuracy per seed (S)}`` of the folder's saved heads (each at its chosen grid point) on the
-    target ``store``'s test' rows of each seed; ``where`` names the store in a refusal."""
+    target ``store``'s test' rows of each seed, or :data:`FAILED` for a method the fit reports as failed (its heads
+    are never applied); ``where`` names the store in a refusal."""
     test = store.splits["test"]
     out = {}
     for method, head in load_heads(folder).items():
         check_compatible(head, store, where)
+        if head.failed():
+            out[method] = FAILED
+            continue
         splits = stacked_splits(len(test.ids_N), head.num_seeds)
         out[method] = [float(np.mean(head.logits(test.features_NxD[rows], seed=s).argmax(1) == test.labels_N[rows]))
                        for s, rows in enumerate(splits.test_prime)]
@@ -139,15 +146,15 @@ def matrix(folders, cross_dir=None) -> tuple[dict, list[str], list[str]]:
                      "domain is left out as a target")
     found = {}
     for folder in map(Path, folders):
-        weak = json.loads((folder / "config.json").read_text())["weak"]
+        config = json.loads((folder / "config.json").read_text())
+        weak = config["weak"]
         source = "/".join(domain_of(folder))
         for target, store in stores.items():
             cells = found.setdefault(weak, {})
             evaluated = evaluate(folder, store, f"store {paths[target]}")
             for method, accs in evaluated.items():
                 cells.setdefault(method, {})[(source, "/".join(target))] = accs
-            seeds = len(next(iter(evaluated.values())))
-            weak_accs = weak_on_target(cross_dir, weak, source, "/".join(target), store, seeds)
+            weak_accs = weak_on_target(cross_dir, weak, source, "/".join(target), store, config["seeds"])
             if weak_accs is not None:
                 cells.setdefault("weak", {})[(source, "/".join(target))] = weak_accs
     return found, ["/".join(t) for t in sorted(stores)], notes

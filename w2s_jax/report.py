@@ -457,16 +457,19 @@ CROSS_NOTE = ("Each cell: test' accuracy (%), mean ± std over seeds, of the hea
               "(extract/cross_weak.py), or a fine-tuned one applied from its kept weights (STORE.weak/); where "
               "those were not kept (a store made before they were), its cells are blank. Where it exists, "
               "a cell's PGR is (method − weak) / (ceiling of the method's head − weak) from the means, the ceiling "
-              "evaluated the same way, shown where that ceiling beats the weak model. The last columns average the "
-              "diagonal and the off-diagonal cells.")
+              "evaluated the same way, shown where that ceiling beats the weak model, and never against a ceiling "
+              "that failed. A method whose fit failed (non-finite training loss) reads 'failed' in every cell: its "
+              "heads are never applied. The last columns average the diagonal and the off-diagonal cells.")
 
 
 def _cross_pgr(methods: dict, method: str, key) -> str:
     """`` (PGR p)`` of one cross-domain cell, or "" where the weak model, the ceiling or the gap is missing."""
+    from w2s_jax.cross_domain import FAILED
+
     ceiling = CEILING_OF_HEAD.get(METHODS[method].head) if method in METHODS else None
     weak, acc = methods.get("weak", {}).get(key), methods[method].get(key)
     ceil = methods.get(ceiling, {}).get(key) if ceiling and METHODS[method].target != "truth" else None
-    if weak is None or acc is None or ceil is None:
+    if weak is None or acc is None or ceil is None or FAILED in (acc, ceil):
         return ""
     value = float(metrics.pgr(np.mean(acc), np.mean(weak), np.mean(ceil)))
     return "" if np.isnan(value) else f" (PGR {value:.2f})"
@@ -487,6 +490,9 @@ def cross_domain_tables(folders, cross_dir=None) -> tuple[list[Table], dict]:
         for method in ["weak"] * ("weak" in methods) + results.method_order(methods):
             for source in sorted({s for s, _ in methods[method]}):
                 cells = {t: methods[method].get((source, t)) for t in targets}
+                if cross_domain.FAILED in cells.values():  # the fit reports it failed: no accuracy, no PGR
+                    rows.append([method, source, *[results.FAILED] * len(targets), "", ""])
+                    continue
                 inside = cells.get(source)
                 outside = [_acc(v) for t, v in cells.items() if t != source and v is not None]
                 out_mean = f"{np.mean(outside):.2f}" if outside else ""

@@ -172,10 +172,11 @@ def _normalised(obj):
 
 
 def write_results(out_dir, *, config, provenance: dict, splits, summary: dict, histories: dict, timings: dict,
-                  heads: dict, best_epochs: dict, feature_dim: int) -> Path:
+                  heads: dict, best_epochs: dict, feature_dim: int, failed=None) -> Path:
     """Write the folder under a hidden temporary name, then rename it into place (never half-written).
 
-    heads: method -> (head name, best-epoch variables ``S x H x ...``); best_epochs: method -> ``S x H``.
+    heads: method -> (head name, best-epoch variables ``S x H x ...``); best_epochs: method -> ``S x H``;
+    failed: method -> ``S x H`` bool, recorded with the heads.
     """
     final = Path(out_dir)
     out = staging_folder(final)
@@ -189,7 +190,7 @@ def write_results(out_dir, *, config, provenance: dict, splits, summary: dict, h
     _write_csv(out / "metrics.csv", summary, config.grid_hparams())
     (out / "table.md").write_text(all_tables(summary) + "\n")
     write_heads(out, heads, best_epochs, summary, provenance, config.grid_hparams(), feature_dim,
-                getattr(config, "imports", ()))
+                getattr(config, "imports", ()), failed)
     return swap_in(out, final)
 
 

@@ -141,5 +141,5 @@ def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_d
     if jax.process_index() == 0:  # on several hosts, every process holds the results; one writes them
         results.write_results(out_dir, config=cfg, provenance=provenance, splits=splits, summary=summary,
                               histories=histories, timings=timings, heads=heads, best_epochs=best_epochs,
-                              feature_dim=data.feats_NxD.shape[1])
+                              feature_dim=data.feats_NxD.shape[1], failed=failed)
     return summary, Path(out_dir)

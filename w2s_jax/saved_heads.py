@@ -3,8 +3,9 @@
 Layout, inside the results folder::
 
     heads/heads.json        what is needed to apply them: encoder id, class names, feature dim, the grid's
-                            hyperparameters, and per method its head, the grid point chosen on hold_val
-                            and the best epoch of every seed x grid point
+                            hyperparameters, and per method its head, the grid point chosen on hold_val,
+                            the best epoch of every seed x grid point and which of them failed (their
+                            training loss went non-finite: never applied, see SavedHead.check_usable)
     heads/<method>.msgpack  the head's flax variables ({"params": ..., "stats": ...}), every leaf
                             stacked ``S x H x ...`` (seed, grid point), in flax's msgpack serialization
 
@@ -47,6 +48,7 @@ class SavedHead:
     encoder: str  # strong encoder id of the features the head takes
     class_names: tuple[str, ...]
     feature_dim: int
+    failed_SxH: np.ndarray | None = None  # True where that model's training loss went non-finite
 
     @property
     def num_seeds(self) -> int:
@@ -60,6 +62,25 @@ class SavedHead:
     def hparams(self, grid_index: int | None = None) -> Hparams:
         _, h = self._index(0, grid_index)
         return Hparams(*(float(np.asarray(v)[h]) for v in self.hparams_H))
+
+    def failed(self, seed: int | None = None, grid_index: int | None = None) -> bool:
+        """Whether the model of ``seed`` (default: any seed, as the fit's table counts it) at ``grid_index``
+        (default: the one chosen on hold_val) failed in training."""
+        if self.failed_SxH is None:
+            return False
+        _, h = self._index(0, grid_index)
+        column = np.asarray(self.failed_SxH, bool)[:, h]
+        return bool(column.any() if seed is None else column[self._index(seed, h)[0]])
+
+    def check_usable(self, seed: int = 0, grid_index: int | None = None) -> None:
+        """A HeadsError when the model of ``seed`` at ``grid_index`` failed: its parameters are not a model."""
+        if self.failed(seed, grid_index):
+            h = self._index(seed, grid_index)[1]
+            ok = [i for i in range(self.failed_SxH.shape[1]) if not self.failed_SxH[:, i].any()]
+            other = f"another --grid-index ({', '.join(map(str, ok))} trained)" if ok else "another --method"
+            raise HeadsError(f"{self.method} failed at grid point {h}, seed {seed} (its training loss went "
+                             f"non-finite; the fit's table reports it as failed): its head is not a model and is never "
+                             f"applied. Choose {other}, or refit with a smaller lr")
 
     def logits(self, features_NxD, seed: int = 0, grid_index: int | None = None) -> np.ndarray:
         """Class logits ``N x K`` of raw (or already normalised) strong features ``N x D``."""
@@ -89,11 +110,12 @@ class SavedHead:
 
 
 def write_heads(folder: Path, heads: dict, best_epochs: dict, summary: dict, provenance: dict, hps: Hparams,
-                feature_dim: int, imports=()) -> None:
+                feature_dim: int, imports=(), failed=None) -> None:
     """Write ``heads/`` into the (staging) results ``folder``.
 
     heads: method -> (head name, variables ``S x H x ...``); best_epochs: method -> ``S x H``; imports: the
-    ``--import`` modules the fit ran with (w2s-predict asks for them).
+    ``--import`` modules the fit ran with (w2s-predict asks for them); failed: method -> ``S x H`` bool, True where
+    the training loss went non-finite (recorded, so that no later use applies those heads).
     """
     out = Path(folder) / FOLDER
     out.mkdir()
@@ -102,7 +124,9 @@ def write_heads(folder: Path, heads: dict, best_epochs: dict, summary: dict, pro
         (out / f"{method}.msgpack").write_bytes(serialization.msgpack_serialize(jax.tree.map(np.asarray, variables)))
         methods[method] = {"head": head, "file": f"{method}.msgpack",
                            "selected_grid_index": summary["methods"][method]["grid_index"],
-                           "best_epoch": np.asarray(best_epochs[method]).tolist()}
+                           "best_epoch": np.asarray(best_epochs[method]).tolist(),
+                           "failed": np.zeros(np.shape(best_epochs[method]), bool).tolist() if not failed
+                           else np.asarray(failed[method], bool).tolist()}
     index = {"format": FORMAT, "encoder": provenance["encoder"], "class_names": list(provenance["class_names"]),
              "feature_dim": int(feature_dim), "features": "L2-normalised strong image features r / |r|",
              "hparams": {f: np.asarray(v).tolist() for f, v in hps._asdict().items()}, "methods": methods,
@@ -176,6 +200,18 @@ def check_imports(results_dir, index: dict) -> None:
                          "here (or import it in Python first), so that its heads are rebuilt as they were trained")
 
 
+def failed_of(results_dir, method: str, entry: dict) -> np.ndarray:
+    """``S x H`` bool of the heads.json ``entry``; a folder written before heads.json recorded it has the fit's
+    table's word (metrics.json's ``failed``, of the chosen grid point) instead."""
+    s_h = np.shape(entry["best_epoch"])
+    if "failed" in entry:
+        return np.asarray(entry["failed"], bool).reshape(s_h)
+    summary = read_json(Path(results_dir) / "metrics.json", "the fit's metrics").get("methods", {}).get(method, {})
+    out = np.zeros(s_h, bool)
+    out[:, int(entry["selected_grid_index"])] = bool(summary.get("failed"))
+    return out
+
+
 def load_heads(results_dir, methods=None) -> dict[str, SavedHead]:
     """{method: SavedHead} of a results folder written by w2s-fit or w2s-tp, ready to apply to features;
     ``methods``: read only these (default: all). Every head is checked against heads.json (:func:`check_saved`)."""
@@ -201,6 +237,7 @@ def load_heads(results_dir, methods=None) -> dict[str, SavedHead]:
         found[method] = SavedHead(method=method, head=m["head"], variables_SxH=variables, hparams_H=hps,
                                   selected=int(m["selected_grid_index"]),
                                   best_epoch_SxH=np.asarray(m["best_epoch"]), encoder=index["encoder"],
-                                  class_names=tuple(index["class_names"]), feature_dim=int(index["feature_dim"]))
+                                  class_names=tuple(index["class_names"]), feature_dim=int(index["feature_dim"]),
+                                  failed_SxH=failed_of(results_dir, method, m))
         check_saved(found[method], path)
     return found

@@ -1,0 +1,105 @@
+"""The fifth adversarial probe's findings (issue 44, ``shared/probes/2026-12-04.md``), grouped by feature. Each case
+failed before its fix (a stale or failed result used as if it were good, a wrong number, or a traceback) and must
+now give the right result or a clear error that names the problem and the fix."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import synthetic_store
+from extract import predict_cli
+from w2s_jax import cli as fit_cli
+from w2s_jax import report
+from w2s_jax.saved_heads import load_heads
+
+
+def fit(store, out, *extra, methods="cpl,kd+lp,ceiling+lp", seeds=2, epochs=2):
+    return CliRunner().invoke(fit_cli.main, ["--store", str(store), "--methods", methods, "--seeds", str(seeds),
+                                             "--epochs", str(epochs), "--batch-size", "64", "--out", str(out),
+                                             *map(str, extra)])
+
+
+def clean(r, *words):
+    """A refusal: non-zero exit, a message, no traceback; the message holds ``words``."""
+    assert r.exit_code != 0, r.output
+    assert "Traceback" not in r.output and isinstance(r.exception, (SystemExit, type(None))), repr(r.exception)
+    for word in words:
+        assert word in r.output, (word, r.output)
+
+
+# ---------------------------------------------------------------- a failed model carries its flag (H1)
+
+
+@pytest.fixture(scope="module")
+def failed_fits(tmp_path_factory):
+    """Two domains' fits with lr 1e30: kd+lp and ceiling+lp fail (non-finite loss), cpl trains."""
+    folder = tmp_path_factory.mktemp("failed")
+    fits = []
+    for domain, seed in (("clusters", 0), ("shifted", 1)):
+        synthetic_store(folder / f"{domain}.h5", domain=domain, seed=seed)
+        r = fit(folder / f"{domain}.h5", folder / domain, "--lr", "1e30")
+        assert r.exit_code == 0, r.output
+        fits.append(folder / domain)
+    summary = json.loads((fits[0] / "metrics.json").read_text())
+    assert summary["methods"]["kd+lp"]["failed"] and summary["methods"]["ceiling+lp"]["failed"]
+    assert not summary["methods"]["cpl"]["failed"]
+    return folder, fits
+
+
+def test_saved_heads_carry_the_failed_flag(failed_fits):
+    _, (res, _) = failed_fits
+    heads = load_heads(res)
+    assert heads["kd+lp"].failed() and heads["ceiling+lp"].failed() and not heads["cpl"].failed()
+    assert np.asarray(heads["kd+lp"].failed_SxH).shape == (2, 1)
+
+
+def test_predict_refuses_a_failed_head_and_names_it(failed_fits, tmp_path):
+    folder, (res, _) = failed_fits
+    r = CliRunner().invoke(predict_cli.main, ["--results", str(res), "--store", str(folder / "clusters.h5"),
+                                              "--method", "kd+lp", "--out", str(tmp_path / "p.npz")])
+    clean(r, "kd+lp failed", "non-finite")
+    assert not (tmp_path / "p.npz").exists()
+    r = CliRunner().invoke(predict_cli.main, ["--results", str(res), "--store", str(folder / "clusters.h5"),
+                                              "--method", "cpl", "--out", str(tmp_path / "p.npz")])
+    assert r.exit_code == 0, r.output
+
+
+def test_predict_refuses_a_failed_grid_point_and_keeps_the_trained_one(tmp_path):
+    synthetic_store(tmp_path / "s.h5")
+    r = fit(tmp_path / "s.h5", tmp_path / "res", "--grid", "lr=1e-2,1e30", methods="kd+lp")
+    assert r.exit_code == 0, r.output
+    head = load_heads(tmp_path / "res")["kd+lp"]
+    assert head.selected == 0 and not head.failed() and head.failed(grid_index=1)
+    args = ["--results", str(tmp_path / "res"), "--store", str(tmp_path / "s.h5"), "--method", "kd+lp"]
+    clean(CliRunner().invoke(predict_cli.main, [*args, "--grid-index", "1", "--out", str(tmp_path / "p.csv")]),
+          "grid point 1", "--grid-index (0 trained)")
+    r = CliRunner().invoke(predict_cli.main, [*args, "--out", str(tmp_path / "p.csv")])
+    assert r.exit_code == 0 and "the fit reported" in r.output, r.output
+
+
+def test_a_folder_without_the_flag_takes_the_tables_word(failed_fits, tmp_path):
+    import shutil
+
+    _, (res, _) = failed_fits
+    old = shutil.copytree(res, tmp_path / "old")
+    index = json.loads((old / "heads" / "heads.json").read_text())
+    for entry in index["methods"].values():
+        del entry["failed"]  # as written before heads.json recorded it
+    (old / "heads" / "heads.json").write_text(json.dumps(index))
+    heads = load_heads(old)
+    assert heads["kd+lp"].failed() and not heads["cpl"].failed()
+
+
+def test_cross_domain_marks_failed_rows_with_no_pgr(failed_fits, tmp_path):
+    _, fits = failed_fits
+    report.write_report(fits, tmp_path / "rep", curves=(), cross_domain=True)
+    lines = (tmp_path / "rep" / "cross-domain-noisy.md").read_text().splitlines()
+    rows = {(cells[1].strip(), cells[2].strip()): cells for cells in (line.split("|") for line in lines)
+            if len(cells) > 3}
+    for method in ("kd+lp", "ceiling+lp"):
+        for source in ("synthetic/clusters", "synthetic/shifted"):
+            cells = [c.strip() for c in rows[method, source][3:5]]
+            assert cells == ["failed: non-finite training loss"] * 2, rows[method, source]
+    assert "PGR" not in "".join(rows["kd+lp", "synthetic/clusters"])
+    assert "±" in rows["cpl", "synthetic/clusters"][3]  # the healthy row keeps its numbers
