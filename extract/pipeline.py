@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import io
+import json
 import math
 import os
 import shutil
@@ -292,8 +294,26 @@ def probe_logits(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path,
         probe_feats = {s: out[spec.name] for s, out in outs.items()}
     predict = weak.train_probe(probe_feats["train"], rows["train"][1], k, device=opts.device)
     logits = {s: predict(f) for s, f in probe_feats.items()}
-    return logits, with_accuracy({"source": spec.source, "mode": spec.mode, "probe_epochs": weak.PROBE_EPOCHS,
-                                  "probe_lr": weak.PROBE_LR}, logits, rows)
+    return logits, with_accuracy(weak_recipe(spec, opts), logits, rows)
+
+
+def weak_recipe(spec: weak.WeakSpec, opts: Options) -> dict:
+    """What a weak model is made from: its source and training settings. It is recorded in the store's weak_info
+    and beside a fine-tuning checkpoint, and a weak model whose record differs is made anew, never reused."""
+    if spec.mode == "probe":
+        return {"source": spec.source, "mode": spec.mode, "probe_epochs": weak.PROBE_EPOCHS, "probe_lr": weak.PROBE_LR}
+    return {"source": spec.source, "mode": spec.mode, "epochs": opts.weak_epochs, "batch_size": opts.weak_batch_size,
+            "lr": opts.weak_lr, "warmup": 0.1}
+
+
+def recipe_key(spec: weak.WeakSpec, opts: Options) -> str:
+    """A short hash of :func:`weak_recipe`: it names the resumable work of that recipe (part files, checkpoints)."""
+    return hashlib.sha256(json.dumps(weak_recipe(spec, opts), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def recipe_differences(have: dict, want: dict) -> list[str]:
+    """``["epochs 2 (asked 5)", ...]``: the settings of a recorded weak model that differ from those asked."""
+    return [f"{k} {have.get(k)!r} (asked {v!r})" for k, v in want.items() if have.get(k) != v]
 
 
 def with_accuracy(info: dict, logits: dict, rows: dict) -> dict:
@@ -317,10 +337,15 @@ def finetune_weak(specs, dataset: Dataset, train: tuple, parts: Path, opts: Opti
     for spec in specs:
         models[spec.name] = weak.load_hf(spec, k, opts.device)
         ckpt = parts / f"weak-{spec.name}.pt"
-        if ckpt.exists():
+        recipe = ckpt.with_suffix(".json")  # what the checkpoint was fine-tuned with
+        made_with = json.loads(recipe.read_text()) if recipe.is_file() else None
+        if ckpt.exists() and made_with == weak_recipe(spec, opts):
             models[spec.name].load_state_dict(weak.load_weights(ckpt, opts.device))
             opts.log(f"resumed fine-tuned weak model from {ckpt}")
         else:
+            if ckpt.exists():
+                why = "; ".join(recipe_differences(made_with or {}, weak_recipe(spec, opts)))
+                opts.log(f"{ckpt} was fine-tuned with other settings ({why}): fine-tuning {spec.name} anew")
             todo[spec.name] = (models[spec.name], which[spec.name])
     failed = {}
     if todo:
@@ -332,16 +357,20 @@ def finetune_weak(specs, dataset: Dataset, train: tuple, parts: Path, opts: Opti
         failed = weak.finetune(todo, loader, epochs=opts.weak_epochs, lr=opts.weak_lr, device=opts.device,
                                progress=tqdm)
         parts.mkdir(parents=True, exist_ok=True)
-        for name in todo.keys() - failed.keys():
-            _save_torch(parts / f"weak-{name}.pt", models[name].state_dict())
+        for spec in specs:
+            if spec.name in todo and spec.name not in failed:
+                _save_torch(parts / f"weak-{spec.name}.pt", models[spec.name].state_dict())
+                _write_text(parts / f"weak-{spec.name}.json", json.dumps(weak_recipe(spec, opts), sort_keys=True))
     return {n: m for n, m in models.items() if n not in failed}, failed
 
 
-def logit_heads(models: dict, first: int, which: dict) -> tuple[dict, dict]:
+def logit_heads(models: dict, first: int, which: dict, keys: dict) -> tuple[dict, dict]:
     """The fine-tuned ``models``' logits as heads of an image pass (:func:`run_pass`) whose transforms from index
-    ``first`` on are :func:`tuned_inputs`'s: ``({name: (None, fn)}, {name: its transform's index})``."""
-    return ({n: (None, weak.hf_logits(m)) for n, m in models.items()},
-            {n: first + which[n] for n in models})
+    ``first`` on are :func:`tuned_inputs`'s: ``({head: (None, fn)}, {head: its transform's index})``, each head
+    named ``NAME@KEY`` by its recipe's ``keys[NAME]`` (:func:`recipe_key`), so that part files of a model fine-tuned
+    with other settings are never read as this one's."""
+    return ({f"{n}@{keys[n]}": (None, weak.hf_logits(m)) for n, m in models.items()},
+            {f"{n}@{keys[n]}": first + which[n] for n in models})
 
 
 def tuned_logits(specs, dataset: Dataset, rows: dict, parts: Path, opts: Options,
@@ -354,16 +383,16 @@ def tuned_logits(specs, dataset: Dataset, rows: dict, parts: Path, opts: Options
     models, failed = finetune_weak(specs, dataset, rows["train"], parts, opts, source)
     if not models:
         return {}, failed
-    heads, which = logit_heads(models, 0, tuned_inputs(specs)[1])
+    keys = {spec.name: recipe_key(spec, opts) for spec in specs}
+    heads, which = logit_heads(models, 0, tuned_inputs(specs)[1], keys)
     outs = run_splits(rows, source, TUNED, heads, parts / f"weaklogits-{'+'.join(models)}-all", opts,
                       f"{', '.join(models)} logits", which)[0]
-    return {n: {s: out[n] for s, out in outs.items()} for n in models}, failed
+    return {n: {s: out[f"{n}@{keys[n]}"] for s, out in outs.items()} for n in models}, failed
 
 
 def tuned_info(spec: weak.WeakSpec, logits: dict, rows: dict, opts: Options) -> dict:
     """A fine-tuned weak model's provenance: its recipe and accuracy per split."""
-    return with_accuracy({"source": spec.source, "mode": spec.mode, "epochs": opts.weak_epochs,
-                          "batch_size": opts.weak_batch_size, "lr": opts.weak_lr, "warmup": 0.1}, logits, rows)
+    return with_accuracy(weak_recipe(spec, opts), logits, rows)
 
 
 def add_weak_models(store: st.Store, specs, dataset: Dataset, rows: dict, parts: Path, opts: Options,
@@ -434,6 +463,12 @@ def keep_weak_weights(parts: Path, store_path: Path) -> None:
         os.replace(ckpt, kept)
 
 
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _save_torch(path: Path, obj) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -482,7 +517,7 @@ def extract(dataset: Dataset, strong_spec: str, weak_specs: list[str], out, opts
 def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templates) -> Path | None:
     specs = [weak.parse_weak(w) for w in weak_specs]
     if out.exists():
-        return _add_weak_models(dataset, strong_spec, specs, out, opts)
+        return _add_weak_models(dataset, strong_spec, specs, out, opts, templates)
     parts = out.with_name(out.name + ".parts")
     out.parent.mkdir(parents=True, exist_ok=True)
     stale = weak_weights(out, "x").parent
@@ -513,7 +548,8 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
         if logits_too:
             try:
                 models, failed = finetune_weak(tuned_specs, dataset, dataset.splits["train"], parts, opts, source)
-                logit_fns, which = logit_heads(models, len(heads), tuned_which)
+                keys = {spec.name: recipe_key(spec, opts) for spec in tuned_specs}
+                logit_fns, which = logit_heads(models, len(heads), tuned_which, keys)
                 which.update({name: i for i, name in enumerate(heads)})
                 heads, tuned = {**heads, **logit_fns}, ({}, failed)
             except UnreadableTrainImages:
@@ -538,13 +574,28 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
                          splits, text, {})
         feats = {spec.name: {s: results[s][spec.name] for s in rows} for spec in probes}
         if tuned is not None:
-            tuned[0].update({n: {s: results[s][n] for s in rows} for n in logit_fns})
+            tuned[0].update({h.rpartition("@")[0]: {s: results[s][h] for s in rows} for h in logit_fns})
         store, failed = add_weak_models(store, specs, dataset, rows, parts, opts, source, feats, tuned)
     st.write_store(out, store)
     keep_weak_weights(parts, out)
     shutil.rmtree(parts)
     check_failed(failed, out)
     return out
+
+
+def with_templates(store: st.Store, strong_spec, templates: tuple, opts: Options, out: Path) -> tuple[st.Store, bool]:
+    """``(store, changed)``: the store with text embeddings of ``templates``, encoded again (the strong encoder's text
+    tower only) when they differ from those it holds; a store without a text tower is returned as it is."""
+    have = store.provenance.templates
+    if store.text_TxKxD is None or not have or tuple(templates) == tuple(have):
+        return store, False
+    opts.log(f"{out} holds text embeddings of the template(s) {list(have)}; asked: {list(templates)}: encoding them "
+             "again")
+    encoder = encoders.load_strong(strong_spec, opts.device)
+    with torch.no_grad():
+        text = encoders.text_embeddings(encoder, store.provenance.class_names, templates).float().cpu().numpy()
+    provenance = dataclasses.replace(store.provenance, templates=tuple(templates))
+    return dataclasses.replace(store, provenance=provenance, text_TxKxD=text), True
 
 
 def _check_or_write_meta(parts: Path, want: st.Provenance) -> None:
@@ -564,8 +615,11 @@ def _check_or_write_meta(parts: Path, want: st.Provenance) -> None:
     os.replace(tmp, meta)
 
 
-def _add_weak_models(dataset: Dataset, strong_spec, specs, out: Path, opts: Options) -> Path:
-    """Add weak models to an existing store without touching its strong features."""
+def _add_weak_models(dataset: Dataset, strong_spec, specs, out: Path, opts: Options,
+                     templates=encoders.DEFAULT_TEMPLATES) -> Path:
+    """Add weak models to an existing store without touching its strong features. What the store holds is reused
+    only as asked: text embeddings of other ``templates`` are encoded again, and a weak model made with other
+    settings (:func:`weak_recipe`) is made anew; the log names what differs."""
     store = st.read_store(out)
     want = dataclasses.replace(
         provenance_for(dataset, encoders.encoder_id(strong_spec), "", store.provenance.templates),
@@ -577,12 +631,21 @@ def _add_weak_models(dataset: Dataset, strong_spec, specs, out: Path, opts: Opti
             out, "refusing to add weak models to a store built differently: " + "; ".join(problems),
             "pass the same --dataset/--domain/--root/--strong as when it was built, or choose another --out",
         )
-    new = [s for s in specs if s.name not in store.weak_info]
+    store, retexted = with_templates(store, strong_spec, tuple(templates), opts, out)
+    new = []
     for s in specs:
-        if s.name in store.weak_info:
-            opts.log(f"weak model {s.name} already in {out}; kept as is")
+        differ = recipe_differences(store.weak_info[s.name], weak_recipe(s, opts)) if s.name in store.weak_info else []
+        if s.name not in store.weak_info or differ:
+            new.append(s)
+        if differ:
+            opts.log(f"weak model {s.name} in {out} was made otherwise ({'; '.join(differ)}): making it anew")
+        elif s.name in store.weak_info:
+            opts.log(f"weak model {s.name} already in {out}, made as asked; kept as is")
     if not new:
+        if retexted:
+            st.write_store(out, store)
         return out
+    store = st.without_weak_models(store, {s.name for s in new})  # a remade one that fails is not left as it was
     parts = out.with_name(out.name + ".parts")
     rows = {s: (sp.ids_N, sp.labels_N) for s, sp in store.splits.items()}
     with ImageSource(dataset.load, weak_passes(new), opts) as source:

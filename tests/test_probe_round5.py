@@ -103,3 +103,112 @@ def test_cross_domain_marks_failed_rows_with_no_pgr(failed_fits, tmp_path):
             assert cells == ["failed: non-finite training loss"] * 2, rows[method, source]
     assert "PGR" not in "".join(rows["kd+lp", "synthetic/clusters"])
     assert "±" in rows["cpl", "synthetic/clusters"][3]  # the healthy row keeps its numbers
+
+
+# ---------------------------------------------------------------- anything reused is what was asked (H2, H3, M6)
+
+
+def extract(*args):
+    from extract import cli
+
+    return CliRunner().invoke(cli.main, ["--num-workers", "0", "--batch-size", "4", *map(str, args)])
+
+
+def test_an_edited_template_encodes_the_text_again(imagefolder_root, tiny_clip, tmp_path, monkeypatch):
+    from extract import encoders
+    from w2s_jax.store import read_store
+
+    out = tmp_path / "s.h5"
+    base = ("--dataset", "imagefolder", "--root", imagefolder_root, "--strong", tiny_clip, "--weak", "pixels@2")
+    assert extract(*base, "--out", out).exit_code == 0
+    before = read_store(out)
+    r = extract(*base, "--template", "a sketch of a {}.", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "encoding them again" in r.output
+    after = read_store(out)
+    assert after.provenance.templates == ("a sketch of a {}.",)
+    want = encoders.text_embeddings(encoders.load_strong(tiny_clip), after.provenance.class_names,
+                                    ("a sketch of a {}.",)).detach().float().numpy()
+    np.testing.assert_allclose(after.text_TxKxD, want, atol=1e-6)
+    assert not np.allclose(after.text_TxKxD, before.text_TxKxD)
+    np.testing.assert_array_equal(after.splits["test"].features_NxD, before.splits["test"].features_NxD)
+
+
+def test_an_edited_weak_recipe_makes_the_weak_model_anew(imagefolder_root, tiny_clip, tiny_resnet_dir, tmp_path):
+    from w2s_jax.store import read_store
+
+    out = tmp_path / "s.h5"
+    base = ("--dataset", "imagefolder", "--root", imagefolder_root, "--strong", tiny_clip,
+            "--weak", f"{tiny_resnet_dir}:finetune", "--out", out)
+    assert extract(*base, "--weak-epochs", "1").exit_code == 0
+    name = "tiny-resnet-finetune"
+    assert read_store(out).weak_info[name]["epochs"] == 1
+    kept = out.with_name(out.name + ".weak") / f"{name}.pt"
+    first = kept.read_bytes()
+    r = extract(*base, "--weak-epochs", "2")
+    assert r.exit_code == 0, r.output
+    assert "made otherwise (epochs 1 (asked 2))" in r.output and "kept as is" not in r.output
+    assert read_store(out).weak_info[name]["epochs"] == 2
+    assert kept.read_bytes() != first  # the kept weights are the new model's
+    r = extract(*base, "--weak-epochs", "2")
+    assert "made as asked; kept as is" in r.output, r.output
+
+
+def test_a_checkpoint_of_another_recipe_is_not_resumed(imagefolder_root, tiny_resnet_dir, tmp_path):
+    from extract import pipeline, weak
+    from extract.datasets import load_dataset
+
+    data = load_dataset("imagefolder", domain="toy", root=str(imagefolder_root))
+    spec = weak.parse_weak(f"{tiny_resnet_dir}:finetune")
+    parts = tmp_path / "parts"
+    lines = []
+    opts = pipeline.Options(num_workers=0, batch_size=4, weak_epochs=1, log=lines.append)
+    with pipeline.ImageSource(data.load, pipeline.weak_passes([spec]), opts) as source:
+        pipeline.finetune_weak([spec], data, data.splits["train"], parts, opts, source)
+        again = pipeline.dataclasses.replace(opts, weak_epochs=2)
+        pipeline.finetune_weak([spec], data, data.splits["train"], parts, again, source)
+    assert any("fine-tuned with other settings (epochs 1 (asked 2))" in line for line in lines), lines
+    assert not any("resumed" in line for line in lines)
+    assert json.loads((parts / f"weak-{spec.name}.json").read_text())["epochs"] == 2
+
+
+RUN = """
+out = "{out}"
+strong = "{strong}"
+[[data]]
+dataset = "imagefolder"
+domains = ["toy"]
+root = "{root}"
+weak = ["{weak}:finetune"]
+[fit]
+methods = ["cpl"]
+seeds = 1
+epochs = 1
+batch_size = 8
+[extract]
+num_workers = 0
+batch_size = 8
+"""
+
+
+def test_w2s_run_refits_after_an_edited_weak_recipe_or_template(imagefolder_root, tiny_clip, tiny_resnet_dir,
+                                                                 tmp_path):
+    from extract import experiment
+
+    text = RUN.format(out=tmp_path / "out", strong=tiny_clip, root=imagefolder_root, weak=tiny_resnet_dir)
+    path = tmp_path / "exp.toml"
+    path.write_text(text + "weak_epochs = 1\n")
+    lines = []
+    experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: lines.append(" ".join(map(str, a))))
+    first = sorted((tmp_path / "out" / "results").rglob("fit-*"))
+    path.write_text(text + 'weak_epochs = 2\ntemplates = ["a sketch of a {}."]\n')
+    lines.clear()
+    experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert any("made otherwise (epochs 1 (asked 2))" in line for line in lines), lines
+    assert any("encoding them again" in line for line in lines), lines
+    assert not any(line.startswith("done already") for line in lines), lines
+    second = sorted((tmp_path / "out" / "results").rglob("fit-*"))
+    assert len(second) == 2 and first[0] in second  # a new folder, keyed by the store as it is now
+    new = next(f for f in second if f != first[0])
+    prov = json.loads((new / "provenance.json").read_text())
+    assert prov["weak_model"]["epochs"] == 2 and prov["templates"] == ["a sketch of a {}."]

@@ -138,6 +138,14 @@ def with_weak_model(store: Store, name: str, logits_by_split: dict, info: dict) 
     return dataclasses.replace(store, splits=splits, weak_info={**store.weak_info, name: info})
 
 
+def without_weak_models(store: Store, names) -> Store:
+    """A copy of ``store`` without the weak models ``names`` (those about to be made anew)."""
+    splits = {s: dataclasses.replace(sp, weak_logits={k: v for k, v in sp.weak_logits.items() if k not in names})
+              for s, sp in store.splits.items()}
+    return dataclasses.replace(store, splits=splits, weak_info={k: v for k, v in store.weak_info.items()
+                                                                if k not in names})
+
+
 # ----------------------------------------------------------------------------- read
 
 
