@@ -10,11 +10,14 @@ The fine-tuned weak models of every other domain are applied to a target's test 
 (:func:`write_cross_weak_all`): each image is decoded once for all of them.
 
 Each result is one file, ``DIR/WEAK/SOURCE__on__TARGET.npz`` (domains as ``dataset-domain``), holding the target's
-test ids and the logits ``N x K``; the report (``w2s_jax.report.cross_domain_tables``) reads them.
+test ids, the logits ``N x K`` and what they were computed from (``made_from``: the source store's record of its weak
+model, with the sha256 of a fine-tuned one's weights). A file made from another weak model than the source store's
+own now is written again here, and never read by the report (``w2s_jax.cross_domain.weak_on_target``).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +26,7 @@ import numpy as np
 
 from extract import pipeline, weak
 from extract.datasets import Dataset
-from w2s_jax.cross_domain import cross_weak_file, read_cross_weak
+from w2s_jax.cross_domain import cross_weak_file, made_from_of, read_cross_weak
 
 
 def probe_features(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, opts: pipeline.Options) -> dict:
@@ -43,12 +46,17 @@ def finetuned_logits(models, target: Dataset, target_rows: tuple, parts: Path, o
     heads, inputs = {}, {}
     for j, (spec, weights) in enumerate(models):  # two domains' weak models may share a name: keyed by position
         model = weak.load_hf(spec, len(target.class_names), opts.device)
-        model.load_state_dict(weak.load_weights(weights, opts.device))
+        model.load_state_dict(weak.load_weights(weights, opts.device, fix=KEPT_FIX.format(store=weights.parent)))
         heads[f"m{j}"], inputs[f"m{j}"] = (None, weak.hf_logits(model.eval())), which[spec.name]
     with pipeline.ImageSource(target.load, {"weak": transforms}, opts) as source:
         outs = pipeline.run_splits({"test": target_rows}, source, "weak", heads, parts, opts,
                                    f"{len(models)} weak model(s)' logits, {target.domain}", inputs)[0]
     return [outs["test"][f"m{j}"] for j in range(len(models))]
+
+
+KEPT_FIX = ("it is the fine-tuned weak model kept beside its store ({store}), applied to other domains for PGR. Delete "
+            "it and run w2s-run (or the store's w2s-extract) again: the store's weak model is then fine-tuned anew, "
+            "which changes its logits, so that store's fits are redone")
 
 
 class CrossJob(NamedTuple):
@@ -58,14 +66,16 @@ class CrossJob(NamedTuple):
     source_rows: dict  # {split: (ids, labels)} of the source store
     spec: weak.WeakSpec
     source_store: Path | None  # beside it, a fine-tuned model's kept weights
+    source_info: dict | None = None  # the source store's weak_info of this weak model: what the logits come from
 
 
 def write_cross_weak(source: Dataset, source_rows: dict, target: Dataset, target_rows: tuple, spec: weak.WeakSpec,
-                     folder: Path, opts: pipeline.Options, source_store: Path | None = None) -> Path | None:
+                     folder: Path, opts: pipeline.Options, source_store: Path | None = None,
+                     source_info: dict | None = None) -> Path | None:
     """Write the source's weak model ``spec`` applied to the target's test rows (:func:`write_cross_weak_all` of
-    one)."""
-    return write_cross_weak_all([CrossJob(source, source_rows, spec, source_store)], target, target_rows, folder,
-                                opts)[0]
+    one); ``source_info``: the source store's weak_info of it."""
+    return write_cross_weak_all([CrossJob(source, source_rows, spec, source_store, source_info)], target, target_rows,
+                                folder, opts)[0]
 
 
 def write_cross_weak_all(jobs, target: Dataset, target_rows: tuple, folder: Path, opts: pipeline.Options) -> list:
@@ -78,11 +88,15 @@ def write_cross_weak_all(jobs, target: Dataset, target_rows: tuple, folder: Path
     for i, job in enumerate(jobs):
         out = cross_weak_file(folder, job.spec.name, f"{job.source.name}/{job.source.domain}",
                               f"{target.name}/{target.domain}")
+        made_from = {"weak": job.source_info}
         if out.exists():
             try:
                 read_cross_weak(out)
-                done[i] = out
-                continue
+                if made_from_of(out) == made_from:
+                    done[i] = out
+                    continue
+                opts.log(f"{out} was computed from another weak model {job.spec.name} of {job.source.domain} than "
+                         "its store's now: writing it again")
             except ValueError as err:
                 opts.log(f"{err}: writing it again")
         if job.spec.mode == "probe":
@@ -92,11 +106,12 @@ def write_cross_weak_all(jobs, target: Dataset, target_rows: tuple, folder: Path
             test = probe_features(job.spec, target, {"test": target_rows}, parts / "target", opts)["test"]
             logits = weak.train_probe(train, job.source_rows["train"][1], len(job.source.class_names),
                                       device=opts.device)(test)
-            done[i] = save_logits(out, target_rows, logits)
+            done[i] = save_logits(out, target_rows, logits, made_from)
             shutil.rmtree(parts, ignore_errors=True)
         else:
             weights = pipeline.weak_weights(job.source_store, job.spec.name) if job.source_store is not None else None
             if weights is not None and weights.is_file():
+                check_kept(weights, job.source_info)
                 tuned.append((i, out, weights))
     if tuned:
         key = hashlib.sha256("|".join(str(out) for _, out, _ in tuned).encode()).hexdigest()[:12]
@@ -104,15 +119,25 @@ def write_cross_weak_all(jobs, target: Dataset, target_rows: tuple, folder: Path
         logits = finetuned_logits([(jobs[i].spec, weights) for i, _, weights in tuned], target, target_rows, parts,
                                   opts)
         for (i, out, _), lg in zip(tuned, logits):
-            done[i] = save_logits(out, target_rows, lg)
+            done[i] = save_logits(out, target_rows, lg, {"weak": jobs[i].source_info})
         shutil.rmtree(parts, ignore_errors=True)
     return done
 
 
-def save_logits(out: Path, target_rows: tuple, logits) -> Path:
-    """One cross-weak file: the target's test ids and the logits ``N x K``, written whole (a rename)."""
+def check_kept(weights: Path, info: dict | None) -> None:
+    """A WeakModelError when kept weights are not the ones their store recorded (sha256 in its weak_info)."""
+    recorded = (info or {}).get("weights_sha256")
+    if recorded and pipeline.encoders.sha256_file(weights) != recorded:
+        raise weak.WeakModelError(f"{weights}: not the weights its store recorded (sha256 differs); "
+                                  + KEPT_FIX.format(store=weights.parent))
+
+
+def save_logits(out: Path, target_rows: tuple, logits, made_from: dict | None = None) -> Path:
+    """One cross-weak file: the target's test ids, the logits ``N x K`` and what they were computed from
+    (``made_from``, as JSON), written whole (a rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.npz")
-    np.savez(tmp, ids=np.asarray(target_rows[0]), logits_NxK=np.asarray(logits, np.float32))
+    np.savez(tmp, ids=np.asarray(target_rows[0]), logits_NxK=np.asarray(logits, np.float32),
+             made_from=np.asarray(json.dumps(made_from or {}, sort_keys=True)))
     tmp.replace(out)
     return out

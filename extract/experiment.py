@@ -278,17 +278,20 @@ def weak_across_domains(made: list, folder: Path, opts, log) -> None:
     from extract.cross_weak import CrossJob, write_cross_weak_all
     from w2s_jax.store import read_store
 
-    rows = {}
+    rows, infos = {}, {}
     for dataset, path, _ in made:
         store = read_store(path)
         rows[path] = {s: (sp.ids_N, sp.labels_N) for s, sp in store.splits.items()}
+        infos[path] = store.weak_info
     for target, target_path, _ in made:
-        jobs = [CrossJob(source, rows[source_path], spec, source_path) for source, source_path, specs in made
-                if source_path != target_path for spec in map(weaklib.parse_weak, specs)]
+        jobs = [CrossJob(source, rows[source_path], spec, source_path, infos[source_path][spec.name])
+                for source, source_path, specs in made if source_path != target_path
+                for spec in map(weaklib.parse_weak, specs) if spec.name in infos[source_path]]
         for job, path in zip(jobs, write_cross_weak_all(jobs, target, rows[target_path]["test"], folder, opts)):
             if path is None:
-                log(f"weak model {job.spec.name} of {job.source.domain}: its fine-tuned weights were not kept beside "
-                    f"{job.source_store} (a store made before they were), so no PGR on {target.domain}")
+                log(f"weak model {job.spec.name} of {job.source.domain}: its store {job.source_store} was made "
+                    "before fine-tuned weights were kept beside it, so no PGR on "
+                    f"{target.domain}; re-extract that store (delete it and rerun) to have them")
 
 
 def _run_tp(tp: dict, store_path, strong, weaks, store_id, where: Path, device, log) -> list[Path]:

@@ -390,9 +390,12 @@ def tuned_logits(specs, dataset: Dataset, rows: dict, parts: Path, opts: Options
     return {n: {s: out[f"{n}@{keys[n]}"] for s, out in outs.items()} for n in models}, failed
 
 
-def tuned_info(spec: weak.WeakSpec, logits: dict, rows: dict, opts: Options) -> dict:
-    """A fine-tuned weak model's provenance: its recipe and accuracy per split."""
-    return with_accuracy(weak_recipe(spec, opts), logits, rows)
+def tuned_info(spec: weak.WeakSpec, logits: dict, rows: dict, opts: Options, parts: Path) -> dict:
+    """A fine-tuned weak model's provenance: its recipe, accuracy per split, and the sha256 of its weights (kept
+    beside the store, :func:`weak_weights`; what is applied across domains must be this model)."""
+    ckpt = parts / f"weak-{spec.name}.pt"
+    kept = {"weights_sha256": encoders.sha256_file(ckpt)} if ckpt.is_file() else {}
+    return with_accuracy({**weak_recipe(spec, opts), **kept}, logits, rows)
 
 
 def add_weak_models(store: st.Store, specs, dataset: Dataset, rows: dict, parts: Path, opts: Options,
@@ -410,7 +413,7 @@ def add_weak_models(store: st.Store, specs, dataset: Dataset, rows: dict, parts:
         if spec.mode == "probe":
             done = probe_logits(spec, dataset, rows, parts, opts, source, (probe_feats or {}).get(spec.name))
         elif spec.name in logits:
-            done = logits[spec.name], tuned_info(spec, logits[spec.name], rows, opts)
+            done = logits[spec.name], tuned_info(spec, logits[spec.name], rows, opts, parts)
         else:
             continue
         store = st.with_weak_model(store, spec.name, *done)
@@ -598,6 +601,19 @@ def with_templates(store: st.Store, strong_spec, templates: tuple, opts: Options
     return dataclasses.replace(store, provenance=provenance, text_TxKxD=text), True
 
 
+def kept_differences(store_path: Path, name: str, info: dict) -> list[str]:
+    """``["its kept weights ... are missing"]`` when a fine-tuned weak model's weights, recorded in the store by their
+    sha256, are no longer beside it as recorded (deleted, damaged or replaced); empty otherwise, and for a store that
+    records none."""
+    recorded = info.get("weights_sha256")
+    kept = weak_weights(store_path, name)
+    if not recorded:
+        return []
+    if not kept.is_file():
+        return [f"its kept weights {kept} are missing"]
+    return [] if encoders.sha256_file(kept) == recorded else [f"its kept weights {kept} are not the ones recorded"]
+
+
 def _check_or_write_meta(parts: Path, want: st.Provenance) -> None:
     """Refuse to resume parts written for another dataset, encoder, class list or split."""
     meta = parts / "meta.json"
@@ -634,7 +650,8 @@ def _add_weak_models(dataset: Dataset, strong_spec, specs, out: Path, opts: Opti
     store, retexted = with_templates(store, strong_spec, tuple(templates), opts, out)
     new = []
     for s in specs:
-        differ = recipe_differences(store.weak_info[s.name], weak_recipe(s, opts)) if s.name in store.weak_info else []
+        differ = recipe_differences(store.weak_info[s.name], weak_recipe(s, opts)) + kept_differences(
+            out, s.name, store.weak_info[s.name]) if s.name in store.weak_info else []
         if s.name not in store.weak_info or differ:
             new.append(s)
         if differ:

@@ -84,17 +84,19 @@ def weak_transform(spec: WeakSpec, size: int = 224) -> Callable:
     ])
 
 
-def load_weights(path, device: str) -> dict:
+RESUME_FIX = "Delete it and run again: the weak model is fine-tuned anew"  # a checkpoint in a .parts folder
+
+
+def load_weights(path, device: str, fix: str = RESUME_FIX) -> dict:
     """A kept fine-tuned weak model's state dict. Loaded with ``weights_only=True`` always, so that no pickled code
     runs, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says; a damaged or unsafe file is a WeakModelError naming
-    it and the fix."""
+    it and ``fix`` (what deleting it costs, and how the model is had again)."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # truncated, not a torch file, or holding objects other than tensors
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise WeakModelError(f"{path}: cannot be loaded as plain weights ({reason}); it is damaged or holds more than "
-                             "tensors, and only tensors are ever loaded. Delete it and run again: the weak model is "
-                             "fine-tuned anew") from None
+                             f"tensors, and only tensors are ever loaded. {fix[0].upper()}{fix[1:]}") from None
 
 
 def head_seed(spec: WeakSpec) -> int:

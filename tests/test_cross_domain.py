@@ -109,13 +109,14 @@ def test_the_weak_probe_across_domains_is_the_store_own_probe_and_gives_pgr(imag
         store = read_store(tmp_path / f"{name}.h5")
         rows[name] = {s: (sp.ids_N, sp.labels_N) for s, sp in store.splits.items()}
     spec = weak.parse_weak("pixels@2")
+    info = read_store(tmp_path / "ink.h5").weak_info["pixels@2"]  # what the cross-weak files are made from
     own = cross_weak.write_cross_weak(data["ink"], rows["ink"], data["ink"], rows["ink"]["test"], spec,
-                                      tmp_path / "cw", opts)
+                                      tmp_path / "cw", opts, source_info=info)
     with np.load(own) as z:
         np.testing.assert_allclose(z["logits_NxK"], read_store(tmp_path / "ink.h5").splits["test"].weak_logits[
             "pixels@2"], atol=1e-5)
     path = cross_weak.write_cross_weak(data["ink"], rows["ink"], data["paper"], rows["paper"]["test"], spec,
-                                       tmp_path / "cw", opts)
+                                       tmp_path / "cw", opts, source_info=info)
     assert path == cross_domain.cross_weak_file(tmp_path / "cw", "pixels@2", "imagefolder/ink", "imagefolder/paper")
     # issue 31 (11): a file cut short is named on read, and written again rather than kept as "done"
     good = path.read_bytes()
@@ -123,7 +124,7 @@ def test_the_weak_probe_across_domains_is_the_store_own_probe_and_gives_pgr(imag
     with pytest.raises(ValueError, match=f"{path.name}: not a readable weak-model file"):
         cross_domain.read_cross_weak(path)
     cross_weak.write_cross_weak(data["ink"], rows["ink"], data["paper"], rows["paper"]["test"], spec, tmp_path / "cw",
-                                opts)
+                                opts, source_info=info)
     np.testing.assert_array_equal(cross_domain.read_cross_weak(path)[1], np.load(io.BytesIO(good))["logits_NxK"])
     assert cross_weak.write_cross_weak(data["ink"], rows["ink"], data["paper"], rows["paper"]["test"],
                                        weak.parse_weak("resnet18"), tmp_path / "cw", opts,

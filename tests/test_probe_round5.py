@@ -212,3 +212,51 @@ def test_w2s_run_refits_after_an_edited_weak_recipe_or_template(imagefolder_root
     new = next(f for f in second if f != first[0])
     prov = json.loads((new / "provenance.json").read_text())
     assert prov["weak_model"]["epochs"] == 2 and prov["templates"] == ["a sketch of a {}."]
+
+
+def test_cross_domain_weak_logits_follow_the_source_weak_model(imagefolder_root, tiny_clip, tiny_resnet_dir,
+                                                                tmp_path):
+    """H3: a cross-weak file records what it was computed from and is written again when the source store's weak
+    model changes; the report never reads one made from another weak model. M6: kept weights that are damaged or
+    deleted are noticed by the store's record, and the weak model is fine-tuned anew, so the weak row comes back."""
+    from extract import cross_weak, experiment
+    from w2s_jax import cross_domain
+    from w2s_jax.store import read_store
+
+    text = RUN.format(out=tmp_path / "out", strong=tiny_clip, root=imagefolder_root, weak=tiny_resnet_dir)
+    text = text.replace('domains = ["toy"]', 'domains = ["a", "b"]') + "[report]\ncross_domain = true\n"
+    path = tmp_path / "exp.toml"
+    lines = []
+
+    def run(epochs):
+        path.write_text(text.replace("[extract]", f"[extract]\nweak_epochs = {epochs}"))
+        lines.clear()
+        experiment.run_experiment(experiment.load_experiment(path), log=lambda *a: lines.append(" ".join(map(str, a))))
+
+    out, name = tmp_path / "out", "tiny-resnet-finetune"
+    cw = out / "cross-weak" / name / "imagefolder-a__on__imagefolder-b.npz"
+    run(1)
+    store_a = next((out / "stores").glob("imagefolder-a-*.h5"))
+    first = cross_domain.made_from_of(cw)
+    assert first == {"weak": read_store(store_a).weak_info[name]} and first["weak"]["epochs"] == 1
+    run(2)
+    assert any("computed from another weak model" in line for line in lines), lines
+    assert cross_domain.made_from_of(cw) == {"weak": read_store(store_a).weak_info[name]}
+    assert cross_domain.made_from_of(cw)["weak"]["epochs"] == 2
+    store_b = read_store(next((out / "stores").glob("imagefolder-b-*.h5")))
+    assert cross_domain.weak_on_target(out / "cross-weak", name, "imagefolder/a", "imagefolder/b", store_b, 1,
+                                       first["weak"]) is None  # the report never reads it for the old weak model
+    # M6: damaged kept weights are named with what deleting costs, and noticed by the store's record
+    kept = store_a.with_name(store_a.name + ".weak") / f"{name}.pt"
+    kept.write_bytes(kept.read_bytes()[: kept.stat().st_size // 3])
+    with pytest.raises(Exception, match="fine-tuned anew, which changes its logits"):
+        cross_weak.check_kept(kept, read_store(store_a).weak_info[name])
+    run(2)
+    assert any("are not the ones recorded" in line and "making it anew" in line for line in lines), lines
+    kept.unlink()
+    run(2)
+    assert any("are missing" in line and "making it anew" in line for line in lines), lines
+    assert kept.is_file() and not any("no PGR" in line for line in lines)
+    table = (out / "report" / "cross-domain-tiny-resnet-finetune.md").read_text()
+    weak_row = next(line for line in table.splitlines() if line.startswith("| weak | imagefolder/a |"))
+    assert weak_row.count("±") == 2, weak_row  # on a and on b: the row across domains is back

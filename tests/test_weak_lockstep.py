@@ -112,11 +112,12 @@ def test_sharded_features_then_a_merge_that_fine_tunes(domainnet_root, tiny_clip
 
 
 def counted_heads(run_splits, calls: Counter):
-    """``run_splits`` whose heads count the rows they compute, into ``calls``."""
+    """``run_splits`` whose heads count the rows they compute, into ``calls``, by weak model name (a fine-tuned
+    model's head is ``NAME@RECIPE``)."""
     def counted(splits, source, key, heads, *args, **kwargs):
         def counting(name, fn):
             def run(x):
-                calls[name] += len(x)
+                calls[name.partition("@")[0] if "finetune@" in name else name] += len(x)
                 return fn(x)
             return run
 

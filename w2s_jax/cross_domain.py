@@ -115,9 +115,17 @@ def read_cross_weak(path) -> tuple[np.ndarray, np.ndarray]:
     return ids, logits
 
 
-def weak_on_target(cross_dir, weak: str, source: str, target: str, store, seeds: int):
+def made_from_of(path) -> dict | None:
+    """What an ``extract.cross_weak`` file was computed from (``{"weak": the source store's weak_info}``); None for a
+    file written before it recorded that."""
+    with np.load(path) as z:
+        return json.loads(str(z["made_from"])) if "made_from" in z.files else None
+
+
+def weak_on_target(cross_dir, weak: str, source: str, target: str, store, seeds: int, weak_info=None):
     """The weak model ``weak`` of ``source`` on ``target``'s test' rows of each seed (S), or None where it cannot be
-    had: on its own domain from the store; elsewhere from ``extract.cross_weak``'s file in ``cross_dir``, if any."""
+    had: on its own domain from the store; elsewhere from ``extract.cross_weak``'s file in ``cross_dir``, if any and
+    if made from the weak model the fit used (``weak_info``: the source folder's record of it)."""
     test = store.splits["test"]
     if source == target:
         if weak not in test.weak_logits:
@@ -130,6 +138,8 @@ def weak_on_target(cross_dir, weak: str, source: str, target: str, store, seeds:
         ids, logits = read_cross_weak(path)
         if tuple(ids.tolist()) != tuple(test.ids_N):
             return None  # made for another version of the target store
+        if made_from_of(path) != {"weak": weak_info}:
+            return None  # made from another weak model than the one the fit learned from
     splits = stacked_splits(len(test.ids_N), seeds)
     return [float(np.mean(logits[rows].argmax(1) == test.labels_N[rows])) for rows in splits.test_prime]
 
@@ -154,7 +164,8 @@ def matrix(folders, cross_dir=None) -> tuple[dict, list[str], list[str]]:
             evaluated = evaluate(folder, store, f"store {paths[target]}")
             for method, accs in evaluated.items():
                 cells.setdefault(method, {})[(source, "/".join(target))] = accs
-            weak_accs = weak_on_target(cross_dir, weak, source, "/".join(target), store, config["seeds"])
+            weak_accs = weak_on_target(cross_dir, weak, source, "/".join(target), store, config["seeds"],
+                                       json.loads((folder / "provenance.json").read_text()).get("weak_model"))
             if weak_accs is not None:
                 cells.setdefault("weak", {})[(source, "/".join(target))] = weak_accs
     return found, ["/".join(t) for t in sorted(stores)], notes
