@@ -92,7 +92,25 @@ def resolve_device(device: str | None) -> str:
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this machine has no CUDA device torch can use; use --device cpu, or "
                          "leave --device out (cuda when present, else cpu)")
+    here = available_devices()
+    if kind not in here:
+        known = "" if kind in COMPUTE_DEVICES else f" (w2s runs on {', '.join(COMPUTE_DEVICES)})"
+        raise ValueError(f"--device {device}: not a device torch can compute on here{known}; this machine has "
+                         f"{', '.join(here)}: use one of them, or leave --device out (cuda when present, else cpu)")
     return device
+
+
+COMPUTE_DEVICES = ("cpu", "cuda", "mps", "xpu")  # device types that run real computation (not meta, not a backend stub)
+
+
+def available_devices() -> list[str]:
+    """The device types of :data:`COMPUTE_DEVICES` whose torch backend is available on this machine."""
+    import torch
+
+    checks = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+              "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+              "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}
+    return [kind for kind in COMPUTE_DEVICES if checks[kind]()]
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})

@@ -95,6 +95,12 @@ def load_experiment(path) -> dict:
         _check_extract(exp.get("extract", {}))
         if "tp" in exp:
             tp_config(exp["tp"], "unused", "unused", "unused", "cpu")  # every [tp] value in range, before any work
+            fit_seeds, tp_seeds = exp.get("fit", {}).get("seeds", 5), exp["tp"].get("seeds")
+            if tp_seeds is not None and tp_seeds != fit_seeds:
+                raise ValueError(f"[tp] seeds = {tp_seeds} and [fit] seeds = {fit_seeds}: the report pairs TP rows "
+                                 "with the fit's seed by seed; give both the same number (or leave [tp] seeds out: it "
+                                 "follows [fit])")
+            exp["tp"].setdefault("seeds", fit_seeds)
     except (DatasetError, weaklib.WeakModelError, ValueError, KeyError, TypeError) as err:
         raise ExperimentError(f"{path}: {err}") from None
     exp.setdefault("out", f"experiments-out/{path.stem}")

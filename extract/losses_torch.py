@@ -19,10 +19,13 @@ def _ce_hard(logp_JxBxK, labels_JxB):
 
 
 def _kl(teacher_JxBxK, student_JxBxK, t_Jx1x1):
-    """KL(softmax(teacher/T) || softmax(student/T)), per example ``J x B``."""
-    logp_t = F.log_softmax(teacher_JxBxK / t_Jx1x1, dim=-1)
+    """KL(softmax(teacher/T) || softmax(student/T)), per example ``J x B``; a class of teacher probability exactly
+    0 (logits near float32's limit) adds 0, as in JAX."""
+    big = torch.finfo(torch.float32).max
+    logp_t = F.log_softmax((teacher_JxBxK / t_Jx1x1).clamp(-big, big), dim=-1)
     logp_s = F.log_softmax(student_JxBxK / t_Jx1x1, dim=-1)
-    return torch.sum(logp_t.exp() * (logp_t - logp_s), dim=-1)
+    p_t = logp_t.exp()
+    return torch.sum(torch.where(p_t > 0, p_t * (logp_t - logp_s), torch.zeros_like(p_t)), dim=-1)
 
 
 def family_loss(student_JxBxK, teacher_JxBxK, labels_JxB, coeffs: Coeffs, *, progress: float, hp: Hparams):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 
 from w2s_jax.config import Hparams, check_hparams, hparam_grid
@@ -62,6 +63,9 @@ class TPConfig:
             raise ValueError(f"select {self.select!r}: use one of {', '.join(CRITERIA)} (w2s-tp --select)")
         if not self.methods:
             raise ValueError("no methods to fit: name at least one (w2s-tp --methods kd+tp,ceiling+tp)")
+        if self.ctx_init and not self.ctx_init.replace("_", " ").strip():
+            raise ValueError(f"ctx_init {self.ctx_init!r} holds no word, so no context vector would be trained; give "
+                             "a phrase such as 'a photo of a', or leave it out for n_ctx random context vectors")
         for name in ("seeds", "epochs", "batch_size", "n_ctx"):
             check_number(name, getattr(self, name), 1, math.inf, integer=True)
         check_number("warmup", self.warmup, 0.0, 1.0, True, False)
@@ -132,6 +136,21 @@ def class_tokens(tokenizer, class_names, prefix: str):
     return tokenizer([f"{prefix} {name.replace('_', ' ')}." for name in class_names])
 
 
+def check_prompts_fit(tokenizer, class_names, n_prefix: int, length: int, what: str) -> None:
+    """A PromptError, before any work, when a class's prompt ``[SOS][prefix: n_prefix tokens][name].[EOT]`` does not
+    fit the tower's ``length`` tokens: the tokenizer would cut its name (and EOT) silently, and classes whose names
+    are cut away share one prompt. ``what`` names the setting that decides ``n_prefix``."""
+    name_tokens = [int((t > 0).sum()) - 2 for t in tokenizer([f"{n.replace('_', ' ')}." for n in class_names])]
+    need = [2 + n_prefix + t for t in name_tokens]  # SOS, the prefix, the name and '.', EOT
+    worst = int(np.argmax(need))
+    if need[worst] > length or name_tokens[worst] >= length - 2:
+        most = length - 2 - max(name_tokens)
+        fix = f"use {most} context tokens or fewer" if most >= 1 else "shorten that class name"
+        raise PromptError(f"{what}: the prompt of class {class_names[worst]!r} needs {need[worst]} tokens (SOS, "
+                          f"{n_prefix} of context, {name_tokens[worst]} of its name and '.', EOT), more than the text "
+                          f"tower's {length}: its name would be cut, and classes could share one prompt; {fix}")
+
+
 class PromptBank(torch.nn.Module):
     """J prompt models over the same K classes: contexts ``J x M x W``, ``forward() -> text features J x K x D``
     from one pass of the frozen tower over the ``J·K`` cut prompts. Model j's context starts from ``seeds_J[j]``
@@ -146,7 +165,13 @@ class PromptBank(torch.nn.Module):
         if ctx_init:
             phrase = ctx_init.replace("_", " ")
             n_ctx = int((tokenizer([phrase])[0] > 0).sum()) - 2  # minus SOS and EOT
+            if n_ctx < 1:
+                raise PromptError(f"--ctx-init {ctx_init!r} holds no token, so no context vector would be trained; "
+                                  "give a phrase such as 'a photo of a', or leave it out")
         device = model.token_embedding.weight.device
+        length = int(tokenizer(["x"]).shape[1])
+        check_prompts_fit(tokenizer, class_names, n_ctx, length,
+                          f"--ctx-init {ctx_init!r} ({n_ctx} tokens)" if ctx_init else f"--n-ctx {n_ctx}")
         tokens = class_tokens(tokenizer, class_names, " ".join(["X"] * n_ctx)).to(device)
         positions = pool_positions(model, tokens)
         self.length, self.cut_note = (cut_length(model, positions, tokens.shape[1]) if cut else
@@ -187,6 +212,8 @@ class TextEncoderBank(torch.nn.Module):
     def __init__(self, model, tokenizer, class_names):
         super().__init__()
         self.model = model
+        check_prompts_fit(tokenizer, class_names, int((tokenizer(["a photo of a"])[0] > 0).sum()) - 2,
+                          int(tokenizer(["x"]).shape[1]), "the text-encoder prompt 'a photo of a {class}.'")
         tokens = class_tokens(tokenizer, class_names, "a photo of a").to(model.token_embedding.weight.device)
         self.register_buffer("tokens_KxL", tokens)
         self.register_buffer("positions_K", pool_positions(model, tokens))

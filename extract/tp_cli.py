@@ -93,8 +93,8 @@ def _run_tp(cfg: TPConfig, outs: dict, overwrite, log, memory_gib, models_per_st
     targets_count = cfg.seeds * len(weaks) * (2 + len({METHODS[m].refine for m in cfg.methods}) * num_h)
     fixed = 4 * (sum(p.numel() for p in model.parameters()) + n * (dim + 1) + targets_count * n * (k + 1))
     per_model = model_bytes(model, k, probe.length, cfg, n, dim)
-    size = chunk_size(max(len(prompt_models), 1), per_model, fixed, budget_bytes(cfg.device, memory_gib))
-    size = min(size, models_per_step or default_models_per_step(cfg.device) or size)
+    size = chunk_size(max(len(prompt_models), 1), per_model, fixed, budget_bytes(cfg.device, memory_gib),
+                      models_per_step or default_models_per_step(cfg.device))
     chunks = [prompt_models[i:i + size] for i in range(0, len(prompt_models), size)] + [[m] for m in alone]
     log(f"prompt tuning {len(models)} models ({len(cfg.methods)} methods x {len(weaks)} weak model(s) x {num_h} grid "
         f"point(s) x {cfg.seeds} seeds; ceilings once per seed) on {cfg.store}\n  {probe.cut_note}\n"
@@ -138,6 +138,8 @@ def _run_tp(cfg: TPConfig, outs: dict, overwrite, log, memory_gib, models_per_st
             failed[m] = failed_models(histories[m])
         done[w] = finish_run(configs[w], store, splits, evals, best_epochs, histories, timings, outs[w], heads, data,
                              failed)
+        for line in results.failure_lines(done[w][0], failed, hps, w):
+            log(line)
     return done
 
 
@@ -191,6 +193,9 @@ def main(store, strong, weak, methods, refine, seeds, epochs, batch_size, optimi
         names = read_store(store).weak_names
         weaks = tuple(names) if weak == "all" else tuple(w.strip() for w in (weak or (names or ("",))[0]).split(",")
                                                          if w.strip())
+        if not weaks:
+            raise ValueError(f"--weak {weak!r}: name at least one weak model of the store "
+                             f"({', '.join(names) or 'it has none'}), or 'all'")
         chosen = tp_methods(refined=False) if methods.strip() == "all" else tuple(
             m.strip() for m in methods.split(",") if m.strip())
         check_methods(chosen, valid=tp_methods(), command="w2s-tp")

@@ -28,7 +28,7 @@ from extract.prompt import PromptError, freeze_all_but, tower_bytes
 from extract.weak import warmup_linear
 from w2s_jax import fit as fitlib
 from w2s_jax import refine, select
-from w2s_jax.config import Hparams
+from w2s_jax.config import FLOAT32_MAX, Hparams
 from w2s_jax.methods import METHODS, coeffs_of
 from w2s_jax.splits import SeedSplits
 
@@ -109,15 +109,15 @@ def model_bytes(model, num_classes: int, length: int, cfg, n: int, dim: int) -> 
             + 4 * (batch * (dim + 4 * num_classes) + evaluated * (dim + 2 * num_classes) + 4 * num_classes * dim))
 
 
-def chunk_size(num_models: int, per_model: int, fixed: int, budget: int) -> int:
-    """How many models train per step: as many as fit ``budget`` beside ``fixed``, balanced over the chunks; a
-    PromptError before any work when not even one fits."""
+def chunk_size(num_models: int, per_model: int, fixed: int, budget: int, cap: int = 0) -> int:
+    """How many models train per step: as many as fit ``budget`` beside ``fixed`` and at most ``cap`` (0: no cap),
+    balanced over the chunks; a PromptError before any work when not even one fits."""
     if fixed + per_model > budget:
         raise PromptError(f"one prompt-tuning model needs about {(fixed + per_model) / 2**30:.2f} GiB (the text tower "
                           f"over its prompts, the stored features and targets), {budget / 2**30:.2f} GiB are "
                           "available; use --precision bf16, fewer seeds or weak models, or a device with more memory "
                           "(--memory-gib raises the budget if the estimate is too careful)")
-    most = min(num_models, (budget - fixed) // per_model)
+    most = min(num_models, (budget - fixed) // per_model, cap or num_models)
     chunks = math.ceil(num_models / most)
     return math.ceil(num_models / chunks)
 
@@ -150,6 +150,15 @@ def step_loss(text_JxKxD, feats_JxBxD, teacher_JxBxK, weight_JxB, labels_JxB, co
     logits = prompt_logits(text_JxKxD, feats_JxBxD, hp.logit_scale)
     per = family_loss(logits, teacher_JxBxK, labels_JxB, coeffs, progress=progress, hp=hp)
     return (per * weight_JxB).sum(1) / weight_JxB.sum(1).clamp(min=1.0), logits
+
+
+ADAM_BETA1 = 0.9  # torch's default; Adam's first step moves a parameter by lr / (1 - beta1)
+
+
+def unsteppable(lrs_J, cfg) -> np.ndarray:
+    """``J`` bool: models whose Adam step ``lr / (1 - beta1)`` overflows float32 (torch raises for the whole step).
+    They are not stepped, and are reported as failed, as a model whose loss goes non-finite is."""
+    return np.array([cfg.optimizer == "adam" and lr / (1 - ADAM_BETA1) >= FLOAT32_MAX for lr in lrs_J], bool)
 
 
 def make_optimizer(bank, lrs_J, cfg, total: int):
@@ -188,7 +197,9 @@ def train_chunk(bank, models: list[TPModel], targets: Targets, feats_NxD, labels
     n_train = rows["hold_train"].shape[1]
     steps = math.ceil(n_train / cfg.batch_size)
     total = cfg.epochs * steps
-    opt, sched = make_optimizer(bank, hp.lr.cpu().tolist(), cfg, total)
+    lrs = [float(np.asarray(hps.lr)[m.grid_index]) for m in models]
+    overflow_J = unsteppable(lrs, cfg)
+    opt, sched = make_optimizer(bank, [0.0 if bad else lr for lr, bad in zip(lrs, overflow_J)], cfg, total)
     gens = [torch.Generator().manual_seed(s) for s in seeds]  # each seed's minibatch order, as one model's alone
     logits_on = lambda text, rows_JxB: prompt_logits(text, feats[rows_JxB], hp.logit_scale)  # noqa: E731
     def gathered(rows_JxB):
@@ -230,6 +241,7 @@ def train_chunk(bank, models: list[TPModel], targets: Targets, feats_NxD, labels
                   **{select.HISTORY_KEY.format(c): scores[c] for c in select.CRITERIA}}
         for f, v in values.items():
             history[f][:, epoch] = v.cpu().numpy() if torch.is_tensor(v) else v
+        history["train_loss"][overflow_J, epoch] = np.nan  # never stepped: failed (select.failed_models)
         better = history["val_score"][:, epoch] > best_score  # the first best epoch is kept, as w2s-fit keeps it
         best_score = np.where(better, history["val_score"][:, epoch], best_score)
         best_epoch = np.where(better, epoch + 1, best_epoch)

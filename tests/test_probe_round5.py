@@ -260,3 +260,256 @@ def test_cross_domain_weak_logits_follow_the_source_weak_model(imagefolder_root,
     table = (out / "report" / "cross-domain-tiny-resnet-finetune.md").read_text()
     weak_row = next(line for line in table.splitlines() if line.startswith("| weak | imagefolder/a |"))
     assert weak_row.count("±") == 2, weak_row  # on a and on b: the row across domains is back
+
+
+# ---------------------------------------------------------------- prompt tuning (H4, L5, M3, M4, L1, L6)
+
+
+@pytest.fixture
+def clip_store(tiny_clip, tmp_path):
+    from test_prompt import make_clip_store
+
+    return make_clip_store(tiny_clip, tmp_path / "clip.h5", 150, more_weak=(("other", 1.0),))
+
+
+def tp(store, strong, out, *extra, methods="kd+tp,ceiling+tp"):
+    from extract import tp_cli
+
+    return CliRunner().invoke(tp_cli.main, ["--store", str(store), "--strong", strong, "--seeds", "1", "--epochs",
+                                            "1", "--batch-size", "32", "--device", "cpu", "--methods", methods,
+                                            "--out", str(out), *map(str, extra)])
+
+
+@pytest.mark.parametrize("setting", [("--n-ctx", "76"), ("--n-ctx", "80"), ("--n-ctx", "74"),
+                                     ("--ctx-init", " ".join(["word"] * 80))])
+def test_prompts_past_the_context_length_are_refused_naming_the_class(clip_store, tiny_clip, tmp_path, setting):
+    r = tp(clip_store, tiny_clip, tmp_path / "tp", *setting)
+    clean(r, "the prompt of class 'class 0' needs", "more than the text tower's 77", "or fewer")
+    assert not (tmp_path / "tp").exists()
+
+
+def test_the_longest_prompt_that_fits_trains(tiny_clip):
+    from extract import encoders
+    from extract.prompt import PromptBank, PromptError
+
+    enc = encoders.load_strong(tiny_clip)
+    names = ("cat", "a very long class name of many words")  # 9 tokens with '.'
+    bank = PromptBank(enc.model, enc.tokenizer, names, [0], n_ctx=77 - 2 - 9)
+    assert bank.length == 77
+    text = bank()[0]
+    assert not torch_allclose(text[0], text[1])
+    with pytest.raises(PromptError, match="'a very long class name of many words' needs 78 tokens"):
+        PromptBank(enc.model, enc.tokenizer, names, [0], n_ctx=77 - 2 - 8)
+
+
+def torch_allclose(a, b):
+    import torch
+
+    return torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("phrase", ["   ", "___"])
+def test_a_blank_ctx_init_is_refused(clip_store, tiny_clip, tmp_path, phrase):
+    clean(tp(clip_store, tiny_clip, tmp_path / "tp", "--ctx-init", phrase), "holds no word", "a photo of a")
+
+
+def test_a_tp_lr_that_overflows_adam_fails_that_model_only(clip_store, tiny_clip, tmp_path):
+    """M3: lr 1e38 overflows Adam's first step in float32; that grid point is failed, the other trains and is saved;
+    L1: w2s-tp names its failed models."""
+    r = tp(clip_store, tiny_clip, tmp_path / "tp", "--n-ctx", "4", "--grid", "lr=1e-2,1e38", methods="kd+tp")
+    assert r.exit_code == 0, r.output
+    assert "non-finite training loss (weak model noisy):" in r.output
+    assert "kd+tp: grid point 1 (lr=1e+38) on seed(s) 0: reported from grid point 0 (lr=0.01), which trained" \
+        in r.output
+    head = load_heads(tmp_path / "tp")["kd+tp"]
+    assert head.selected == 0 and head.failed(grid_index=1) and not head.failed()
+
+
+@pytest.mark.parametrize("command", ["fit", "tp"])
+def test_a_hyperparameter_beyond_float32_is_refused(clip_store, tiny_clip, tmp_path, command):
+    r = tp(clip_store, tiny_clip, tmp_path / "o", "--lr", "1e39") if command == "tp" else \
+        fit(clip_store, tmp_path / "o", "--grid", "lr=1e-2,1e39")
+    clean(r, "lr = 1e+39 does not fit float32")
+
+
+@pytest.mark.parametrize("command", ["fit", "tp"])
+def test_an_empty_weak_list_is_named(clip_store, tiny_clip, tmp_path, command):
+    r = tp(clip_store, tiny_clip, tmp_path / "o", "--weak", ",") if command == "tp" else \
+        fit(clip_store, tmp_path / "o", "--weak", ",")
+    clean(r, "--weak ','", "name at least one weak model", "noisy")
+
+
+def test_the_tp_plan_balances_capped_steps(clip_store, tiny_clip, tmp_path):
+    from extract.tp_fit import chunk_size
+
+    assert chunk_size(48, 1, 0, 10**9, cap=40) == 24 and chunk_size(48, 1, 0, 10**9) == 48
+    assert chunk_size(48, 10, 0, 405, cap=40) == 24  # memory caps at 40 too: balanced the same
+    r = tp(clip_store, tiny_clip, tmp_path / "tp", "--n-ctx", "4", "--grid", "lr=1e-2,2e-2,3e-2",
+           "--models-per-step", "2", methods="kd+tp")
+    assert r.exit_code == 0, r.output
+    assert "3 prompt models in 2 step(s) of up to 2" in r.output
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu", "hpu"])
+def test_a_device_torch_cannot_compute_on_here_is_refused(clip_store, tiny_clip, tmp_path, imagefolder_root, device):
+    r = CliRunner().invoke(__import__("extract.tp_cli", fromlist=["main"]).main,
+                           ["--store", str(clip_store), "--strong", tiny_clip, "--device", device,
+                            "--out", str(tmp_path / "tp")])
+    clean(r, f"--device {device}: not a device torch can compute on here", "this machine has cpu")
+    r = extract("--dataset", "imagefolder", "--root", imagefolder_root, "--strong", tiny_clip, "--weak", "pixels@2",
+                "--device", device, "--out", tmp_path / "s.h5")
+    clean(r, f"--device {device}: not a device torch can compute on here")
+    assert not (tmp_path / "s.h5").exists()
+
+
+# ---------------------------------------------------------------- reports and fits (M1, M2, L1-L4)
+
+
+def test_every_interval_row_is_compared_with_deltas_baseline(tmp_path):
+    from w2s_jax import results
+
+    synthetic_store(tmp_path / "s.h5", n_test=641, seed=641)
+    r = fit(tmp_path / "s.h5", tmp_path / "res", methods="cpl,kd+lp,ce+lp,ce+lp@graph,ceiling+lp", seeds=3,
+            epochs=3)
+    assert r.exit_code == 0, r.output
+    report.write_report([tmp_path / "res"], tmp_path / "rep", curves=())
+    summary = results.load_summary(tmp_path / "res")
+    deltas = report.best_baseline(summary)
+    lines = [line.split("|") for line in (tmp_path / "rep" / "intervals-noisy.md").read_text().splitlines()
+             if line.startswith("| synthetic")]
+    shown = {cells[2].strip(): cells[4].strip() for cells in lines}
+    assert set(shown) == {"cpl", "kd+lp", "ce+lp", "ce+lp@graph"}
+    for method, base in shown.items():
+        if method == deltas:
+            nxt = report.best_baseline(summary, exclude=("cpl", deltas))
+            assert base == f"{nxt} (the next best: this row is Δ's)", (method, base)
+        else:
+            assert base == deltas, (method, base)
+
+
+def test_folders_of_other_seed_counts_are_refused_by_name(clip_store, tiny_clip, tmp_path):
+    assert fit(clip_store, tmp_path / "fit3", methods="cpl", seeds=3).exit_code == 0
+    assert tp(clip_store, tiny_clip, tmp_path / "tp1", "--n-ctx", "4", methods="kd+tp").exit_code == 0
+    r = CliRunner().invoke(report.main, [str(tmp_path / "fit3"), str(tmp_path / "tp1"), "--out", str(tmp_path / "r")])
+    clean(r, "with 3 seeds", "with 1", "report them apart")
+    r = CliRunner().invoke(fit_cli.main, ["--show", str(tmp_path / "fit3"), "--show", str(tmp_path / "tp1")])
+    clean(r, "with 3 seeds")
+
+
+def test_w2s_run_refuses_unequal_fit_and_tp_seeds_before_any_work(tmp_path):
+    from extract import experiment
+
+    base = ('out = "{}"\n[[data]]\ndataset = "demo"\ndomains = ["mnist"]\nweak = ["pixels@2"]\n'
+            '[fit]\nseeds = 3\n').format(tmp_path / "out")
+    path = tmp_path / "e.toml"
+    path.write_text(base + "[tp]\nseeds = 2\n")
+    with pytest.raises(experiment.ExperimentError, match=r"\[tp\] seeds = 2 and \[fit\] seeds = 3"):
+        experiment.load_experiment(path)
+    path.write_text(base + "[tp]\nepochs = 2\n")
+    assert experiment.load_experiment(path)["tp"]["seeds"] == 3  # [tp] seeds follows [fit]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_failure_line_names_grid_points_seeds_and_the_weak_model(tmp_path):
+    synthetic_store(tmp_path / "s.h5", more_weak=(("other", 1.0),))
+    r = fit(tmp_path / "s.h5", tmp_path / "res", "--grid", "lr=1e-2,1e30", "--weak", "noisy,other",
+            methods="kd+lp,ceiling+lp")
+    assert r.exit_code == 0, r.output
+    for weak in ("noisy", "other"):
+        assert f"non-finite training loss (weak model {weak}):" in r.output
+    assert "kd+lp: grid point 1 (lr=1e+30) on seed(s) 0, 1: reported from grid point 0 (lr=0.01), which trained" \
+        in r.output
+    assert "reported as failed" not in r.output
+
+
+def test_rows_padded_is_said_only_when_rows_are_padded(tmp_path):
+    synthetic_store(tmp_path / "full.h5", n_test=640)
+    synthetic_store(tmp_path / "less.h5", n_test=600)
+    full = fit(tmp_path / "full.h5", tmp_path / "a", methods="cpl", seeds=1, epochs=1)
+    less = fit(tmp_path / "less.h5", tmp_path / "b", methods="cpl", seeds=1, epochs=1)
+    assert full.exit_code == 0 and less.exit_code == 0
+    assert "rows padded" not in full.output
+    assert "rows padded to the size bucket of 640" in less.output
+
+
+def test_tied_weak_confidences_still_split_a_quarter():
+    import jax.numpy as jnp
+
+    from w2s_jax.metrics import gain_sources
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 101)
+    student = rng.normal(size=(101, 5)).astype(np.float32)
+    tied = 5.0 * np.eye(5, dtype=np.float32)[rng.integers(0, 5, 101)]  # every row equally confident
+    out = {k: float(v) for k, v in gain_sources(jnp.asarray(student), jnp.asarray(tied), jnp.asarray(labels)).items()}
+    assert all(np.isfinite(v) for v in out.values()), out
+    ok = student.argmax(1) == labels
+    assert out["low_conf_acc"] == pytest.approx(ok[:26].mean()) and out["rest_acc"] == pytest.approx(ok[26:].mean())
+    weak = rng.normal(size=(101, 5)).astype(np.float32)  # no ties: the same rows as the 25th percentile rule
+    conf = np.exp(weak).max(1) / np.exp(weak).sum(1)
+    low = conf <= np.quantile(conf, 0.25)
+    got = float(gain_sources(jnp.asarray(student), jnp.asarray(weak), jnp.asarray(labels))["low_conf_acc"])
+    assert got == pytest.approx(ok[low].mean())
+
+
+def test_a_weak_model_right_on_every_row_reports_without_warnings(tmp_path):
+    import warnings
+
+    import h5py
+
+    synthetic_store(tmp_path / "s.h5")
+    with h5py.File(tmp_path / "s.h5", "r+") as f:  # the weak model is right on every row: no correction to make
+        labels = f["splits/test/labels_N"][()]
+        f["splits/test/weak/noisy_NxK"][...] = 5.0 * np.eye(5, dtype=np.float32)[labels]
+    assert fit(tmp_path / "s.h5", tmp_path / "res", methods="cpl,kd+lp").exit_code == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        report.write_report([tmp_path / "res"], tmp_path / "rep", curves=())
+    table = (tmp_path / "rep" / "gain-sources.md").read_text()
+    assert "n/a" in table and "nan" not in table
+
+
+def test_weak_logits_near_float32s_limit_train_every_method(tmp_path):
+    import h5py
+
+    synthetic_store(tmp_path / "s.h5", more_weak=(("other", 1.0),))
+    with h5py.File(tmp_path / "s.h5", "r+") as f:
+        logits = f["splits/test/weak/other_NxK"][()]
+        f["splits/test/weak/other_NxK"][...] = np.where(logits == logits.max(1, keepdims=True), 3e38, -3e38)
+    r = fit(tmp_path / "s.h5", tmp_path / "res", "--weak", "noisy,other", methods="ce+lp,kd+lp,cpl")
+    assert r.exit_code == 0, r.output
+    assert "non-finite" not in r.output
+    summary = json.loads((tmp_path / "res" / "other" / "metrics.json").read_text())
+    assert not any(m["failed"] for m in summary["methods"].values())
+
+
+# ---------------------------------------------------------------- packaging
+
+
+def test_every_imported_package_is_declared():
+    """Every third-party module that w2s_jax/ and extract/ import is a declared dependency (pydantic was not)."""
+    import ast
+    import sys
+    import tomllib
+    from importlib import metadata
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = {dep.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0].split("!")[0].strip().lower()
+                .replace("_", "-") for dep in project["dependencies"]}
+    providers = metadata.packages_distributions()
+    missing = {}
+    for path in [*root.glob("w2s_jax/**/*.py"), *root.glob("extract/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in ("w2s_jax", "extract"):
+                    continue
+                dists = {d.lower().replace("_", "-") for d in providers.get(top, [top])}
+                if not dists & declared:
+                    missing.setdefault(top, set()).add(path.name)
+    optional = {"ray"}  # an optional extra, imported only where it is asked for
+    assert not {k: v for k, v in missing.items() if k not in optional}, missing

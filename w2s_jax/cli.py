@@ -193,6 +193,9 @@ def main(store, weak, methods, seeds, epochs, batch_size, lr, temperature, logit
             weak = names[0]
         names = read_store(store).weak_names if weak == "all" else tuple(w.strip() for w in weak.split(",")
                                                                           if w.strip())
+        if not names:
+            raise ValueError(f"--weak {weak!r}: name at least one weak model of the store "
+                             f"({', '.join(read_store(store).weak_names) or 'it has none'}), or 'all'")
         if len(set(names)) != len(names):
             raise ValueError(f"--weak {weak}: name each weak model once")
         chosen = jax_methods(multi_weak=len(names) > 1) if methods == "all" \

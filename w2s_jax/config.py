@@ -45,6 +45,7 @@ HPARAM_RANGES = {
     "refine_c": (0.0, 0.9, True, True),  # above 0.9 a filter leaves too few rows to train and select on
 }
 INTEGER_HPARAMS = ("refine_k",)
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # hyperparameters are float32 arrays in the fits
 
 
 def _range_text(low, high, low_in, high_in) -> str:
@@ -66,6 +67,11 @@ def check_number(name: str, value, low, high, low_in=True, high_in=True, integer
 def check_hparams(hp: Hparams, grid=()) -> None:
     for field, (low, high, low_in, high_in) in HPARAM_RANGES.items():
         check_number(field, getattr(hp, field), low, high, low_in, high_in)
+    for field, values in [*((f, [getattr(hp, f)]) for f in Hparams._fields), *grid]:
+        big = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v) and abs(v) > FLOAT32_MAX]
+        if big:
+            raise ValueError(f"{field} = {big[0]!r} does not fit float32, the fits' precision; valid: at most "
+                             f"{FLOAT32_MAX:.4g}")
     for field in INTEGER_HPARAMS:
         for v in [getattr(hp, field), *dict(grid).get(field, ())]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v != int(v):

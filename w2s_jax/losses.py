@@ -92,11 +92,16 @@ def _ce_hard(logp_BxK, labels_B):
     return -jnp.take_along_axis(logp_BxK, labels_B[:, None], axis=1)[:, 0]
 
 
+F32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
 def _kl(teacher_BxK, student_BxK, temperature):
-    """KL(softmax(teacher/T) || softmax(student/T)), per example."""
-    logp_t = jax.nn.log_softmax(teacher_BxK / temperature)
+    """KL(softmax(teacher/T) || softmax(student/T)), per example. A teacher's logits near float32's limit (their
+    ``/T`` clipped to it) give classes of probability exactly 0, which add 0 (``0 · log 0``), not NaN."""
+    logp_t = jax.nn.log_softmax(jnp.clip(teacher_BxK / temperature, -F32_MAX, F32_MAX))
     logp_s = jax.nn.log_softmax(student_BxK / temperature)
-    return jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=1)
+    p_t = jnp.exp(logp_t)
+    return jnp.sum(jnp.where(p_t > 0, p_t * (logp_t - logp_s), 0.0), axis=1)
 
 
 def family_loss(student_BxK, teacher_BxK, labels_B, coeffs: Coeffs, *, progress, hp):

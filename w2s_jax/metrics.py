@@ -1,6 +1,8 @@
 """Evaluation, separate from training: predictions and labels in, arrays over ``[seed, hparam]`` out."""
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,13 +102,16 @@ def gain_sources(student_logits_NxK, weak_logits_NxK, labels_N) -> dict:
     - ``correction``: the share of the rows the weak model gets wrong that the student gets right;
     - ``damage``: the share of the rows the weak model gets right that the student gets wrong;
     - ``low_conf_acc`` / ``rest_acc``: the student's accuracy on the weak model's least confident quarter of the rows
-      (its top softmax probability at or below the 25th percentile) and on the rest;
-      ``weak_low_conf_acc`` / ``weak_rest_acc``: the weak model's own, on the same rows.
+      (the ``floor(0.25·(N−1)) + 1`` rows of lowest top softmax probability, as many as lie at or below the 25th
+      percentile when no two tie; ties are broken by row order, so it is a quarter even when every row ties) and on
+      the rest; ``weak_low_conf_acc`` / ``weak_rest_acc``: the weak model's own, on the same rows.
     A share over no rows is NaN."""
     student_ok = jnp.argmax(student_logits_NxK, axis=-1) == labels_N
     weak_ok = jnp.argmax(weak_logits_NxK, axis=-1) == labels_N
     confidence = jnp.max(jax.nn.softmax(weak_logits_NxK), axis=-1)
-    low = confidence <= jnp.quantile(confidence, LOW_CONFIDENCE)
+    n = confidence.shape[0]
+    quarter = int(math.floor(LOW_CONFIDENCE * (n - 1))) + 1
+    low = jnp.zeros(n, bool).at[jnp.argsort(confidence, stable=True)[:quarter]].set(True)
     share = lambda hit, where: jnp.sum(hit & where) / jnp.sum(where)  # noqa: E731  NaN over no rows
     return {"correction": share(student_ok, ~weak_ok), "damage": share(~student_ok, weak_ok),
             "low_conf_acc": share(student_ok, low), "rest_acc": share(student_ok, ~low),

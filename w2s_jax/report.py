@@ -129,11 +129,11 @@ def _delta(summary: dict, chosen_on: str = "val_score") -> float | None:
     return _acc(methods["cpl"]["test_acc"]) - _acc(methods[best]["test_acc"])
 
 
-def best_baseline(summary: dict, chosen_on: str = "val_score", exclude: str = "cpl") -> str | None:
-    """The weak-supervised method (on the weak labels as they are, not ``exclude``) with the best mean
+def best_baseline(summary: dict, chosen_on: str = "val_score", exclude=("cpl",)) -> str | None:
+    """The weak-supervised method (on the weak labels as they are, none of ``exclude``) with the best mean
     ``chosen_on`` score (:func:`_delta`); None if there is none."""
     methods = summary["methods"]
-    baselines = [m for m in methods if METHODS[m].target == "weak" and m != exclude and not METHODS[m].refine
+    baselines = [m for m in methods if METHODS[m].target == "weak" and m not in exclude and not METHODS[m].refine
                  and METHODS[m].round == 1 and not methods[m].get("failed")]
     return max(baselines, key=lambda m: np.mean(methods[m][chosen_on])) if baselines else None
 
@@ -149,7 +149,9 @@ def _interval_cell(a_S, b_S) -> str:
 
 INTERVALS_NOTE = ("Differences of test' accuracy in points, paired by seed, with a 95% Student t-interval over the "
                   "seeds (mean ± t·sd/√S; metrics.paired_interval). (n.d.): the interval includes 0, so this many "
-                  "seeds do not tell the difference from none. The best baseline is Δ's (not cpl), chosen on hold_val.")
+                  "seeds do not tell the difference from none. Every row is compared with Δ's best baseline (the weak-label "
+                  "method other than cpl with the best hold_val score); Δ's baseline itself is compared with the next "
+                  "best, as its cell says.")
 
 
 def intervals_table(groups: list[Group], weak: str) -> Table | None:
@@ -157,12 +159,14 @@ def intervals_table(groups: list[Group], weak: str) -> Table | None:
     rows = []
     for g in (g for g in groups if g.weak == weak):
         methods, weak_acc = g.summary["methods"], g.summary["weak"]["test_acc"]
+        deltas = best_baseline(g.summary)  # Δ's: every row is compared with it
         for m in results.method_order(methods):
             if METHODS[m].target == "truth" or methods[m].get("failed"):
                 continue
-            base = best_baseline(g.summary, exclude=m)
+            base = deltas if m != deltas else best_baseline(g.summary, exclude=("cpl", m))
+            label = (base or "") if m != deltas else (f"{base} (the next best: this row is Δ's)" if base else "")
             rows.append([f"{g.dataset}/{g.domain}", m, _interval_cell(methods[m]["test_acc"], weak_acc),
-                         base or "", _interval_cell(methods[m]["test_acc"], methods[base]["test_acc"]) if base else ""])
+                         label, _interval_cell(methods[m]["test_acc"], methods[base]["test_acc"]) if base else ""])
     if not rows:
         return None
     return Table(f"intervals-{weak}", f"How sure each comparison is: W2S methods against the weak model and the best "
@@ -387,7 +391,8 @@ def plot_correction_damage(gs: list[Group], path: Path) -> Path:
             ax.scatter(correction, damage, s=18, color=colors[i % len(colors)], marker=markers[j % len(markers)],
                        label=m if first else None, alpha=0.8)
             first = False
-            top = max(top, np.nanmax(correction), np.nanmax(damage))
+            shown = np.concatenate([correction, damage])
+            top = max(top, shown[np.isfinite(shown)].max(initial=0.0))  # a share over no rows is NaN: not drawn
     return _finish_scatter(fig, ax, (0, top), "damage = correction", markers, [f"weak {g.weak}" for g in gs],
                            "correction: weak's wrong rows the student gets right (%)",
                            "damage: weak's right rows the student gets wrong (%)",

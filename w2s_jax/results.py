@@ -63,6 +63,26 @@ def summarize(evals: dict, best_epochs: dict, hps, weak: dict, zero_shot, failed
     return with_ceilings_and_pgr(summary)
 
 
+def failure_lines(summary: dict, failed: dict, hps, weak: str) -> list[str]:
+    """What the log says of models whose training loss went non-finite (``failed``: method -> ``S x H`` bool): per
+    method, which grid points and seeds, and whether the method is reported as failed or from a grid point that
+    trained; [] when none failed."""
+    varied = [f for f, v in hps._asdict().items() if len(set(np.atleast_1d(np.asarray(v)).tolist())) > 1]
+    point = lambda h: "grid point {}{}".format(h, " (" + ", ".join(  # noqa: E731
+        f"{f}={np.asarray(getattr(hps, f))[h]:g}" for f in varied) + ")" if varied else "")
+    lines = []
+    for method, bad_SxH in failed.items():
+        bad_SxH = np.asarray(bad_SxH, bool)
+        if not bad_SxH.any():
+            continue
+        where = "; ".join(f"{point(h)} on seed(s) {', '.join(map(str, np.flatnonzero(bad_SxH[:, h])))}"
+                          for h in np.flatnonzero(bad_SxH.any(axis=0)))
+        m = summary["methods"][method]
+        outcome = "reported as failed" if m.get("failed") else f"reported from {point(m['grid_index'])}, which trained"
+        lines.append(f"  {method}: {where}: {outcome}")
+    return [f"non-finite training loss (weak model {weak}):", *lines] if lines else []
+
+
 def with_ceilings_and_pgr(summary: dict) -> dict:
     """Add PGR, each method against the ceiling of its own head, and the paper's single "best ceiling".
 
@@ -112,6 +132,7 @@ def check_mergeable(folders) -> None:
     method appears in two of them, or two w2s-fit folders were trained differently (epochs, batch size, grid, ...):
     rows of one table, and Δ between them, must come from one training setup."""
     seen, fits = {}, []
+    check_same_rows_and_seeds(folders)
     for folder in map(Path, folders):
         summary = load_summary(folder)
         for method in summary["methods"]:
@@ -132,10 +153,40 @@ def check_mergeable(folders) -> None:
                              "and one Δ: report them separately, or refit them alike")
 
 
+def check_same_rows_and_seeds(folders) -> None:
+    """Refuse (ValueError, naming both folders and what differs) to put in one table folders fit with another number
+    of seeds, on other rows of the store, or from another version of the weak model: their rows would be paired seed
+    by seed (Δ, intervals), and the pairs would not be alike."""
+    from w2s_jax.store import rows_differ
+
+    records = []
+    for folder in map(Path, folders):
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        prov = json.loads((folder / "provenance.json").read_text()) if (folder / "provenance.json").is_file() else {}
+        records.append((folder, config.get("seeds"), prov.get("test_rows"), prov.get("weak_model")))
+    first, seeds, rows, weak = records[0]
+    for folder, other_seeds, other_rows, other_weak in records[1:]:
+        if other_seeds != seeds:
+            raise ValueError(f"{first} was fit with {seeds} seeds and {folder} with {other_seeds}: a table pairs its "
+                             "rows seed by seed; refit them with the same seeds (w2s-run: give [fit] seeds and [tp] "
+                             "seeds alike), or report them apart")
+        why = rows_differ(rows, other_rows) if rows and other_rows else ""
+        if why:
+            raise ValueError(f"{first} and {folder} were fit on different rows of their store ({why}); refit them on "
+                             "one store, or report them apart")
+        if weak is not None and other_weak is not None and weak != other_weak:
+            raise ValueError(f"{first} and {folder} learned from different versions of the weak model (the store's "
+                             "record of it differs: remade since one of them was fit); refit the older one, or report "
+                             "them apart")
+
+
 def merge(summaries: list[dict]) -> dict:
     """One summary from several results folders of the same store, weak model and seeds (e.g. w2s-fit + w2s-tp)."""
     first = summaries[0]
     for other in summaries[1:]:
+        if len(other["weak"]["test_acc"]) != len(first["weak"]["test_acc"]):
+            raise ValueError(f"these results have {len(first['weak']['test_acc'])} and {len(other['weak']['test_acc'])} "
+                             "seeds; merge only runs with the same --seeds")
         if not np.allclose(other["weak"]["test_acc"], first["weak"]["test_acc"]):
             raise ValueError("these results come from different stores, weak models or seeds; merge only runs of one "
                              "store with the same --weak and --seeds")
@@ -334,11 +385,17 @@ def gain_sources_rows(summary: dict) -> list[list[str]]:
         m = summary["methods"][name]
         if m.get("failed") or "correction" not in m or METHODS[name].target == "truth":
             continue
-        pct = lambda key: 100 * np.nanmean(np.asarray(m[key], np.float64))  # noqa: E731
-        rows.append([name, f"{pct('correction'):.1f}", f"{pct('damage'):.1f}",
-                     f"{pct('low_conf_acc'):.1f} / {pct('weak_low_conf_acc'):.1f}",
-                     f"{pct('rest_acc'):.1f} / {pct('weak_rest_acc'):.1f}"])
+        pct = lambda key: share_text(m[key])  # noqa: E731
+        rows.append([name, pct("correction"), pct("damage"), f"{pct('low_conf_acc')} / {pct('weak_low_conf_acc')}",
+                     f"{pct('rest_acc')} / {pct('weak_rest_acc')}"])
     return rows
+
+
+def share_text(per_seed) -> str:
+    """The mean over seeds of a share (%, one decimal), over the seeds where it is defined; "n/a" where it is a
+    share over no rows on every seed (a weak model right on every row has no correction to make)."""
+    v = np.asarray(per_seed, np.float64)
+    return f"{100 * v[np.isfinite(v)].mean():.1f}" if np.isfinite(v).any() else "n/a"
 
 
 GAIN_SOURCES_HEADER = ("method", "correction", "damage", "low-confidence: student / weak", "rest: student / weak")

@@ -89,7 +89,7 @@ def _run(cfgs, out_dirs, log, overwrite) -> list[tuple[dict, Path]]:
                              progress=lambda done: bar and bar[0].update(done))
     for b in bar:
         b.close()
-    if log and fitted[0][1].get("bucket_rows"):
+    if log and (fitted[0][1].get("bucket_rows") or n) > n:  # a store that fills its bucket exactly is not padded
         log(f"rows padded to the size bucket of {fitted[0][1]['bucket_rows']:,} (the stores of a bucket share one "
             "compiled program; --no-bucket fits them unpadded)")
     done = []
@@ -107,10 +107,11 @@ def evaluate_and_finish(cfg, store, splits, data, fits: dict, timings: dict, out
     evals = {m: {**metrics.evaluate_method(m, o, hps, data, jsplits, k),
                  "val_score": at_best_epoch(o.history["val_score"], o.best_epoch)} for m, o in fits.items()}
     failed = {m: failed_models(h) for m, h in histories.items()}
-    if log and any(f.any() for f in failed.values()):
-        log("non-finite training loss (reported as failed): " + ", ".join(m for m, f in failed.items() if f.any()))
     heads = {m: (METHODS[m].head, o.variables) for m, o in fits.items()}
-    return finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, heads, data, failed)
+    done = finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, heads, data, failed)
+    for line in results.failure_lines(done[0], failed, cfg.grid_hparams(), cfg.weak) if log else ():
+        log(line)
+    return done
 
 
 def finish_run(cfg, store, splits, evals, best_epochs, histories, timings, out_dir, heads, data=None,
