@@ -32,7 +32,7 @@ SECTIONS = {
     "fit": {"methods", "seeds", "epochs", "batch_size", "warmup", "hparams", "grid", "multi_weak", "seed_axis",
             "select", "refine", "rounds", "bucket"},
     "tp": {"methods", "seeds", "epochs", "batch_size", "optimizer", "n_ctx", "ctx_init", "hparams", "precision",
-           "grid", "select", "refine"},
+           "grid", "select", "refine", "prefix"},
     "extract": {"batch_size", "num_workers", "device", "on_corrupt", "weak_epochs", "feature_dtype", "templates"},
     "report": {"curves", "paper", "cross_domain"},
 }
@@ -187,6 +187,7 @@ def tp_config(tp: dict, store, strong: str, weak: str, device: str):
                     optimizer=tp.get("optimizer", "adam"), n_ctx=tp.get("n_ctx", 16), ctx_init=tp.get("ctx_init", ""),
                     hparams=Hparams(**tp.get("hparams", {})), device=device,
                     precision=tp.get("precision", default_precision(device)), select=tp.get("select", "agreement"),
+                    prefix=tp.get("prefix", "shared"),
                     grid=tuple((k, tuple(v)) for k, v in tp.get("grid", {}).items()))
 
 

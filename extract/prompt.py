@@ -4,7 +4,9 @@ The image features come from the store and are never re-encoded. TP models are d
 too"): J models differ only by their context ``M x W``, so :class:`PromptBank` stacks them as ``J x M x W`` and
 runs the frozen text tower once over the ``J·K`` prompts ``[SOS][ctx_1..ctx_M][CLASS].[EOT]``. CLIP's text tower is
 causal and reads its feature at the EOT token, so positions after the longest EOT never matter: every prompt is
-cut there (:func:`cut_length`), exactly. The training loop is :mod:`extract.tp_fit`.
+cut there (:func:`cut_length`), exactly. Under the same mask the ``1 + M`` prefix positions are the same for all K
+prompts of a model, so each model's prefix runs once (:mod:`extract.prefix`, ``prefix="shared"``, the default),
+exactly. The training loop is :mod:`extract.tp_fit`.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import math
 import numpy as np
 import torch
 
+from extract.prefix import PREFIX_MODES, encode_shared_prefix, shared_prefix_problem
 from w2s_jax.config import Hparams, check_hparams, hparam_grid
 
 OPTIMIZERS = ("adam", "coop")  # adam: paper defaults; coop: SGD lr 0.002, cosine (CoOp's own)
@@ -46,6 +49,7 @@ class TPConfig:
     hparams: Hparams = Hparams()  # lr, temperature, logit_scale, alpha_max, aux_warmup, tau_a, refine_*
     device: str = "cpu"
     precision: str = "fp32"  # the text tower under "fp32" or "bf16" autocast (default_precision: bf16 on CUDA)
+    prefix: str = "shared"  # "shared": each model's prompt prefix run once (exact); "none": every prompt whole
     grid: tuple = ()  # ((field, (values...)), ...): swept for every method, cartesian product, as w2s-fit's
     select: str = "agreement"  # the label-free rule that keeps a model's epoch and grid point (w2s_jax.select)
     imports: tuple[str, ...] = ()  # the --import modules that registered user methods
@@ -57,6 +61,8 @@ class TPConfig:
 
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.prefix not in PREFIX_MODES:
+            raise ValueError(f"prefix {self.prefix!r}: use one of {', '.join(PREFIX_MODES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
         if self.select not in CRITERIA:
@@ -155,10 +161,11 @@ class PromptBank(torch.nn.Module):
     """J prompt models over the same K classes: contexts ``J x M x W``, ``forward() -> text features J x K x D``
     from one pass of the frozen tower over the ``J·K`` cut prompts. Model j's context starts from ``seeds_J[j]``
     (``randn · 0.02``, CoOp's) or from the phrase ``ctx_init``. Each context is its own parameter (``contexts``),
-    stacked per step, so one optimizer can give each model its own learning rate. ``cut=False`` runs the full
-    length (for benchmarks)."""
+    stacked per step, so one optimizer can give each model its own learning rate. ``prefix="shared"`` runs each
+    model's ``[SOS][context]`` once (:func:`extract.prefix.encode_shared_prefix`) where the tower allows it, else
+    (or with ``"none"``) every prompt at its cut length; ``cut=False`` runs the full length (for benchmarks)."""
 
-    def __init__(self, model, tokenizer, class_names, seeds_J, *, n_ctx=16, ctx_init="", cut=True):
+    def __init__(self, model, tokenizer, class_names, seeds_J, *, n_ctx=16, ctx_init="", cut=True, prefix="shared"):
         super().__init__()
         self.model = model
         width = model.token_embedding.weight.shape[1]
@@ -182,6 +189,8 @@ class PromptBank(torch.nn.Module):
         self.register_buffer("positions_K", positions)
         self.register_buffer("prefix_Kx1xW", embeds[:, :1].clone())
         self.register_buffer("suffix_KxRxW", embeds[:, 1 + n_ctx:].clone())
+        self.prefix_len, self.shared, self.cut_note = shared_note(model, 1 + n_ctx, positions, self.length,
+                                                                  self.cut_note, prefix if cut else "none")
         starts = [phrase_ctx.clone() if ctx_init else
                   torch.randn(n_ctx, width, generator=torch.Generator().manual_seed(int(s))) * 0.02 for s in seeds_J]
         self.contexts = torch.nn.ParameterList([torch.nn.Parameter(c.to(embeds.dtype).to(device)) for c in starts])
@@ -190,6 +199,9 @@ class PromptBank(torch.nn.Module):
         ctx_JxMxW = torch.stack(list(self.contexts))
         j, m, w = ctx_JxMxW.shape
         k = self.prefix_Kx1xW.shape[0]
+        if self.shared:  # [SOS][context] once per model; the K suffixes against it
+            prefix = torch.cat([self.prefix_Kx1xW[:1].expand(j, -1, -1), ctx_JxMxW], dim=1)
+            return encode_shared_prefix(self.model, prefix, self.suffix_KxRxW.expand(j, -1, -1, -1), self.positions_K)
         embeds = torch.cat([self.prefix_Kx1xW.expand(j, -1, -1, -1), ctx_JxMxW[:, None].expand(-1, k, -1, -1),
                             self.suffix_KxRxW.expand(j, -1, -1, -1)], dim=2).reshape(j * k, -1, w)
         text = encode_token_embeddings(self.model, embeds, self.positions_K.repeat(j), self.length)
@@ -207,20 +219,28 @@ class TextEncoderBank(torch.nn.Module):
     """Table 4 ablation: fixed prompts 'a photo of a {class}.', the whole text tower trainable; one model (J = 1).
 
     It trains the tower's weights, which differ per model, so its models cannot share a pass: each runs alone
-    (with cut prompts all the same)."""
+    (with cut prompts all the same, and the fixed prefix ``[SOS] a photo of a`` run once for its K prompts where
+    ``prefix="shared"``)."""
 
-    def __init__(self, model, tokenizer, class_names):
+    def __init__(self, model, tokenizer, class_names, prefix="shared"):
         super().__init__()
         self.model = model
-        check_prompts_fit(tokenizer, class_names, int((tokenizer(["a photo of a"])[0] > 0).sum()) - 2,
-                          int(tokenizer(["x"]).shape[1]), "the text-encoder prompt 'a photo of a {class}.'")
+        n_prefix = int((tokenizer(["a photo of a"])[0] > 0).sum()) - 2
+        check_prompts_fit(tokenizer, class_names, n_prefix, int(tokenizer(["x"]).shape[1]),
+                          "the text-encoder prompt 'a photo of a {class}.'")
         tokens = class_tokens(tokenizer, class_names, "a photo of a").to(model.token_embedding.weight.device)
         self.register_buffer("tokens_KxL", tokens)
         self.register_buffer("positions_K", pool_positions(model, tokens))
         self.length, self.cut_note = cut_length(model, self.positions_K, tokens.shape[1])
+        same = bool((tokens[:, :1 + n_prefix] == tokens[:1, :1 + n_prefix]).all())  # the phrase tokenizes alike
+        self.prefix_len, self.shared, self.cut_note = shared_note(model, 1 + n_prefix, self.positions_K, self.length,
+                                                                  self.cut_note, prefix if same else "none")
 
     def forward(self):
-        embeds = self.model.token_embedding(self.tokens_KxL)
+        embeds = self.model.token_embedding(self.tokens_KxL[:, :self.length])
+        if self.shared:
+            p = self.prefix_len
+            return encode_shared_prefix(self.model, embeds[:1, :p], embeds[None, :, p:], self.positions_K)
         return encode_token_embeddings(self.model, embeds, self.positions_K, self.length)[None]
 
     def param_groups(self, lrs_J) -> list[dict]:
@@ -228,6 +248,19 @@ class TextEncoderBank(torch.nn.Module):
         towers = [m.transformer, m.token_embedding, m.ln_final]
         params = [p for t in towers for p in t.parameters()] + [m.positional_embedding, m.text_projection]
         return [{"params": [p for p in params if isinstance(p, torch.nn.Parameter)], "lr": float(lrs_J[0])}]
+
+
+def shared_note(model, prefix_len: int, positions_K, length: int, cut_note: str, prefix: str) -> tuple[int, bool, str]:
+    """``(prefix length, shared, the log's note)``: whether a bank's prompts share their prefix of ``prefix_len``
+    positions (``prefix="shared"`` and :func:`extract.prefix.shared_prefix_problem` finds nothing), and why not."""
+    if prefix != "shared":
+        return 0, False, cut_note + "; prefix not shared (--prefix none)"
+    problem = shared_prefix_problem(model, prefix_len, positions_K, length)
+    if problem:
+        return 0, False, f"{cut_note}; prefix not shared: {problem}"
+    k = len(positions_K)
+    return prefix_len, True, (f"{cut_note}; each model's prefix run once: {prefix_len} + {k} x {length - prefix_len} "
+                              f"positions, not {k} x {length} (exact under the causal mask)")
 
 
 def freeze_all_but(bank: torch.nn.Module, groups: list[dict]) -> None:
@@ -239,15 +272,18 @@ def freeze_all_but(bank: torch.nn.Module, groups: list[dict]) -> None:
             p.requires_grad_(True)
 
 
-def tower_bytes(model, num_prompts: int, length: int, precision: str) -> int:
+def tower_bytes(model, num_prompts: int, length: int, precision: str, prefix_len: int = 0) -> int:
     """Rough memory of one forward and backward pass of the text tower over ``num_prompts`` prompts of ``length``
     tokens (the activations autograd keeps): per layer and token about 20 widths (attention's q, k, v, its output,
-    the MLP's 4-wide hidden twice, the norms and residuals) plus the attention weights, at 4 bytes a value in
-    float32 and 3 under bf16 autocast (the norms stay float32)."""
+    the MLP's 4-wide hidden twice, the norms and residuals) plus the attention weights (2 per head and key), at 4
+    bytes a value in float32 and 3 under bf16 autocast (the norms stay float32). With a shared prefix of
+    ``prefix_len`` positions, the prefix is counted once and each prompt's ``length − prefix_len`` suffix
+    positions against all ``length`` keys."""
     width = model.token_embedding.weight.shape[1]
     blocks = getattr(model.transformer, "resblocks", [])
     layers = len(blocks) or 12
     heads = getattr(getattr(blocks[0], "attn", None), "num_heads", 8) if layers and blocks else 8
-    per_token = 20 * width + 2 * heads * length
-    return int(layers * num_prompts * length * per_token * (4 if precision == "fp32" else 3))
+    tokens = prefix_len + num_prompts * (length - prefix_len)
+    keys = prefix_len * prefix_len + num_prompts * (length - prefix_len) * length  # attention weights per head
+    return int(layers * (tokens * 20 * width + 2 * heads * keys) * (4 if precision == "fp32" else 3))
 

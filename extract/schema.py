@@ -52,6 +52,7 @@ class TP(_Section):
     n_ctx: StrictInt = 16
     ctx_init: StrictStr = ""
     precision: StrictStr = "fp32"
+    prefix: StrictStr = "shared"
     select: StrictStr = "agreement"
     refine: list[StrictStr] = []
     hparams: dict[str, Number] = {}

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from extract import encoders
 from extract.prompt import (OPTIMIZERS, PRECISIONS, PromptBank, PromptError, TextEncoderBank, TPConfig,
                             check_text_tower, default_precision)
+from extract.prefix import PREFIX_MODES
 from extract.tp_fit import TPModel, budget_bytes, chunk_size, make_targets, model_bytes, plan_models, train_chunk
 from w2s_jax import fit as fitlib
 from w2s_jax import metrics, outputs
@@ -88,11 +89,11 @@ def _run_tp(cfg: TPConfig, outs: dict, overwrite, log, memory_gib, models_per_st
 
     # ---- the memory plan, before any work
     bank = lambda chunk: PromptBank(model, encoder.tokenizer, names, [m.seed for m in chunk],  # noqa: E731
-                                    n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init)
+                                    n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, prefix=cfg.prefix)
     probe = bank(models[:1])
     targets_count = cfg.seeds * len(weaks) * (2 + len({METHODS[m].refine for m in cfg.methods}) * num_h)
     fixed = 4 * (sum(p.numel() for p in model.parameters()) + n * (dim + 1) + targets_count * n * (k + 1))
-    per_model = model_bytes(model, k, probe.length, cfg, n, dim)
+    per_model = model_bytes(model, k, probe.length, cfg, n, dim, probe.prefix_len)
     size = chunk_size(max(len(prompt_models), 1), per_model, fixed, budget_bytes(cfg.device, memory_gib),
                       models_per_step or default_models_per_step(cfg.device))
     chunks = [prompt_models[i:i + size] for i in range(0, len(prompt_models), size)] + [[m] for m in alone]
@@ -111,12 +112,12 @@ def _run_tp(cfg: TPConfig, outs: dict, overwrite, log, memory_gib, models_per_st
             if METHODS[chunk[0].method].head == "prompt":
                 module = bank(chunk).to(cfg.device)
             else:
-                module = TextEncoderBank(copy.deepcopy(model), encoder.tokenizer, names).to(cfg.device)
+                module = TextEncoderBank(copy.deepcopy(model), encoder.tokenizer, names, cfg.prefix).to(cfg.device)
             outputs_ = train_chunk(module, chunk, targets, test.features_NxD, test.labels_N, splits, cfg, hps,
                                    progress=bar.update)
             trained.update(zip(chunk, outputs_))
     timings = {"compile_s": 0.0, "run_s": time.perf_counter() - t0, "torch_device": cfg.device,
-               "models_per_step": size, "prompt_tokens": probe.length}
+               "models_per_step": size, "prompt_tokens": probe.length, "prompt_prefix_shared": probe.prefix_len}
 
     # ---- one results folder per weak model
     done = {}
@@ -166,6 +167,9 @@ def _run_tp(cfg: TPConfig, outs: dict, overwrite, log, memory_gib, models_per_st
               help="The label-free rule on hold_val that keeps each model's epoch and each method's grid point.")
 @click.option("--n-ctx", default=16, show_default=True, help="Number of context vectors M.")
 @click.option("--ctx-init", default="", help="Initialise the context from a phrase, e.g. 'a photo of a'.")
+@click.option("--prefix", type=click.Choice(PREFIX_MODES), default="shared", show_default=True,
+              help="shared: each model's prompt prefix [SOS][context] runs once for its K classes (exact under the "
+                   "causal mask; towers that cannot are run whole, and the log says why); none: every prompt whole.")
 @click.option("--device", default=None, help="[default: cuda when present]")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="The text tower's compute: fp32, or bf16 autocast (the learned context stays float32). "
@@ -183,7 +187,8 @@ def _run_tp(cfg: TPConfig, outs: dict, overwrite, log, memory_gib, models_per_st
                    "(OUT/WEAK) or a pattern holding {weak}.")
 @click.option("--overwrite", is_flag=True, help="Replace a results folder that holds another config.")
 def main(store, strong, weak, methods, refine, seeds, epochs, batch_size, optimizer, lr, temperature, logit_scale,
-         grid, select, n_ctx, ctx_init, device, precision, memory_gib, models_per_step, plugins, out, overwrite):
+         grid, select, n_ctx, ctx_init, prefix, device, precision, memory_gib, models_per_step, plugins, out,
+         overwrite):
     """Prompt tuning (CoOp) with every TP method as data, and the text-encoder ablation."""
     from extract.cli import resolve_device
     from w2s_jax import results
@@ -204,7 +209,8 @@ def main(store, strong, weak, methods, refine, seeds, epochs, batch_size, optimi
                        methods=with_refinements(chosen, [k.strip() for k in refine.split(",") if k.strip()]),
                        seeds=seeds, epochs=epochs, batch_size=batch_size, optimizer=optimizer, n_ctx=n_ctx,
                        ctx_init=ctx_init, hparams=Hparams(lr=lr, temperature=temperature, logit_scale=logit_scale),
-                       device=device, precision=precision or default_precision(device), grid=_parse_grid(grid),
+                       device=device, precision=precision or default_precision(device), prefix=prefix,
+                       grid=_parse_grid(grid),
                        select=select, imports=tuple(plugins))
         if len(set(weaks)) != len(weaks):
             raise ValueError(f"--weak {weak}: name each weak model once")

@@ -100,12 +100,12 @@ def budget_bytes(device: str, override_gib: float = 0.0) -> int:
     return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def model_bytes(model, num_classes: int, length: int, cfg, n: int, dim: int) -> int:
-    """One prompt model's share of a step: its K prompts through the tower (:func:`extract.prompt.tower_bytes`),
-    its minibatch (features, teacher, logits and their gradient) and its end-of-epoch hold_val and test' logits
-    (36% of the rows), in bytes."""
+def model_bytes(model, num_classes: int, length: int, cfg, n: int, dim: int, prefix_len: int = 0) -> int:
+    """One prompt model's share of a step: its K prompts through the tower (:func:`extract.prompt.tower_bytes`, its
+    prefix once where it is shared), its minibatch (features, teacher, logits and their gradient) and its
+    end-of-epoch hold_val and test' logits (36% of the rows), in bytes."""
     batch, evaluated = cfg.batch_size, int(0.36 * n)
-    return (tower_bytes(model, num_classes, length, cfg.precision)
+    return (tower_bytes(model, num_classes, length, cfg.precision, prefix_len)
             + 4 * (batch * (dim + 4 * num_classes) + evaluated * (dim + 2 * num_classes) + 4 * num_classes * dim))
 
 
