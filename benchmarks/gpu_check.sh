@@ -15,7 +15,8 @@
 # bench_compile_cache (cache off/warm, another store of the bucket, one method against all, and what padding to
 # a size bucket costs a run), then bench_extract (ViT-B-32, random weights:
 # start-up apart from the steady state, against the encoder alone) and bench_tp (K = 345 prompts: full against cut
-# prompts, 30 models one after another against one step, time per model-step, share of the tower's FLOP floor), the same extraction decoding on the GPU, and
+# prompts against the shared prefix, the cpl+textenc step both ways, 30 models one after another against one step,
+# time per model-step, the memory estimate against the CUDA peak, share of the tower's FLOP floor), the same extraction decoding on the GPU, and
 # bench_refine (the weak-label refinements at DomainNet's largest pool, against scikit-learn).
 set -u
 cd "$(dirname "$0")/.."

@@ -56,11 +56,14 @@ def test_gpu_check_writes_one_json_line_per_step(tmp_path):
     assert "| warm cache, another store of the bucket (n=599) |" in out["compile_cache"]
     assert "run time, padded / unpadded:" in out["padding_cost"] and "| padded to 640 rows |" in out["padding_cost"]
     assert "| ce+lp alone |" in out["compile_methods"]
-    for figure in ("full/cut =", "loop/one step =", "time per model-step:", "share of the floor"):
+    for figure in ("full/cut =", "cut/shared =", "full/shared =", "cpl+textenc step:", "estimate / measured =",
+                   "loop/one step =", "time per model-step:", "share of the floor"):
         assert figure in out["prompt_tuning"], figure
     figures = json.loads(out["prompt_tuning"].strip().splitlines()[-1])
-    assert figures["tokens_cut"] < figures["tokens_full"] == 77 and figures["models"] == 2
-    assert {"cut_speedup", "one_step_speedup", "model_step_ms", "floor_share", "gemm_tflops_bf16"} <= set(figures)
+    assert figures["prefix_tokens"] < figures["tokens_cut"] < figures["tokens_full"] == 77 and figures["models"] == 2
+    assert {"cut_speedup", "shared_vs_cut", "shared_vs_full", "textenc_shared_vs_cut", "one_step_speedup",
+            "model_step_ms", "floor_share", "gemm_tflops_bf16"} <= set(figures)
+    assert figures["tower_bytes_measured"] > 0 and abs(figures["tower_bytes_error"]) < 1.0  # the estimate, checked
     assert "knn     JAX: compile" in out["refine"] and "graph   JAX" in out["refine"] and "filter  JAX" in out["refine"]
     assert "agrees with ours on 1.0000 of rows" in out["refine"] and "scikit-learn / ours =" in out["refine"]
 
