@@ -1,9 +1,9 @@
 """The typed schema of an experiment file (``w2s-run``): every key's type, checked before any work.
 
-Unknown keys are reported by ``experiment._check_keys`` (with the valid ones listed); this schema checks the
-types of the known ones, so that a scalar where a list belongs, a string read letter by letter or a word where a
-number belongs is refused naming the key, instead of failing later. Ranges and names are checked by the code
-that owns them (``FitConfig``, ``check_methods``, ``load_dataset``).
+One pydantic model per section, each with ``extra="forbid"``: an unknown key is named with the valid ones, and a
+value of the wrong type (a scalar where a list belongs, a string read letter by letter, a word where a number
+belongs) is refused naming the key, instead of failing later. Ranges and names are checked by the code that owns
+them (``FitConfig``, ``check_methods``, ``load_dataset``).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ Number = Union[StrictInt, StrictFloat]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown keys: experiment._check_keys names them and the valid ones
+    model_config = ConfigDict(extra="forbid")  # an unknown key is named, with the valid ones (check_types)
 
 
 class Data(_Section):
@@ -97,11 +97,25 @@ TYPE_WORDS = {"list_type": "a list, e.g. [\"a\", \"b\"]", "string_type": "a stri
               "greater_than_equal": "a positive whole number", "literal_error": "'auto'"}
 
 
+SECTIONS = {"": Experiment, "data": Data, "fit": Fit, "tp": TP, "extract": Extract, "report": Report}
+
+
 def check_types(exp: dict) -> None:
-    """A ValueError naming every key whose value has the wrong type, with the expected type."""
+    """A ValueError naming the unknown keys of a section (with its valid ones), else every key whose value has the
+    wrong type, with the expected type."""
     try:
         Experiment.model_validate(exp)
     except pydantic.ValidationError as err:
+        unknown = {}  # section -> unknown keys
+        for e in err.errors():
+            if e["type"] == "extra_forbidden":
+                section = next((str(p) for p in e["loc"][:-1] if isinstance(p, str)), "")
+                unknown.setdefault(section, []).append(str(e["loc"][-1]))
+        if unknown:
+            section, keys = next(iter(unknown.items()))
+            where = {"": "the top level", "data": "[[data]]"}.get(section, f"[{section}]")
+            valid = sorted(SECTIONS[section].model_fields)
+            raise ValueError(f"unknown key(s) {sorted(keys)} in {where}; valid: {', '.join(valid)}") from None
         found, expected = {}, {}  # per key: the value given, and every type that would do
         for e in err.errors():
             where = _where(e["loc"])
