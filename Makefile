@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/w2s-run experiments/demo.toml
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest --durations=10
 
 clean-demo:
 	rm -rf experiments-out/demo
