@@ -23,19 +23,20 @@ from w2s_jax.splits import stacked_splits
 def single_call(cfg, data, splits, text, k):
     """The whole run of every method x seed x hparam as one compiled program; returns (compile_s, run fn)."""
     groups = fitlib.make_groups(cfg.methods, k, text)
-    specs, teacher_J = fitlib.teacher_plan(groups, cfg.grid_hparams(), cfg)
+    specs, teacher_J = fitlib.teacher_plan(groups, cfg.grid_hparams(), cfg.hparams.refine_k)
+    recipe = fitlib.recipe_of(cfg, splits.hold_train.shape[-1])
     rows = {g: fitlib.group_rows(grp, cfg.grid_hparams(), teacher_J[g]) for g, grp in groups.items()}
     keys = jax.random.key_data(fitlib.seed_keys(cfg.root_seed, cfg.seeds))
     splits = jax.tree.map(jnp.asarray, splits)
 
     def whole_run(states, kd, split, teachers):
         key = jax.random.wrap_key_data(kd)
-        return jax.lax.scan(lambda st, e: fitlib.seed_epoch(groups, st, key, e, rows, data, split, cfg, teachers),
+        return jax.lax.scan(lambda st, e: fitlib.seed_epoch(groups, st, key, e, rows, data, split, recipe, teachers),
                             states, jnp.arange(cfg.epochs))
 
     def program(keys, data, splits):
         teachers = fitlib.seed_targets(specs, data, splits)
-        states = {g: fitlib.start_seeds(grp, cfg, keys, rows[g], data, splits, teachers) for g, grp in groups.items()}
+        states = {g: fitlib.start_seeds(grp, recipe, keys, rows[g], data, splits, teachers) for g, grp in groups.items()}
         return jax.lax.map(lambda args: whole_run(*args), (states, keys, splits, teachers))
 
     t0 = time.perf_counter()

@@ -11,7 +11,6 @@ Usage: python benchmarks/bench_step_profile.py [--seeds 5] [--methods all]
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 
 import jax
@@ -45,12 +44,13 @@ def main():
     splits = jax.tree.map(jnp.asarray, stacked_splits(args.n, s))
     cfg = FitConfig(store="s", weak="w", methods=methods, seeds=s, epochs=10, batch_size=b)
     groups = fitlib.make_groups(methods, k, text)
-    specs, teacher_J = fitlib.teacher_plan(groups, cfg.grid_hparams(), cfg)
+    specs, teacher_J = fitlib.teacher_plan(groups, cfg.grid_hparams(), cfg.hparams.refine_k)
+    recipe = fitlib.recipe_of(cfg, splits.hold_train.shape[-1])
     rows = {g: fitlib.group_rows(grp, cfg.grid_hparams(), teacher_J[g]) for g, grp in groups.items()}
     keys = jax.random.key_data(fitlib.seed_keys(0, s))
     # the data goes in as arguments: captured as constants, XLA would fold the whole start at compile time
     teachers = jax.jit(lambda data, splits: fitlib.seed_targets(specs, data, splits))(data, splits)
-    states = jax.jit(lambda data, splits, teachers: {g: fitlib.start_seeds(grp, cfg, keys, rows[g], data, splits,
+    states = jax.jit(lambda data, splits, teachers: {g: fitlib.start_seeds(grp, recipe, keys, rows[g], data, splits,
                                                                            teachers)
                                                      for g, grp in groups.items()})(data, splits, teachers)
 
@@ -58,7 +58,7 @@ def main():
         def one_seed(args, data):
             state, key_data, split, seed_teachers = args
             return fitlib.seed_epoch(groups, state, jax.random.wrap_key_data(key_data), 0, rows, data, split,
-                                     dataclasses.replace(cfg, fuse=fuse), seed_teachers)
+                                     recipe._replace(fuse=fuse), seed_teachers)
 
         def program(states, data, splits, teachers):
             return fitlib.over_seeds(one_seed, (states, keys, splits, teachers), data, sharding.seed_mesh(),

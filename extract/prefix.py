@@ -49,7 +49,8 @@ def _split_heads(x_BxLxW, heads: int):
 
 
 def _block(block, x_JxPxW, x_JKxRxW, masks):
-    """One residual attention block over the prefixes ``J x P x W`` and their suffixes ``J·K x R x W`` (model-major)."""
+    """One residual attention block over the prefixes ``J x P x W`` and their suffixes ``J·K x R x W``
+    (model-major)."""
     attn, (mask_pp, mask_sp, mask_ss) = block.attn, masks
     j, p, w = x_JxPxW.shape
     jk, r, _ = x_JKxRxW.shape

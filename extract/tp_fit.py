@@ -66,7 +66,7 @@ def make_targets(cfg, methods, weaks, weak_logits: dict, feats_NxD, labels_N, sp
     labels, the reference kNN vote of the ``refined`` rule, and each refinement the methods ask for."""
     hps = cfg.grid_hparams()
     num_h = len(hps.lr)
-    specs, index = refine.plan({"all": [METHODS[m].refine for m in methods]}, hps, fitlib.reference_refinement(cfg))
+    specs, index = refine.plan({"all": [METHODS[m].refine for m in methods]}, hps, fitlib.reference_refinement(cfg.hparams.refine_k))
     teachers, views = {}, {}
     make = jax.jit(fitlib.make_teachers, static_argnums=0)
     for w in weaks:

@@ -57,7 +57,9 @@ def test_seed_i_equals_single_run_with_key_i(store_path):
     data = fitlib.make_data(test.features_NxD, test.weak_logits["noisy"], test.labels_N)
     cfg = FitConfig(store=str(store_path), weak="noisy", methods=("cpl",), seeds=2, **FAST)
     out, _ = fitlib.fit_methods(cfg, data, stacked_splits(len(test.ids_N), 2), store.text_TxKxD, store.num_classes)
-    fit = jax.jit(fitlib.make_fit("cpl", store.num_classes, store.text_TxKxD, cfg))
+    splits = stacked_splits(len(test.ids_N), 2)
+    fit = jax.jit(fitlib.make_fit("cpl", store.num_classes, store.text_TxKxD,
+                                  fitlib.recipe_of(cfg, splits.hold_train.shape[-1])))
     hp = jax.tree.map(lambda a: a[0], cfg.grid_hparams())
     single = fit(fitlib.seed_keys(0, 2)[1], hp, data, jax.tree.map(np.asarray, seed_splits(len(test.ids_N), 1)))
     np.testing.assert_allclose(out["cpl"].variables["params"]["prototypes_KxD"][1, 0],
@@ -215,7 +217,8 @@ def test_fused_logits_of_a_seed_are_one_gemm_per_head(store_path):
     splits = jax.tree.map(jnp.asarray, stacked_splits(len(test.ids_N), 1))
     keys = jax.random.key_data(fitlib.seed_keys(0, 1))
     teachers = jax.tree.map(lambda a: a[None], fitlib.plain_teachers(data))
-    variables = {g: jax.tree.map(lambda a: a[0], fitlib.start_seeds(grp, cfg, keys, rows[g], data, splits,
+    recipe = fitlib.recipe_of(cfg, splits.hold_train.shape[-1])
+    variables = {g: jax.tree.map(lambda a: a[0], fitlib.start_seeds(grp, recipe, keys, rows[g], data, splits,
                                                                     teachers).variables)
                  for g, grp in groups.items()}
     batch = data.feats_NxD[:64]

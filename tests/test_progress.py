@@ -58,7 +58,7 @@ def test_per_epoch_calls_equal_the_single_call_fit(tmp_path):
     splits = stacked_splits(len(test.ids_N), 2)
     looped, _ = fitlib.fit_methods(cfg, data, splits, st.text_TxKxD, st.num_classes)
     for m in cfg.methods:
-        fit = jax.jit(fitlib.make_fit(m, st.num_classes, st.text_TxKxD, cfg))
+        fit = jax.jit(fitlib.make_fit(m, st.num_classes, st.text_TxKxD, fitlib.recipe_of(cfg, splits.hold_train.shape[-1])))
         for s in range(2):
             one = fit(fitlib.seed_keys(0, 2)[s], jax.tree.map(lambda a: a[0], cfg.grid_hparams()), data,
                       jax.tree.map(lambda a: a[s], splits))

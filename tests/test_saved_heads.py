@@ -1,4 +1,5 @@
-"""Heads as flax modules: saved with every fit, reloaded with the same logits, and a new head from the README."""
+"""Heads as flax modules: saved with every fit, reloaded with the same logits, and a new head from the manual
+(docs/heads.md)."""
 import json
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from w2s_jax.saved_heads import HeadsError
 from w2s_jax.splits import stacked_splits
 from w2s_jax.store import read_store
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "heads.md"  # where "Add a head" is written
 METHODS = ("cpl", "kd+lp", "ceiling+proto", "ceiling+lp")
 
 
@@ -98,7 +99,7 @@ def readme_block(first_line: str) -> str:
 
 
 def test_the_readme_mlp_head_trains_saves_and_reloads(fitted, tmp_path, registries, monkeypatch):
-    """The README's MLP example, as written there: one module and one registry line, then w2s-fit --import."""
+    """The manual's MLP example (docs/heads.md), as written there: one module and one registry line, then w2s-fit --import."""
     store_path, _, _ = fitted
     plugin = tmp_path / "my_heads.py"
     plugin.write_text(readme_block("# my_heads.py"))

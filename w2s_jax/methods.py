@@ -34,7 +34,7 @@ class Method(NamedTuple):
     #              "raven": a convex combination of several weak models, its weights learned with the head;
     #              "average": their uniform average
     refine: str = ""  # "" or a refinement of the weak target (w2s_jax.refine: knn, graph, filter): METHOD@knn
-    round: int = 1  # r > 1: trained on the soft labels of round r - 1's kept student (METHOD@round2, fit.py)
+    round: int = 1  # r > 1: trained on the soft labels of round r - 1's kept student (METHOD@round2, w2s_jax.fit)
 
 
 METHODS = {

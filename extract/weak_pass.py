@@ -1,0 +1,253 @@
+"""The weak models of an extraction: probes trained on their backbone's features, and fine-tuned models trained in
+lockstep (one decode per image and epoch for all of them), each recorded with the recipe it was made with
+(:func:`weak_recipe`), so that a store never keeps a weak model made otherwise than asked."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from extract import encoders, weak
+from extract.datasets import Dataset
+from extract.image_pass import ImageSource, Options, run_splits
+from w2s_jax import store as st
+
+
+TUNED = "weak-tuned"  # the pass that fine-tunes every fine-tuned weak model at once, and gives their logits
+
+
+def tuned_inputs(specs) -> tuple[list, dict]:
+    """The fine-tuned weak models' distinct transforms, and which of them each model reads:
+    ``([transform], {name: index})`` (:func:`weak.transform_key`)."""
+    keys = list(dict.fromkeys(weak.transform_key(s) for s in specs))
+    first = {key: next(s for s in specs if weak.transform_key(s) == key) for key in keys}
+    return [weak.weak_transform(first[key]) for key in keys], {s.name: keys.index(weak.transform_key(s)) for s in specs}
+
+
+def weak_passes(specs) -> dict:
+    """The image passes the weak models ``specs`` need beyond the feature pass, ``{key: [transform]}``: each probe's
+    own (``weak:NAME``: when the store exists already), and one for every fine-tuned model at once (``TUNED``)."""
+    specs = list(specs)
+    passes = {f"weak:{s.name}": [weak.weak_transform(s)] for s in specs if s.mode == "probe"}
+    tuned = [s for s in specs if s.mode == "finetune"]
+    if tuned:
+        passes[TUNED] = tuned_inputs(tuned)[0]
+    return passes
+
+
+def probe_logits(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, opts: Options, source: ImageSource,
+                 probe_feats: dict | None = None) -> tuple[dict, dict]:
+    """Train the probe ``spec`` on ``train`` (ground truth) and return its logits per split.
+
+    rows: split -> (ids, labels) of the store's rows; source: the extraction's images, with the pass
+    ``weak:NAME`` (:func:`weak_passes`); probe_feats: split -> features, if the feature pass already computed them.
+    Returns ({split: logits_NxK}, provenance dict).
+    """
+    k = len(dataset.class_names)
+    if probe_feats is None:
+        fn = weak.probe_backbone(spec, k, opts.device)
+        outs = run_splits(rows, source, f"weak:{spec.name}", {spec.name: (weak.weak_transform(spec), fn)},
+                          parts / f"weakfeat-{spec.name}-all", opts, f"{spec.name} features")[0]
+        probe_feats = {s: out[spec.name] for s, out in outs.items()}
+    predict = weak.train_probe(probe_feats["train"], rows["train"][1], k, device=opts.device)
+    logits = {s: predict(f) for s, f in probe_feats.items()}
+    return logits, with_accuracy(weak_recipe(spec, opts), logits, rows)
+
+
+def weak_recipe(spec: weak.WeakSpec, opts: Options) -> dict:
+    """What a weak model is made from: its source and training settings. It is recorded in the store's weak_info
+    and beside a fine-tuning checkpoint, and a weak model whose record differs is made anew, never reused."""
+    if spec.mode == "probe":
+        return {"source": spec.source, "mode": spec.mode, "probe_epochs": weak.PROBE_EPOCHS, "probe_lr": weak.PROBE_LR}
+    return {"source": spec.source, "mode": spec.mode, "epochs": opts.weak_epochs, "batch_size": opts.weak_batch_size,
+            "lr": opts.weak_lr, "warmup": 0.1}
+
+
+def recipe_key(spec: weak.WeakSpec, opts: Options) -> str:
+    """A short hash of :func:`weak_recipe`: it names the resumable work of that recipe (part files, checkpoints)."""
+    return hashlib.sha256(json.dumps(weak_recipe(spec, opts), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def recipe_differences(have: dict, want: dict) -> list[str]:
+    """``["epochs 2 (asked 5)", ...]``: the settings of a recorded weak model that differ from those asked."""
+    return [f"{k} {have.get(k)!r} (asked {v!r})" for k, v in want.items() if have.get(k) != v]
+
+
+def with_accuracy(info: dict, logits: dict, rows: dict) -> dict:
+    return {**info, **{f"{s}_accuracy": float(np.mean(logits[s].argmax(1) == labels)) for s, (_, labels) in rows.items()}}
+
+
+class UnreadableTrainImages(Exception):
+    """Fine-tuning met unreadable training images under ``--on-corrupt fail``: it stops, and the feature pass lists
+    every split's unreadable images at once (:class:`CorruptImagesError`)."""
+
+
+def finetune_weak(specs, dataset: Dataset, train: tuple, parts: Path, opts: Options,
+                  source: ImageSource) -> tuple[dict, dict]:
+    """Fine-tune every model of ``specs`` on ``train`` = (ids, labels) in lockstep (:func:`weak.finetune`): each
+    image decoded once per epoch, whatever the number of models; unreadable images are left out (a
+    :class:`UnreadableTrainImages` under ``--on-corrupt fail``). A model fine-tuned before (its ``weak-NAME.pt`` in
+    ``parts``) is resumed. Returns ``({name: model}, {name: why it failed})``, the failed ones not in the first."""
+    k = len(dataset.class_names)
+    _, which = tuned_inputs(specs)
+    models, todo = {}, {}
+    for spec in specs:
+        models[spec.name] = weak.load_hf(spec, k, opts.device)
+        ckpt = parts / f"weak-{spec.name}.pt"
+        recipe = ckpt.with_suffix(".json")  # what the checkpoint was fine-tuned with
+        made_with = json.loads(recipe.read_text()) if recipe.is_file() else None
+        if ckpt.exists() and made_with == weak_recipe(spec, opts):
+            models[spec.name].load_state_dict(weak.load_weights(ckpt, opts.device))
+            opts.log(f"resumed fine-tuned weak model from {ckpt}")
+        else:
+            if ckpt.exists():
+                why = "; ".join(recipe_differences(made_with or {}, weak_recipe(spec, opts)))
+                opts.log(f"{ckpt} was fine-tuned with other settings ({why}): fine-tuning {spec.name} anew")
+            todo[spec.name] = (models[spec.name], which[spec.name])
+    failed = {}
+    if todo:
+        ids, labels = train
+        order = np.random.default_rng(0).permutation(len(ids))
+        batches = [order[i:i + opts.weak_batch_size].tolist() for i in range(0, len(ids), opts.weak_batch_size)]
+        loader = _FineTuneBatches(lambda: source.read(TUNED, ids, batches), len(batches), labels,
+                                  stop_at_bad=opts.on_corrupt == "fail")
+        failed = weak.finetune(todo, loader, epochs=opts.weak_epochs, lr=opts.weak_lr, device=opts.device,
+                               progress=tqdm)
+        parts.mkdir(parents=True, exist_ok=True)
+        for spec in specs:
+            if spec.name in todo and spec.name not in failed:
+                _save_torch(parts / f"weak-{spec.name}.pt", models[spec.name].state_dict())
+                _write_text(parts / f"weak-{spec.name}.json", json.dumps(weak_recipe(spec, opts), sort_keys=True))
+    return {n: m for n, m in models.items() if n not in failed}, failed
+
+
+def logit_heads(models: dict, first: int, which: dict, keys: dict) -> tuple[dict, dict]:
+    """The fine-tuned ``models``' logits as heads of an image pass (:func:`run_pass`) whose transforms from index
+    ``first`` on are :func:`tuned_inputs`'s: ``({head: (None, fn)}, {head: its transform's index})``, each head
+    named ``NAME@KEY`` by its recipe's ``keys[NAME]`` (:func:`recipe_key`), so that part files of a model fine-tuned
+    with other settings are never read as this one's."""
+    return ({f"{n}@{keys[n]}": (None, weak.hf_logits(m)) for n, m in models.items()},
+            {f"{n}@{keys[n]}": first + which[n] for n in models})
+
+
+def tuned_logits(specs, dataset: Dataset, rows: dict, parts: Path, opts: Options,
+                 source: ImageSource) -> tuple[dict, dict]:
+    """Fine-tune every model of ``specs`` (:func:`finetune_weak`), then their logits per split in one more pass
+    (a store that exists already: a new store's feature pass computes them, :func:`_extract`).
+
+    Returns ``({name: {split: logits_NxK}}, {name: why it failed})``; a model that failed has no logits, and the
+    others' are kept."""
+    models, failed = finetune_weak(specs, dataset, rows["train"], parts, opts, source)
+    if not models:
+        return {}, failed
+    keys = {spec.name: recipe_key(spec, opts) for spec in specs}
+    heads, which = logit_heads(models, 0, tuned_inputs(specs)[1], keys)
+    outs = run_splits(rows, source, TUNED, heads, parts / f"weaklogits-{'+'.join(models)}-all", opts,
+                      f"{', '.join(models)} logits", which)[0]
+    return {n: {s: out[f"{n}@{keys[n]}"] for s, out in outs.items()} for n in models}, failed
+
+
+def tuned_info(spec: weak.WeakSpec, logits: dict, rows: dict, opts: Options, parts: Path) -> dict:
+    """A fine-tuned weak model's provenance: its recipe, accuracy per split, and the sha256 of its weights (kept
+    beside the store, :func:`weak_weights`; what is applied across domains must be this model)."""
+    ckpt = parts / f"weak-{spec.name}.pt"
+    kept = {"weights_sha256": encoders.sha256_file(ckpt)} if ckpt.is_file() else {}
+    return with_accuracy({**weak_recipe(spec, opts), **kept}, logits, rows)
+
+
+def add_weak_models(store: st.Store, specs, dataset: Dataset, rows: dict, parts: Path, opts: Options,
+                    source: ImageSource, probe_feats: dict | None = None, tuned: tuple | None = None
+                    ) -> tuple[st.Store, dict]:
+    """``store`` with the logits of every weak model of ``specs`` added, in their order (probes: ``probe_feats``
+    {name: {split: features}} from the feature pass, if it computed them; the fine-tuned ones: ``tuned``
+    = ({name: {split: logits}}, {name: why it failed}) from the feature pass, else :func:`tuned_logits`);
+    returns it and ``{name: why it failed}``."""
+    if tuned is None:
+        tuned = tuned_logits([s for s in specs if s.mode == "finetune"], dataset, rows, parts, opts, source) \
+            if any(s.mode == "finetune" for s in specs) else ({}, {})
+    logits, failed = tuned
+    for spec in specs:
+        if spec.mode == "probe":
+            done = probe_logits(spec, dataset, rows, parts, opts, source, (probe_feats or {}).get(spec.name))
+        elif spec.name in logits:
+            done = logits[spec.name], tuned_info(spec, logits[spec.name], rows, opts, parts)
+        else:
+            continue
+        store = st.with_weak_model(store, spec.name, *done)
+        opts.log(f"weak model {spec.name}: test accuracy {done[1]['test_accuracy']:.4f}")
+    return store, failed
+
+
+def check_failed(failed: dict, out: Path) -> None:
+    """A WeakModelError naming each weak model that failed, once the store holds the others'."""
+    if failed:
+        raise weak.WeakModelError(
+            "weak model(s) failed and were left out of the store: " + "; ".join(f"{n} ({why})" for n, why in
+                                                                              failed.items())
+            + f". {out} holds the others; run the same command again to fine-tune only these (out of memory: "
+            "fewer at once with separate --weak runs, or a smaller batch)")
+
+
+class _FineTuneBatches:
+    """(inputs, labels) for :func:`weak.finetune` (inputs: one tensor per distinct preprocessing), one pass of
+    ``read()`` per epoch, dropping unreadable rows (or stopping at them: ``stop_at_bad``)."""
+
+    def __init__(self, read, num_batches: int, labels_N, stop_at_bad: bool = False):
+        self.read, self.num_batches, self.labels = read, num_batches, torch.as_tensor(labels_N)
+        self.stop_at_bad = stop_at_bad
+
+    def __len__(self):
+        return self.num_batches
+
+    def __iter__(self):
+        for index, inputs, bad in self.read():
+            if bad and self.stop_at_bad:
+                raise UnreadableTrainImages()
+            if len(index):
+                yield inputs, self.labels[index]
+
+
+def weak_weights(store_path: Path, weak_name: str) -> Path:
+    """Where a fine-tuned weak model's weights are kept beside its store (``STORE.weak/NAME.pt``), so that it can be
+    applied to another domain's images without fine-tuning again (``extract.cross_weak``)."""
+    store_path = Path(store_path)
+    return store_path.with_name(store_path.name + ".weak") / f"{weak_name}.pt"
+
+
+def keep_weak_weights(parts: Path, store_path: Path) -> None:
+    """Move the fine-tuned weak models' weights of a finished extraction from its parts folder to
+    :func:`weak_weights`, replacing those of an earlier store at that path."""
+    for ckpt in Path(parts).glob("weak-*.pt"):
+        kept = weak_weights(store_path, ckpt.stem.removeprefix("weak-"))
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(ckpt, kept)
+
+
+def kept_differences(store_path: Path, name: str, info: dict) -> list[str]:
+    """``["its kept weights ... are missing"]`` when a fine-tuned weak model's weights, recorded in the store by their
+    sha256, are no longer beside it as recorded (deleted, damaged or replaced); empty otherwise, and for a store that
+    records none."""
+    recorded = info.get("weights_sha256")
+    kept = weak_weights(store_path, name)
+    if not recorded:
+        return []
+    if not kept.is_file():
+        return [f"its kept weights {kept} are missing"]
+    return [] if encoders.sha256_file(kept) == recorded else [f"its kept weights {kept} are not the ones recorded"]
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save_torch(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
