@@ -86,12 +86,12 @@ step machine 60 $PY -c "from _common import machine; import jax; print(machine()
 [ "${TINY:-0}" = 1 ] || step paper_grid 150 $PY bench_paper_grid.py $GRID --json   # its smoke test runs it alone
 step fit_domainnet 150 $PY bench_fit.py $FIT --bf16 $NOVMAP
 step step_profile 90 $PY bench_step_profile.py $PROFILE
-step fit_many_models 90 $PY bench_fit.py $MANY --skip-novmap --skip-unfused
+[ "${TINY:-0}" = 1 ] || step fit_many_models 90 $PY bench_fit.py $MANY --skip-novmap --skip-unfused   # tiny: fit_domainnet ran it
 step compile_methods 60 $PY bench_compile_cache.py $CACHE --methods-scaling
 step extract 90 $PY bench_extract.py $EXTRACT
 step prompt_tuning 120 $PY bench_tp.py $TP --json
 step refine 90 $PY bench_refine.py $REFINE
-step fit_domainnet_jax 90 $PY bench_fit.py $FIT --skip-novmap --skip-torch --skip-unfused   # ours alone, after #23
+[ "${TINY:-0}" = 1 ] || step fit_domainnet_jax 90 $PY bench_fit.py $FIT --skip-novmap --skip-torch --skip-unfused   # ours alone
 [ "${TINY:-0}" = 1 ] || step extract_gpu_decode 150 $PY bench_extract.py $EXTRACT --decode gpu   # reuses extract's JPEGs
 step compile_cache 60 $PY bench_compile_cache.py $CACHE
 step padding_cost 90 $PY bench_compile_cache.py $PADDING --padding-cost   # size buckets: what padding costs a run
