@@ -26,6 +26,7 @@ import numpy as np
 
 from extract import pipeline, weak
 from extract.datasets import Dataset
+from extract.weak_pass import models_logits
 from w2s_jax.cross_domain import cross_weak_file, made_from_of, read_cross_weak
 
 
@@ -39,19 +40,18 @@ def probe_features(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Pat
 
 
 def finetuned_logits(models, target: Dataset, target_rows: tuple, parts: Path, opts: pipeline.Options) -> list:
-    """Fine-tuned weak models, each ``(spec, kept weights)``, on the target's rows in one image pass (each image
-    decoded once for all of them, one transform per distinct preprocessing): a list of logits ``N x K``."""
-    specs = [spec for spec, _ in models]
-    transforms, which = pipeline.tuned_inputs(specs)
-    heads, inputs = {}, {}
+    """Fine-tuned weak models, each ``(spec, kept weights)``, on the target's rows in one image pass
+    (:func:`extract.weak_pass.models_logits`): a list of logits ``N x K``."""
+    loaded = {}
     for j, (spec, weights) in enumerate(models):  # two domains' weak models may share a name: keyed by position
         model = weak.load_hf(spec, len(target.class_names), opts.device)
         model.load_state_dict(weak.load_weights(weights, opts.device, fix=KEPT_FIX.format(store=weights.parent)))
-        heads[f"m{j}"], inputs[f"m{j}"] = (None, weak.hf_logits(model.eval())), which[spec.name]
-    with pipeline.ImageSource(target.load, {"weak": transforms}, opts) as source:
-        outs = pipeline.run_splits({"test": target_rows}, source, "weak", heads, parts, opts,
-                                   f"{len(models)} weak model(s)' logits, {target.domain}", inputs)[0]
-    return [outs["test"][f"m{j}"] for j in range(len(models))]
+        loaded[f"m{j}"] = (spec, model)
+    specs = [spec for spec, _ in models]
+    with pipeline.ImageSource(target.load, {"weak": pipeline.tuned_inputs(specs)[0]}, opts) as source:
+        outs = models_logits(loaded, specs, {"test": target_rows}, source, "weak", parts, opts,
+                             f"{len(models)} weak model(s)' logits, {target.domain}")
+    return [outs[f"m{j}"]["test"] for j in range(len(models))]
 
 
 KEPT_FIX = ("it is the fine-tuned weak model kept beside its store ({store}), applied to other domains for PGR. Delete "

@@ -135,6 +135,18 @@ def logit_heads(models: dict, first: int, which: dict, keys: dict) -> tuple[dict
             {f"{n}@{keys[n]}": first + which[n] for n in models})
 
 
+def models_logits(models: dict, specs, rows: dict, source: ImageSource, key: str, parts: Path, opts: Options,
+                  desc: str) -> dict:
+    """Fine-tuned weak models' logits on ``rows`` ({split: (ids, labels)}), every model in one pass ``key`` of
+    ``source``, whose transforms are :func:`tuned_inputs` of ``specs`` (each image decoded once for all of them):
+    ``{head: {split: logits_NxK}}``. ``models``: {head: (spec, model)}; the head names key the part files."""
+    which = tuned_inputs(specs)[1]
+    heads = {h: (None, weak.hf_logits(model.eval())) for h, (_, model) in models.items()}
+    outs = run_splits(rows, source, key, heads, parts, opts, desc,
+                      {h: which[spec.name] for h, (spec, _) in models.items()})[0]
+    return {h: {s: out[h] for s, out in outs.items()} for h in models}
+
+
 def tuned_logits(specs, dataset: Dataset, rows: dict, parts: Path, opts: Options,
                  source: ImageSource) -> tuple[dict, dict]:
     """Fine-tune every model of ``specs`` (:func:`finetune_weak`), then their logits per split in one more pass
@@ -145,11 +157,11 @@ def tuned_logits(specs, dataset: Dataset, rows: dict, parts: Path, opts: Options
     models, failed = finetune_weak(specs, dataset, rows["train"], parts, opts, source)
     if not models:
         return {}, failed
-    keys = {spec.name: recipe_key(spec, opts) for spec in specs}
-    heads, which = logit_heads(models, 0, tuned_inputs(specs)[1], keys)
-    outs = run_splits(rows, source, TUNED, heads, parts / f"weaklogits-{'+'.join(models)}-all", opts,
-                      f"{', '.join(models)} logits", which)[0]
-    return {n: {s: out[f"{n}@{keys[n]}"] for s, out in outs.items()} for n in models}, failed
+    spec_of = {spec.name: spec for spec in specs}
+    heads = {f"{n}@{recipe_key(spec_of[n], opts)}": n for n in models}  # part files keyed by the recipe
+    outs = models_logits({h: (spec_of[n], models[n]) for h, n in heads.items()}, specs, rows, source, TUNED,
+                         parts / f"weaklogits-{'+'.join(models)}-all", opts, f"{', '.join(models)} logits")
+    return {n: outs[h] for h, n in heads.items()}, failed
 
 
 def tuned_info(spec: weak.WeakSpec, logits: dict, rows: dict, opts: Options, parts: Path) -> dict:
