@@ -66,6 +66,17 @@ class _AdamConfig:  # what make_optimizer reads of a TPConfig
     optimizer, warmup = "adam", 0.1
 
 
+def median_step(one_step, steps: int) -> float:
+    """Median seconds of ``steps`` calls of ``one_step``, after a warm-up call."""
+    one_step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def step_seconds(model, tok, names, num_models: int, *, cut: bool = True, one_at_a_time: bool = False, n_ctx: int = 16,
                  batch: int = 256, rows: int = 4096, steps: int = 3, precision: str = "fp32", device: str = "cpu",
                  prefix: str = "shared") -> float:
@@ -99,13 +110,7 @@ def step_seconds(model, tok, names, num_models: int, *, cut: bool = True, one_at
             opt.step()
         sync()
 
-    one_step()  # warm-up
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        one_step()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return median_step(one_step, steps)
 
 
 def textenc_step_seconds(model, tok, names, *, prefix: str, steps: int = 3, precision: str = "fp32",
@@ -129,13 +134,7 @@ def textenc_step_seconds(model, tok, names, *, prefix: str, steps: int = 3, prec
         opt.step()
         sync()
 
-    one_step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        one_step()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return median_step(one_step, steps)
 
 
 def tower_peak_bytes(model, tok, names, num_models: int, *, n_ctx: int, precision: str, device: str,
