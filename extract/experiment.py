@@ -245,14 +245,15 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
     first_weak = weaklib.parse_weak(weaklib.expand_weak(exp["data"][0].get("weak", ["pixels"]))[0]).name
     tables, figures = write_report(current, report, curves=tuple(rep.get("curves", ("cpl", "kd+lp", "kd+tp"))),
                                    paper=rep.get("paper", False), headline_weak=first_weak,
-                                   cross_domain=rep.get("cross_domain", False), cross_dir=out / "cross-weak")
+                                   cross_domain=rep.get("cross_domain", False), cross_dir=out / "cross-weak",
+                                   title=exp.get("name") or out.name)
     for table in tables if verbose else tables[:1]:
         log(to_markdown(table) + "\n")
     regret = selection_line(tables)
     if regret:
         log(regret)
-    log(f"The full report, {len(tables)} tables (.md .csv .tex) and {len(figures)} figures, is in {report}; "
-        "`w2s-run --verbose` prints every table.")
+    log(f"The full report, {len(tables)} tables (.md .csv .tex) and {len(figures)} figures, is in {report}; open "
+        f"{report / 'index.html'} first (every table and figure on one page); `w2s-run --verbose` prints every table.")
     return report
 
 

@@ -10,17 +10,21 @@ from w2s_jax.report.discover import Table, discover
 from w2s_jax.report.figures import (plot_correction_damage, plot_cross_domain, plot_curves, plot_misfit_gain,
                                    plot_pgr)
 from w2s_jax.report.formats import to_csv, to_latex, to_markdown
+from w2s_jax.report.page import write_index
 from w2s_jax.report.tables import (_by_domain, gain_sources_table, headline, intervals_table, misfit_gain_table,
                                   multi_weak_table, paper_table, paper_table3, pgr_table, rounds_table,
-                                  selection_table, sources_table, table2, table3, table4, weak_choice_table)
+                                  selection_line, selection_table, sources_table, table2, table3, table4,
+                                  weak_choice_table)
 
 
 def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=False,
                  headline_weak: str | None = None, cross_domain: bool = False,
-                 cross_dir=None) -> tuple[list[Table], list[Path]]:
-    """Every table (.md .csv .tex) and figure (.png) of the results folders under ``roots``; with ``headline_weak``,
-    the first table is :func:`headline` of that weak model; with ``cross_domain``, the cross-domain matrices
-    (:func:`cross_domain_tables`, with the weak models across domains from ``cross_dir``) and their figures."""
+                 cross_dir=None, title: str = "w2s report") -> tuple[list[Table], list[Path]]:
+    """Every table (.md .csv .tex) and figure (.png) of the results folders under ``roots``, and ``index.html``,
+    the page that shows them all (:func:`w2s_jax.report.page.write_index`, titled ``title``); with
+    ``headline_weak``, the first table is :func:`headline` of that weak model; with ``cross_domain``, the
+    cross-domain matrices (:func:`cross_domain_tables`, with the weak models across domains from ``cross_dir``) and
+    their figures."""
     groups = discover(roots)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,6 +53,7 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
         if any("correction" in x for g in gs for x in g.summary["methods"].values()):
             figures.append(plot_correction_damage(gs, out / f"correction-damage-{dataset}-{domain}.png"))
     figures += [plot_cross_domain(p, weak, out / f"cross-domain-{weak}.png") for weak, p in points.items()]
+    write_index(out, tables, figures, groups, title=title, selection=selection_line(tables))
     return tables, figures
 
 
@@ -82,4 +87,5 @@ def main(results_dirs, out, curves, paper, cross_domain, cross_weak, plugins, al
         raise click.ClickException(str(err)) from None
     for t in tables:
         click.echo(to_markdown(t) + "\n")
-    click.echo(f"wrote {len(tables)} tables (.md .csv .tex) and {len(figures)} figures to {out}")
+    click.echo(f"wrote {len(tables)} tables (.md .csv .tex) and {len(figures)} figures to {out}; open "
+               f"{Path(out) / 'index.html'} first")
