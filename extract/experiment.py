@@ -206,6 +206,7 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
     num_fits = sum(len(b.get("domains", [None])) * (n + (multi and n > 1)) for b, n in zip(exp["data"], weak_counts))
     store_i = fit_j = 0
     current = []  # this experiment file's results folders: the report reads these and no others
+    loaders = {}  # {(dataset, domain): id -> image}, for the report's prototypes page
     rep = exp.get("report", {})
     for block in exp["data"]:
         made = []  # this block's (dataset, store path, weak specs), for the weak models across its domains
@@ -213,6 +214,7 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
             store_i += 1
             log(f"== store {store_i} of {num_stores}: {block['dataset']}/{domain or 'default'}")
             dataset = load_dataset(block["dataset"], domain=domain, root=data_root(block)).limited(block.get("limit"))
+            loaders[dataset.name, dataset.domain] = dataset.load
             store_path = out / "stores" / f"{dataset.name}-{dataset.domain}-{_slug(strong)}.h5"
             templates = tuple(ex.get("templates", pipeline.encoders.DEFAULT_TEMPLATES))
             weak_specs = weaklib.expand_weak(block.get("weak", ["pixels"]))
@@ -246,7 +248,7 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
     tables, figures = write_report(current, report, curves=tuple(rep.get("curves", ("cpl", "kd+lp", "kd+tp"))),
                                    paper=rep.get("paper", False), headline_weak=first_weak,
                                    cross_domain=rep.get("cross_domain", False), cross_dir=out / "cross-weak",
-                                   title=exp.get("name") or out.name)
+                                   title=exp.get("name") or out.name, loaders=loaders)
     for table in tables if verbose else tables[:1]:
         log(to_markdown(table) + "\n")
     regret = selection_line(tables)

@@ -30,9 +30,18 @@ def written(tmp_path_factory):
                                               "--batch-size", "64", "--out", str(folder / domain)])
         assert r.exit_code == 0, r.output
         fits.append(folder / domain)
+    loaders = {("synthetic", "clusters"): image_of}  # "shifted"'s images are gone: its section says so
     report.write_report(fits, folder / "report", curves=("cpl", "kd+lp"), headline_weak="noisy", cross_domain=True,
-                        title="page test")
+                        title="page test", loaders=loaders)
     return folder / "report", fits
+
+
+def image_of(sample_id: str):
+    """A small image per id (its colour from the id), as a dataset's loader gives."""
+    from PIL import Image
+
+    row = int(sample_id.split("/")[-1])
+    return Image.new("RGB", (12, 12), ((37 * row) % 256, (11 * row) % 256, 128))
 
 
 def browser():
@@ -99,6 +108,10 @@ def test_the_page_in_a_real_browser(written, tmp_path):
         shot = tmp_path / "index.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
+        driver.get((out / "prototypes.html").as_uri())  # CPL in pictures: its thumbnails load too
+        assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        sizes = driver.execute_script("return Array.from(document.images).map(i => [i.src, i.naturalWidth])")
+        assert len(sizes) >= 20 and all(width > 0 for _, width in sizes), sizes
     finally:
         driver.quit()
 
@@ -119,3 +132,49 @@ def test_every_report_writes_its_page(written):
     assert "<h1>page test</h1>" in html and "code " in html and "machine:" in html
     for t in ("headline-noisy", "intervals-noisy", "cross-domain-noisy", "sources"):
         assert f'id="{t}"' in html and f'href="{t}.csv"' in html
+
+
+def test_the_prototype_page_shows_the_true_nearest_images(written):
+    """Each class's images nearest to its starting (text) and learned cpl prototype are the nearest by a NumPy
+    computation on the store's test' rows of seed 0; the store whose images cannot be read is named."""
+    import re
+
+    from w2s_jax.saved_heads import load_heads
+    from w2s_jax.store import read_store
+
+    out, fits = written
+    html = (out / "prototypes.html").read_text()
+    assert "the images of synthetic/shifted cannot be read" in html and "no image loader" in html
+    store = read_store(fits[0].parent / "clusters.h5")
+    test = store.splits["test"]
+    rows = np.load(fits[0] / "splits.npz")["test_prime"][0]
+    feats = test.features_NxD[rows] / np.linalg.norm(test.features_NxD[rows], axis=1, keepdims=True)
+    text = store.text_TxKxD / np.linalg.norm(store.text_TxKxD, axis=-1, keepdims=True)
+    learned = load_heads(fits[0])["cpl"].prototypes(seed=0)
+    section = html[html.index('id="synthetic-clusters-noisy"'):html.index("</section>")]
+    table_rows = section.split("<tr><td>")[1:]
+    assert len(table_rows) == store.num_classes
+    for k, row_html in enumerate(table_rows):
+        cells = row_html.split("<td>")[1:]
+        shown = [[int(x) for x in re.findall(r'data-row="(\d+)"', cell)] for cell in cells]
+        for protos, got in ((text.mean(0), shown[0]), (learned, shown[1])):
+            want = rows[np.argsort(-(feats @ protos[k]))[:4]]
+            assert got == want.tolist(), (k, got, want)
+        assert all((out / "thumbs" / f"synthetic-clusters-noisy-{r}.png").is_file() for r in shown[0])
+    assert 'href="prototypes.html"' in (out / "index.html").read_text()
+
+
+def test_the_headline_is_followed_by_pgr_with_its_interval(written):
+    """PGR per domain with its 95% t-interval over seeds, recomputed with scipy from metrics.json's per-seed PGR."""
+    import csv
+
+    from scipy import stats
+
+    out, fits = written
+    rows = list(csv.reader((out / "pgr-intervals-noisy.csv").open()))
+    html = (out / "index.html").read_text()
+    assert html.index('id="headline-noisy"') < html.index('id="pgr-intervals-noisy"') < html.index('id="table2-noisy"')
+    cell = next(r for r in rows if r[0] == "kd+lp")[1]
+    per_seed = np.asarray(json.loads((fits[0] / "metrics.json").read_text())["pgr"]["kd+lp"]["per_seed"])
+    half = stats.t.ppf(0.975, len(per_seed) - 1) * per_seed.std(ddof=1) / np.sqrt(len(per_seed))
+    assert cell == f"{per_seed.mean():.3f} [{per_seed.mean() - half:.3f}, {per_seed.mean() + half:.3f}]"

@@ -183,6 +183,33 @@ def headline(groups: list[Group], weak: str) -> Table:
     return Table(f"headline-{weak}", t.title + ", with PGR", [*t.header, "PGR (avg.)"], rows, HEADLINE_NOTE)
 
 
+def pgr_intervals_table(groups: list[Group], weak: str) -> Table | None:
+    """Each W2S row's PGR per domain with its 95% t-interval over seeds (the per-seed PGR of
+    :func:`w2s_jax.results.with_ceilings_and_pgr`, :func:`w2s_jax.metrics.paired_interval` against 0); None
+    without PGR."""
+    cols = [g for g in groups if g.weak == weak]
+    methods = results.method_order({m for g in cols for m in g.summary["pgr"]})
+    rows = []
+    for m in methods:
+        cells = []
+        for g in cols:
+            per_seed = np.asarray(g.summary["pgr"].get(m, {}).get("per_seed", []), np.float64)
+            per_seed = per_seed[np.isfinite(per_seed)]  # a seed whose ceiling does not beat the weak model: none
+            if not per_seed.size:
+                cells.append("")
+                continue
+            mean, low, high = metrics.paired_interval(per_seed, np.zeros(len(per_seed)))
+            cells.append(f"{mean:.3f}" + ("" if not np.isfinite(low) else f" [{low:.3f}, {high:.3f}]"))
+        rows.append([m, *cells])
+    if not rows:
+        return None
+    return Table(f"pgr-intervals-{weak}", f"PGR with its 95% interval over seeds, weak model {weak}",
+                 ["method", *(f"{g.dataset}/{g.domain}" for g in cols)], rows,
+                 "PGR per seed, (w2s − weak) / (ceiling of the method's head − weak) on that seed's test', its mean "
+                 "and 95% Student t-interval over the seeds; a seed whose ceiling does not beat the weak model has no "
+                 "PGR. The headline's PGR (avg.) is of the means over seeds.")
+
+
 HEADLINE_NOTE = ("Test' accuracy (mean ± std over seeds) per domain; PGR is the share of the gap between the weak "
                  "model and the method's own ceiling that the method recovers; Δ compares CPL with the best "
                  "baseline, chosen on hold_val. Nothing here was chosen on test'.")

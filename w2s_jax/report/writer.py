@@ -11,24 +11,30 @@ from w2s_jax.report.figures import (plot_correction_damage, plot_cross_domain, p
                                    plot_pgr)
 from w2s_jax.report.formats import to_csv, to_latex, to_markdown
 from w2s_jax.report.page import write_index
+from w2s_jax.report.prototypes import write_prototypes
 from w2s_jax.report.tables import (_by_domain, gain_sources_table, headline, intervals_table, misfit_gain_table,
                                   multi_weak_table, paper_table, paper_table3, pgr_table, rounds_table,
-                                  selection_line, selection_table, sources_table, table2, table3, table4,
+                                  pgr_intervals_table, selection_line, selection_table, sources_table, table2,
+                                  table3, table4,
                                   weak_choice_table)
 
 
 def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=False,
                  headline_weak: str | None = None, cross_domain: bool = False,
-                 cross_dir=None, title: str = "w2s report") -> tuple[list[Table], list[Path]]:
+                 cross_dir=None, title: str = "w2s report", loaders=None,
+                 classes=()) -> tuple[list[Table], list[Path]]:
     """Every table (.md .csv .tex) and figure (.png) of the results folders under ``roots``, and ``index.html``,
     the page that shows them all (:func:`w2s_jax.report.page.write_index`, titled ``title``); with
     ``headline_weak``, the first table is :func:`headline` of that weak model; with ``cross_domain``, the
     cross-domain matrices (:func:`cross_domain_tables`, with the weak models across domains from ``cross_dir``) and
-    their figures."""
+    their figures. ``prototypes.html`` (:func:`w2s_jax.report.prototypes.write_prototypes`) shows CPL's prototypes
+    by their nearest images where ``loaders`` ({(dataset, domain): id -> PIL image}) can read them (``classes``:
+    those classes only; default all)."""
     groups = discover(roots)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tables = [headline(groups, headline_weak)] if headline_weak else []
+    tables += [t for t in [pgr_intervals_table(groups, headline_weak)] if t is not None] if headline_weak else []
     tables += [table2(groups, w) for w in sorted({g.weak for g in groups})]
     tables += [t for t in (intervals_table(groups, w) for w in sorted({g.weak for g in groups})) if t is not None]
     tables += [t for t in (rounds_table(groups, w) for w in sorted({g.weak for g in groups})) if t is not None]
@@ -53,7 +59,9 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
         if any("correction" in x for g in gs for x in g.summary["methods"].values()):
             figures.append(plot_correction_damage(gs, out / f"correction-damage-{dataset}-{domain}.png"))
     figures += [plot_cross_domain(p, weak, out / f"cross-domain-{weak}.png") for weak, p in points.items()]
-    write_index(out, tables, figures, groups, title=title, selection=selection_line(tables))
+    pictures = write_prototypes(out, groups, loaders or {}, title=title, classes=classes, weak=headline_weak)
+    write_index(out, tables, figures, groups, title=title, selection=selection_line(tables),
+                prototypes=pictures.name if pictures else None)
     return tables, figures
 
 
@@ -67,11 +75,12 @@ def write_report(roots, out_dir, *, curves=("cpl", "kd+lp", "kd+tp"), paper=Fals
 @click.option("--cross-weak", type=click.Path(), default=None,
               help="With --cross-domain: the folder of the weak models' logits across domains (w2s-run writes "
                    "OUT/cross-weak), for PGR across domains.")
+@click.option("--classes", default="", metavar="A,B", help="Only these classes on prototypes.html (default: all).")
 @click.option("--import", "plugins", multiple=True, metavar="MODULE",
               help="Import the module that registered your own heads and methods (as given to w2s-fit --import).")
 @click.option("--allow-replace", is_flag=True,
               help="Let an --import module replace a head, method or loss row registered before it (refused otherwise).")
-def main(results_dirs, out, curves, paper, cross_domain, cross_weak, plugins, allow_replace):
+def main(results_dirs, out, curves, paper, cross_domain, cross_weak, classes, plugins, allow_replace):
     """Tables (markdown, CSV, LaTeX) and figures (PNG) from w2s-fit / w2s-tp results folders."""
     from w2s_jax.methods import import_plugins
 
@@ -82,7 +91,8 @@ def main(results_dirs, out, curves, paper, cross_domain, cross_weak, plugins, al
             raise ValueError(f"--cross-weak {cross_weak}: no such folder (w2s-run writes it as OUT/cross-weak)")
         import_plugins(plugins, allow_replace)
         tables, figures = write_report(results_dirs, out, curves=tuple(curves.split(",")), paper=paper,
-                                       cross_domain=cross_domain, cross_dir=cross_weak)
+                                       cross_domain=cross_domain, cross_dir=cross_weak,
+                                       classes=tuple(c.strip() for c in classes.split(",") if c.strip()))
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise click.ClickException(str(err)) from None
     for t in tables:
