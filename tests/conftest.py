@@ -187,3 +187,21 @@ def mirror(tmp_path, domainnet_root):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}", served, server
     server.shutdown()
+
+
+def fit_two_domains(folder, *extra) -> list:
+    """Synthetic stores of two domains ("clusters", "shifted") and their ``w2s-fit`` folders (cpl, kd+lp,
+    ceiling+lp; 2 seeds, 2 epochs); ``extra``: more w2s-fit arguments."""
+    from click.testing import CliRunner
+
+    from w2s_jax import cli as fit_cli
+
+    fits = []
+    for domain, seed in (("clusters", 0), ("shifted", 1)):
+        synthetic_store(folder / f"{domain}.h5", domain=domain, seed=seed)
+        r = CliRunner().invoke(fit_cli.main, ["--store", str(folder / f"{domain}.h5"), "--methods",
+                                              "cpl,kd+lp,ceiling+lp", "--seeds", "2", "--epochs", "2",
+                                              "--batch-size", "64", "--out", str(folder / domain), *map(str, extra)])
+        assert r.exit_code == 0, r.output
+        fits.append(folder / domain)
+    return fits

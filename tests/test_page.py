@@ -9,10 +9,8 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from conftest import synthetic_store
-from w2s_jax import cli as fit_cli
+from conftest import fit_two_domains
 from w2s_jax import report
 from w2s_jax.report.discover import Table
 from w2s_jax.report.page import write_index
@@ -22,14 +20,7 @@ from w2s_jax.report.page import write_index
 def written(tmp_path_factory):
     """Two domains' fits (cpl, kd+lp, ceiling+lp; 2 seeds) and their report."""
     folder = tmp_path_factory.mktemp("page")
-    fits = []
-    for domain, seed in (("clusters", 0), ("shifted", 1)):
-        synthetic_store(folder / f"{domain}.h5", domain=domain, seed=seed)
-        r = CliRunner().invoke(fit_cli.main, ["--store", str(folder / f"{domain}.h5"), "--methods",
-                                              "cpl,kd+lp,ceiling+lp", "--seeds", "2", "--epochs", "2",
-                                              "--batch-size", "64", "--out", str(folder / domain)])
-        assert r.exit_code == 0, r.output
-        fits.append(folder / domain)
+    fits = fit_two_domains(folder)
     loaders = {("synthetic", "clusters"): image_of}  # "shifted"'s images are gone: its section says so
     report.write_report(fits, folder / "report", curves=("cpl", "kd+lp"), headline_weak="noisy", cross_domain=True,
                         title="page test", loaders=loaders)

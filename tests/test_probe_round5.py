@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import synthetic_store
+from conftest import fit_two_domains, synthetic_store
 from extract import predict_cli
 from w2s_jax import cli as fit_cli
 from w2s_jax import report
@@ -35,12 +35,7 @@ def clean(r, *words):
 def failed_fits(tmp_path_factory):
     """Two domains' fits with lr 1e30: kd+lp and ceiling+lp fail (non-finite loss), cpl trains."""
     folder = tmp_path_factory.mktemp("failed")
-    fits = []
-    for domain, seed in (("clusters", 0), ("shifted", 1)):
-        synthetic_store(folder / f"{domain}.h5", domain=domain, seed=seed)
-        r = fit(folder / f"{domain}.h5", folder / domain, "--lr", "1e30")
-        assert r.exit_code == 0, r.output
-        fits.append(folder / domain)
+    fits = fit_two_domains(folder, "--lr", "1e30")
     summary = json.loads((fits[0] / "metrics.json").read_text())
     assert summary["methods"]["kd+lp"]["failed"] and summary["methods"]["ceiling+lp"]["failed"]
     assert not summary["methods"]["cpl"]["failed"]
