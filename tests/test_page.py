@@ -169,3 +169,34 @@ def test_the_headline_is_followed_by_pgr_with_its_interval(written):
     per_seed = np.asarray(json.loads((fits[0] / "metrics.json").read_text())["pgr"]["kd+lp"]["per_seed"])
     half = stats.t.ppf(0.975, len(per_seed) - 1) * per_seed.std(ddof=1) / np.sqrt(len(per_seed))
     assert cell == f"{per_seed.mean():.3f} [{per_seed.mean() - half:.3f}, {per_seed.mean() + half:.3f}]"
+
+
+def test_without_a_text_tower_cpl_starts_from_the_weak_label_centroids(tmp_path):
+    """The demo's case: no text tower, so the starting prototypes are the centroids of the hold_train rows the weak
+    model gives each class; the page's nearest images to them are the NumPy ones."""
+    import re
+
+    from click.testing import CliRunner
+
+    from conftest import synthetic_store
+    from w2s_jax import cli as fit_cli
+    from w2s_jax.report.prototypes import write_prototypes
+
+    store = synthetic_store(tmp_path / "s.h5", text=False)
+    r = CliRunner().invoke(fit_cli.main, ["--store", str(tmp_path / "s.h5"), "--methods", "cpl", "--seeds", "1",
+                                          "--epochs", "1", "--batch-size", "64", "--out", str(tmp_path / "fit")])
+    assert r.exit_code == 0, r.output
+    page = write_prototypes(tmp_path, report.discover([tmp_path / "fit"]), {("synthetic", "clusters"): image_of},
+                            title="t")
+    html = page.read_text()
+    assert "the centroids of the hold_train rows" in html
+    test = store.splits["test"]
+    splits = np.load(tmp_path / "fit" / "splits.npz")
+    train, rows = splits["hold_train"][0], splits["test_prime"][0]
+    unit = test.features_NxD / np.linalg.norm(test.features_NxD, axis=1, keepdims=True)
+    weak = test.weak_logits["noisy"][train].argmax(1)
+    for k, row_html in enumerate(html.split("<tr><td>")[1:]):
+        centroid = unit[train][weak == k].mean(0)
+        want = rows[np.argsort(-(unit[rows] @ centroid))[:4]].tolist()
+        got = [int(x) for x in re.findall(r'data-row="(\d+)"', row_html.split("<td>")[1])]
+        assert got == want, (k, got, want)

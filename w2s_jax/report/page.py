@@ -29,7 +29,7 @@ nav a { margin-right: .8em; }
 <h1>{{ title }}</h1>
 <p class="meta">Written {{ written }} by w2s, code {{ commit }}; machine: {{ machine }}.</p>
 <nav>{% for t in tables %}<a href="#{{ t.name }}">{{ t.name }}</a>{% endfor %}
-<a href="#figures">figures</a><a href="#provenance">provenance</a>{% if prototypes %}
+<a href="#figures">training curves</a><a href="#provenance">provenance</a>{% if prototypes %}
 <a href="{{ prototypes }}">CPL in pictures</a>{% endif %}</nav>
 {% for t in tables %}
 <section id="{{ t.name }}">
@@ -38,10 +38,14 @@ nav a { margin-right: .8em; }
 <table class="sortable"><thead><tr>{% for h in t.header %}<th>{{ h }}</th>{% endfor %}</tr></thead>
 <tbody>{% for row in t.rows %}<tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
 {% if loop.first and selection %}<p class="how">{{ selection }}</p>{% endif %}
+{% for f in t.figures %}<figure><img src="{{ f.file }}" alt="{{ f.caption }}"><figcaption>{{ f.caption }}</figcaption></figure>
+{% endfor %}
 <p class="files">{% for ext in ("md", "csv", "tex") %}<a href="{{ t.name }}.{{ ext }}">{{ t.name }}.{{ ext }}</a>{% endfor %}</p>
 </section>
 {% endfor %}
-<section id="figures"><h2>Figures</h2>
+<section id="figures"><h2>Training curves</h2>
+<p class="how">Per domain and weak model: each method's train accuracy against its own target (dashed) and test'
+accuracy (solid) by epoch, with the weak model and the ceilings as lines; the kept epoch is chosen on hold_val.</p>
 {% for f in figures %}<figure><img src="{{ f.file }}" alt="{{ f.caption }}"><figcaption>{{ f.caption }}</figcaption></figure>
 {% endfor %}</section>
 <section id="provenance"><h2>Provenance</h2>
@@ -130,16 +134,31 @@ def caption(path: Path) -> str:
     return stem
 
 
+def figure_table(path: Path, tables: set) -> str | None:
+    """The table a figure is shown under (PGR's heat map under the PGR table, correction against damage under the
+    gain sources, misfit against gain under misfit-gain, the cross-domain scatter under its matrix), or None."""
+    stem = path.stem
+    for prefix, table in (("pgr", "pgr"), ("correction-damage", "gain-sources"), ("misfit-gain", "misfit-gain")):
+        if (stem == prefix or stem.startswith(prefix + "-")) and table in tables:
+            return table
+    return stem if stem.startswith("cross-domain-") and stem in tables else None
+
+
 def write_index(out: Path, tables: list[Table], figures: list[Path], groups: list[Group], *, title: str,
                 selection: str | None = None, prototypes: str | None = None) -> Path:
     """Write ``out/index.html``: the tables in order (the first is the headline), each with its note as how to read
     it and links to its files; the figures; the provenance. Returns its path."""
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    shown = [{"name": t.name, "title": t.title, "header": t.header, "rows": t.rows, "how": t.note} for t in tables]
+    names = {t.name for t in tables}
+    beside = {}  # table name -> the figures shown under it; the rest (training curves) get their own section
+    for f in map(Path, figures):
+        beside.setdefault(figure_table(f, names), []).append({"file": f.name, "caption": caption(f)})
+    shown = [{"name": t.name, "title": t.title, "header": t.header, "rows": t.rows, "how": t.note,
+              "figures": beside.get(t.name, [])} for t in tables]
     page = env.from_string(TEMPLATE).render(
         title=title, written=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), commit=commit_of_code(),
         machine=machine_line(), tables=shown, selection=selection,
-        figures=[{"file": Path(f).name, "caption": caption(Path(f))} for f in figures],
+        figures=beside.get(None, []),
         provenance=provenance_table(groups), prototypes=prototypes)
     path = Path(out) / "index.html"
     path.write_text(page)
