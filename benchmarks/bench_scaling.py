@@ -43,15 +43,17 @@ def main():
     args = ap.parse_args()
     base, sweeps = (TINY_BASE, TINY_SWEEPS) if args.tiny else (BASE, SWEEPS)
     here = os.path.dirname(os.path.abspath(__file__))
-    rows = []
+    rows, measured = [], {}  # the base point lies on every axis: measured once
     for axis, values in sweeps.items():
         for v in values:
-            payload = json.dumps({**base, axis: v})
-            out = subprocess.run([sys.executable, "-c", CHILD.format(bench=here), payload],
-                                 capture_output=True, text=True, cwd=os.path.dirname(here))
-            if out.returncode:
-                raise SystemExit(f"the point {payload} failed:\n{out.stderr[-3000:]}")
-            rows.append({"axis": axis, **json.loads(out.stdout.strip().splitlines()[-1])})
+            payload = json.dumps({**base, axis: v}, sort_keys=True)
+            if payload not in measured:
+                out = subprocess.run([sys.executable, "-c", CHILD.format(bench=here), payload],
+                                     capture_output=True, text=True, cwd=os.path.dirname(here))
+                if out.returncode:
+                    raise SystemExit(f"the point {payload} failed:\n{out.stderr[-3000:]}")
+                measured[payload] = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append({"axis": axis, **measured[payload]})
     print("| varied | n | k | seeds | grid | models | run s | compile s | peak RSS MiB | RSS before data MiB "
           "| model MiB | measured − baseline MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
