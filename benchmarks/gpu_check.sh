@@ -59,7 +59,8 @@ print(json.dumps({"step": os.environ["NAME"], "rc": int(os.environ["RC"]), "seco
 }
 
 if [ "${TINY:-0}" = 1 ]; then  # seconds on a CPU: the suite checks that every step runs and prints its figures
-  FIT="--n 600 --d 16 --k 5 --seeds 2 --epochs 2 --batch 64 --runs 1"
+  FIT="--n 600 --d 16 --k 5 --seeds 2 --epochs 2 --batch 64 --runs 1 --methods cpl,kd+lp,auxconf+proto,ceiling+lp"
+  # (every path of bench_fit, on both heads, a soft, a self-training and a ceiling row: the smoke test)
   NOVMAP=""                                                       # every path: bench_fit's smoke test too
   MANY="--n 600 --d 16 --k 5 --seeds 2 --epochs 2 --batch 64 --runs 1 --grid-lr 1e-2,3e-3"
   PROFILE="--n 600 --d 16 --k 5 --seeds 2 --batch 64 --runs 1"
