@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures in one device call (issues #21, #22, #23): under 8 minutes, a timeout per step, JSON lines to $OUT.
+# The GPU figures in one run on a GPU machine: under 8 minutes, a timeout per step, JSON lines to $OUT.
 #
 #   run on the device machine, from the repository root, with open_clip's wheels carried in .whl
 #   (shared/DEVICE.md: "A recipe that works"):
