@@ -26,7 +26,7 @@ import numpy as np
 
 from extract import pipeline, weak
 from extract.datasets import Dataset
-from extract.weak_pass import models_logits
+from extract.weak_pass import kept_problem, models_logits
 from w2s_jax.cross_domain import cross_weak_file, made_from_of, read_cross_weak
 
 
@@ -126,8 +126,7 @@ def write_cross_weak_all(jobs, target: Dataset, target_rows: tuple, folder: Path
 
 def check_kept(weights: Path, info: dict | None) -> None:
     """A WeakModelError when kept weights are not the ones their store recorded (sha256 in its weak_info)."""
-    recorded = (info or {}).get("weights_sha256")
-    if recorded and pipeline.encoders.sha256_file(weights) != recorded:
+    if kept_problem(weights, info):
         raise weak.WeakModelError(f"{weights}: not the weights its store recorded (sha256 differs); "
                                   + KEPT_FIX.format(store=weights.parent))
 

@@ -240,17 +240,21 @@ def keep_weak_weights(parts: Path, store_path: Path) -> None:
         os.replace(ckpt, kept)
 
 
-def kept_differences(store_path: Path, name: str, info: dict) -> list[str]:
-    """``["its kept weights ... are missing"]`` when a fine-tuned weak model's weights, recorded in the store by their
-    sha256, are no longer beside it as recorded (deleted, damaged or replaced); empty otherwise, and for a store that
-    records none."""
-    recorded = info.get("weights_sha256")
-    kept = weak_weights(store_path, name)
+def kept_problem(kept: Path, info: dict | None) -> str:
+    """Why the kept weights ``kept`` are not the ones a store recorded by their sha256 in the weak model's ``info``
+    (missing, or damaged or replaced); "" when they are, and for a store that records none."""
+    recorded = (info or {}).get("weights_sha256")
     if not recorded:
-        return []
+        return ""
     if not kept.is_file():
-        return [f"its kept weights {kept} are missing"]
-    return [] if encoders.sha256_file(kept) == recorded else [f"its kept weights {kept} are not the ones recorded"]
+        return f"its kept weights {kept} are missing"
+    return "" if encoders.sha256_file(kept) == recorded else f"its kept weights {kept} are not the ones recorded"
+
+
+def kept_differences(store_path: Path, name: str, info: dict) -> list[str]:
+    """:func:`kept_problem` of the weak model ``name`` kept beside ``store_path``, as a list (empty: none)."""
+    problem = kept_problem(weak_weights(store_path, name), info)
+    return [problem] if problem else []
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -157,6 +157,7 @@ def matrix(folders, cross_dir=None) -> tuple[dict, list[str], list[str]]:
     found = {}
     for folder in map(Path, folders):
         config = json.loads((folder / "config.json").read_text())
+        weak_info = json.loads((folder / "provenance.json").read_text()).get("weak_model")
         weak = config["weak"]
         source = "/".join(domain_of(folder))
         for target, store in stores.items():
@@ -164,8 +165,7 @@ def matrix(folders, cross_dir=None) -> tuple[dict, list[str], list[str]]:
             evaluated = evaluate(folder, store, f"store {paths[target]}")
             for method, accs in evaluated.items():
                 cells.setdefault(method, {})[(source, "/".join(target))] = accs
-            weak_accs = weak_on_target(cross_dir, weak, source, "/".join(target), store, config["seeds"],
-                                       json.loads((folder / "provenance.json").read_text()).get("weak_model"))
+            weak_accs = weak_on_target(cross_dir, weak, source, "/".join(target), store, config["seeds"], weak_info)
             if weak_accs is not None:
                 cells.setdefault("weak", {})[(source, "/".join(target))] = weak_accs
     return found, ["/".join(t) for t in sorted(stores)], notes
