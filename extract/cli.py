@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from extract.datasets import DATASETS, DEMO_DOMAINS, DOMAINNET_DOMAINS, DatasetError, check_domainnet_domain
+from extract.datasets import (DATA_ENV, DEMO_DOMAINS, DOMAINNET_DOMAINS, DatasetError, all_names,
+                              check_domainnet_domain, default_data_root)
 from extract.decode import DecodeError, check_decode
 from extract.download import ARCHIVE_GB, DownloadError
 from extract.encoders import DEMO_ENCODER, EncoderError
@@ -21,11 +22,8 @@ USER_ERRORS = (DatasetError, EncoderError, WeakModelError, StoreError, CorruptIm
                DecodeError)
 
 
-DATA_ENV = "W2S_DATA"  # the data folder; DomainNet defaults to $W2S_DATA/domainnet (W2S_DATA defaults to ./data)
-
-
 def default_domainnet_root() -> Path:
-    return Path(os.environ.get(DATA_ENV, "data")) / "domainnet"
+    return default_data_root() / "domainnet"
 
 
 def infer_dataset(dataset: str | None, domain: str | None) -> str:
@@ -113,15 +111,33 @@ def available_devices() -> list[str]:
     return [kind for kind in COMPUTE_DEVICES if checks[kind]()]
 
 
+def list_datasets(ctx, _param, value):
+    """``--list-datasets``: every dataset by name, its size, whether it downloads by itself, its split and classes."""
+    if not value or ctx.resilient_parsing:
+        return
+    from extract.named import listing
+
+    click.echo("\n".join(listing()))
+    click.echo("\nAlso: domainnet (--domain NAME), imagefolder (--root FOLDER) and demo (offline). A dataset by name "
+               f"is read from DATA/NAME, DATA being --root or ${DATA_ENV} (default ./data).")
+    ctx.exit()
+
+
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--dataset", type=click.Choice(DATASETS), default=None,
-              help="[default: from --domain: a DomainNet domain means domainnet, mnist/digits or none the demo]")
+@click.option("--list-datasets", is_flag=True, expose_value=False, is_eager=True, callback=list_datasets,
+              help="List the datasets by name (size, download, split, classes) and exit.")
+@click.option("--dataset", type=click.Choice(all_names()), default=None, metavar="NAME",
+              help="demo, domainnet, imagefolder, or a dataset by name (cifar10, cifar100, imagenet, ...: "
+                   "--list-datasets). [default: from --domain: a DomainNet domain means domainnet, mnist/digits or "
+                   "none the demo]")
 @click.option("--domain", default=None, help="DomainNet domain, demo domain (mnist, digits), or a name for an image folder.")
 @click.option("--root", type=click.Path(), default=None,
-              help=f"Dataset folder (not needed for the demo). [default for DomainNet: ${DATA_ENV}/domainnet, "
-                   f"${DATA_ENV} defaulting to ./data; a missing domain is downloaded there]")
+              help=f"Dataset folder (not needed for the demo); for a dataset by name, the data folder that holds "
+                   f"NAME/. [default: ${DATA_ENV} (./data when unset), DomainNet in its domainnet/; a missing "
+                   f"dataset is downloaded there]")
 @click.option("--download/--no-download", default=True, show_default=True,
-              help="Download a DomainNet domain missing from the default data folder.")
+              help="Download a DomainNet domain missing from the default data folder, or a dataset by name missing "
+                   "from the data folder.")
 @click.option("--mirror", default=None, help="Base URL of a DomainNet mirror for that download.")
 @click.option("--strong", default=None,
               help=f"Strong encoder: MODEL:TAG (open_clip), MODEL:/path/ckpt, or {DEMO_ENCODER}[@SIZE]. "
@@ -129,9 +145,13 @@ def available_devices() -> list[str]:
 @click.option("--weak", multiple=True,
               help="Weak model NAME[:finetune|probe], repeatable (resnet18, resnet26, resnet34, cvt13, "
                    "convnext-tiny, an HF id or local dir; pixels[@S] for the demo); 'paper' = the paper's five, "
-                   "fine-tuned. [default: resnet18 (fine-tuned); pixels for the demo]")
+                   "fine-tuned. Without the target labels: zeroshot:MODEL:TAG (a zero-shot open_clip model) or "
+                   "imagenet:MODEL[:MAPPING] (an ImageNet classifier mapped onto the classes). [default: resnet18 "
+                   "(fine-tuned); pixels for the demo]")
 @click.option("--out", type=click.Path(), default=None, help="Store path. [default: stores/DATASET-DOMAIN.h5]")
-@click.option("--template", "templates", multiple=True, help="Prompt template with {} for the class; repeatable.")
+@click.option("--template", "templates", multiple=True,
+              help="Prompt template with {} for the class; repeatable. [default: the dataset's zero-shot templates "
+                   "(CLIP's) for a dataset by name, else 'a photo of a {}.']")
 @click.option("--device", default=None, help="torch device [default: cuda when present, else cpu]")
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--num-workers", default=2, show_default=True, help="Image-decoding worker processes.")
@@ -180,9 +200,10 @@ def main(ctx, dataset, domain, root, download, mirror, strong, weak, out, templa
         check_decode(opts.decode, opts.device)
         if dataset == "domainnet":
             root = ensure_domainnet(domain, root, download=download, mirror=mirror, log=click.echo)
-        data = datasets.load_dataset(dataset, domain=domain, root=root).limited(limit)
-        out = Path(out or f"stores/{dataset}-{data.domain}{f'-limit{limit}' if limit else ''}.h5")
-        templates = templates or encoders.DEFAULT_TEMPLATES
+        data = datasets.load_dataset(dataset, domain=domain, root=root, download=download,
+                                     log=click.echo).limited(limit)
+        out = Path(out or f"stores/{data.name}-{data.domain}{f'-limit{limit}' if limit else ''}.h5")
+        templates = templates or data.templates or encoders.DEFAULT_TEMPLATES
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             path = _extract_distributed(data, strong, weak, out, opts, templates)
         else:

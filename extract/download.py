@@ -6,6 +6,7 @@ Partial downloads resume with an HTTP Range request; a finished file is verified
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -32,10 +33,11 @@ class DownloadError(RuntimeError):
     """A download that failed, with the reason and the fix."""
 
 
-def fetch(url: str, dest: Path, sha256: str | None = None, chunk: int = 1 << 20) -> Path:
-    """Download ``url`` to ``dest``, resuming ``dest.part`` if present; verify ``sha256`` if given."""
+def fetch(url: str, dest: Path, sha256: str | None = None, chunk: int = 1 << 20, quiet: bool = False) -> Path:
+    """Download ``url`` to ``dest``, resuming ``dest.part`` if present; verify ``sha256`` if given (``quiet``: the
+    caller checks the file otherwise, so no digest is printed without one)."""
     if dest.exists():
-        _verify(dest, sha256)
+        _verify(dest, sha256, quiet)
         return dest
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
@@ -45,7 +47,7 @@ def fetch(url: str, dest: Path, sha256: str | None = None, chunk: int = 1 << 20)
     except urllib.error.HTTPError as err:
         if err.code == 416 and have:  # range past the end: the part file is already complete
             os.replace(part, dest)
-            _verify(dest, sha256)
+            _verify(dest, sha256, quiet)
             return dest
         raise DownloadError(f"{url}: HTTP {err.code} {err.reason}; check the URL or --mirror") from None
     except (urllib.error.URLError, OSError) as err:
@@ -64,11 +66,13 @@ def fetch(url: str, dest: Path, sha256: str | None = None, chunk: int = 1 << 20)
                 f.write(block)
                 bar.update(len(block))
     os.replace(part, dest)
-    _verify(dest, sha256)
+    _verify(dest, sha256, quiet)
     return dest
 
 
-def _verify(path: Path, sha256: str | None) -> None:
+def _verify(path: Path, sha256: str | None, quiet: bool = False) -> None:
+    if quiet and not sha256:
+        return
     digest = _sha256(path)
     if sha256 and digest != sha256:
         bad = path.with_name(path.name + ".bad")
@@ -108,3 +112,30 @@ def download_domainnet(domain: str, root, mirror: str | None = None, checksums: 
         os.replace(tmp / domain, root / domain)
         shutil.rmtree(tmp)
     return root
+
+
+@contextlib.contextmanager
+def resumable_torchvision():
+    """Within it, ``torchvision.datasets`` download their archives with :func:`fetch` (an interrupted download
+    resumes where it stopped, from its ``.part`` file) and check them by their md5 as torchvision does; torchvision
+    then unpacks them as usual."""
+    import torchvision.datasets.flowers102 as flowers
+    import torchvision.datasets.utils as tv
+
+    def download_url(url, root, filename=None, md5=None, max_redirect_hops=3):
+        dest = Path(root).expanduser() / (filename or Path(url).name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not (dest.exists() and tv.check_integrity(str(dest), md5)):
+            dest.unlink(missing_ok=True)  # a finished file with the wrong md5 is fetched again
+            fetch(url, dest, quiet=True)
+        if not tv.check_integrity(str(dest), md5):
+            bad = dest.with_name(dest.name + ".bad")
+            os.replace(dest, bad)
+            raise DownloadError(f"{url}: the file's md5 is not {md5}; moved to {bad}; download again")
+
+    saved = tv.download_url, flowers.download_url
+    tv.download_url = flowers.download_url = download_url
+    try:
+        yield
+    finally:
+        tv.download_url, flowers.download_url = saved

@@ -19,8 +19,9 @@ from pathlib import Path
 import click
 
 from extract import pipeline, weak as weaklib
-from extract.cli import DATA_ENV, default_domainnet_root
-from extract.datasets import DatasetError, load_dataset
+from extract import named
+from extract.cli import default_domainnet_root
+from extract.datasets import DATA_ENV, DatasetError, default_data_root, load_dataset
 from extract.schema import check_types
 from w2s_jax.config import FitConfig, Hparams, check_number
 from w2s_jax.methods import (METHODS, MULTI_WEAK, TORCH_METHODS, check_methods, definitions, jax_methods,
@@ -59,6 +60,9 @@ def load_experiment(path) -> dict:
                 if domain is not None:
                     _check_path_name(domain)
                 root = data_root(block)
+                if named.is_named(block["dataset"]):
+                    _check_named(block, domain, root)
+                    continue
                 if root is not None and not Path(root).is_dir():
                     given = "root in [[data]]" if block.get("root") else f"the default, ${DATA_ENV}/domainnet"
                     raise ValueError(f"dataset root {root} does not exist ({given}); fetch the data there with "
@@ -102,10 +106,22 @@ def define_methods(tables: dict) -> None:
 
 def data_root(block: dict):
     """A [[data]] block's root: as given, else for DomainNet the CLI's default (``$W2S_DATA/domainnet``, ``W2S_DATA``
-    defaulting to ./data), where ``w2s-extract --domain`` downloads; None for the demo."""
+    defaulting to ./data), where ``w2s-extract --domain`` downloads, and for a dataset by name the data folder
+    (``$W2S_DATA``) that holds NAME/; None for the demo."""
     if block.get("root"):
         return block["root"]
+    if named.is_named(block.get("dataset", "")):
+        return str(default_data_root())
     return str(default_domainnet_root()) if block.get("dataset") == "domainnet" else None
+
+
+def _check_named(block: dict, domain, root) -> None:
+    """A dataset by name is opened now, so that a bad one fails before any work, unless the run will download it."""
+    try:
+        load_dataset(block["dataset"], domain=domain, root=root)
+    except DatasetError:
+        if not (block.get("download", True) and named.NAMED[domain or block["dataset"]].download_gb):
+            raise
 
 
 def _check_path_name(name) -> None:
@@ -213,10 +229,11 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
         for domain in block.get("domains", [None]):
             store_i += 1
             log(f"== store {store_i} of {num_stores}: {block['dataset']}/{domain or 'default'}")
-            dataset = load_dataset(block["dataset"], domain=domain, root=data_root(block)).limited(block.get("limit"))
+            dataset = load_dataset(block["dataset"], domain=domain, root=data_root(block),
+                                   download=block.get("download", True), log=log).limited(block.get("limit"))
             loaders[dataset.name, dataset.domain] = dataset.load
             store_path = out / "stores" / f"{dataset.name}-{dataset.domain}-{_slug(strong)}.h5"
-            templates = tuple(ex.get("templates", pipeline.encoders.DEFAULT_TEMPLATES))
+            templates = tuple(ex.get("templates") or dataset.templates or pipeline.encoders.DEFAULT_TEMPLATES)
             weak_specs = weaklib.expand_weak(block.get("weak", ["pixels"]))
             pipeline.extract(dataset, strong, weak_specs, store_path, opts, templates)
             made.append((dataset, store_path, weak_specs))

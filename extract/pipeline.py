@@ -20,8 +20,8 @@ from extract import encoders, weak
 from extract.datasets import Dataset
 from extract.image_pass import (ON_CORRUPT, CorruptImagesError, ImageDataset, ImageSource, Options,  # noqa: F401
                                 run_splits)
-from extract.weak_pass import (TUNED, UnreadableTrainImages, add_weak_models, check_failed,  # noqa: F401
-                               finetune_weak, keep_weak_weights, kept_differences, logit_heads, recipe_differences,
+from extract.weak_pass import (TUNED, UnreadableTrainImages, add_weak_models, build_teachers,  # noqa: F401
+                               check_failed, finetune_weak, teacher_templates, keep_weak_weights, kept_differences, logit_heads, recipe_differences,
                                recipe_key, tuned_inputs, weak_passes, weak_recipe, weak_weights)
 from w2s_jax import outputs
 from w2s_jax import store as st
@@ -45,7 +45,7 @@ def provenance_for(dataset: Dataset, encoder_id: str, preprocessing: str, templa
         encoder=encoder_id, preprocessing=preprocessing, split_hash=dataset.split_hash,
         versions={**package_versions(), "image_decode": decode},
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        skipped=tuple(skipped),
+        skipped=tuple(skipped), split_rule=dataset.split_rule,
     )
 
 
@@ -74,6 +74,7 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
         opts.log(f"note: {stale} holds the fine-tuned weak weights of an earlier store at {out} (removed by hand?); "
                  "each is replaced when this extraction fine-tunes that weak model, and no other is read")
     encoder = encoders.load_strong(strong_spec, opts.device)
+    built = build_teachers(specs, dataset, teacher_templates(templates, dataset), opts, lambda: encoder)
     templates = tuple(templates) if encoder.encode_text else ()
     _check_or_write_meta(parts, provenance_for(dataset, encoder.id, encoder.preprocessing, templates))
 
@@ -85,6 +86,7 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
     k = len(dataset.class_names)
     for spec in probes:
         heads[spec.name] = (weak.weak_transform(spec), weak.probe_backbone(spec, k, opts.device))
+    heads.update({name: (transform, fn) for name, (transform, fn, _) in built.items()})  # teachers: logits as they are
     # every split in one pass: the loader's workers start once, and one message lists every split's bad images.
     # The folder is named by the heads that shards compute too: a merge adds the weak models' logits to their parts
     pass_dir = parts / ("features-" + "+".join(sorted(heads)) + ({"gpu": "-gpu-decode", "draft": "-draft-decode"}.get(opts.decode, ""))
@@ -124,7 +126,8 @@ def _extract(dataset, strong_spec, weak_specs, out: Path, opts: Options, templat
         feats = {spec.name: {s: results[s][spec.name] for s in rows} for spec in probes}
         if tuned is not None:
             tuned[0].update({h.rpartition("@")[0]: {s: results[s][h] for s in rows} for h in logit_fns})
-        store, failed = add_weak_models(store, specs, dataset, rows, parts, opts, source, feats, tuned)
+        frozen = {name: {s: results[s][name] for s in rows} for name in built}
+        store, failed = add_weak_models(store, specs, dataset, rows, parts, opts, source, feats, tuned, built, frozen)
     st.write_store(out, store)
     keep_weak_weights(parts, out)
     shutil.rmtree(parts)
@@ -181,9 +184,10 @@ def _add_weak_models(dataset: Dataset, strong_spec, specs, out: Path, opts: Opti
             "pass the same --dataset/--domain/--root/--strong as when it was built, or choose another --out",
         )
     store, retexted = with_templates(store, strong_spec, tuple(templates), opts, out)
+    tpl = teacher_templates(templates, dataset)
     new = []
     for s in specs:
-        differ = recipe_differences(store.weak_info[s.name], weak_recipe(s, opts)) + kept_differences(
+        differ = recipe_differences(store.weak_info[s.name], weak_recipe(s, opts, tpl)) + kept_differences(
             out, s.name, store.weak_info[s.name]) if s.name in store.weak_info else []
         if s.name not in store.weak_info or differ:
             new.append(s)
@@ -198,8 +202,9 @@ def _add_weak_models(dataset: Dataset, strong_spec, specs, out: Path, opts: Opti
     store = st.without_weak_models(store, {s.name for s in new})  # a remade one that fails is not left as it was
     parts = out.with_name(out.name + ".parts")
     rows = {s: (sp.ids_N, sp.labels_N) for s, sp in store.splits.items()}
-    with ImageSource(dataset.load, weak_passes(new), opts) as source:
-        store, failed = add_weak_models(store, new, dataset, rows, parts, opts, source)
+    built = build_teachers(new, dataset, tpl, opts, lambda: encoders.load_strong(strong_spec, opts.device))
+    with ImageSource(dataset.load, weak_passes(new, built), opts) as source:
+        store, failed = add_weak_models(store, new, dataset, rows, parts, opts, source, built=built)
     st.write_store(out, store)
     keep_weak_weights(parts, out)
     shutil.rmtree(parts, ignore_errors=True)

@@ -25,6 +25,7 @@ class Data(_Section):
     root: Optional[StrictStr] = None
     weak: list[StrictStr] = ["pixels"]
     limit: Optional[StrictInt] = Field(None, ge=1, description="rows per split, a positive whole number")
+    download: StrictBool = True  # a dataset by name missing from the data folder is downloaded (when it can be)
 
 
 class Fit(_Section):

@@ -5,6 +5,9 @@ Spec strings (``--weak``, repeatable): ``NAME[:MODE]``
   written by ``save_pretrained``; or ``pixels`` / ``pixels@S`` (demo: S x S grey pixels, default 4).
 - MODE: ``finetune`` (paper default: all weights, 3 epochs, batch 512, lr 1e-3, warmup 0.1)
   or ``probe`` (frozen backbone + a trained linear head; fast). ``pixels`` is always a probe.
+
+Teachers that never saw the target labels (:mod:`extract.teachers`): ``zeroshot:MODEL:TAG`` and
+``imagenet:MODEL[:MAPPING]``.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ HF_WEAK_MODELS = {
     "convnext-tiny": "facebook/convnext-tiny-224",
 }
 PAPER_WEAK_MODELS = tuple(HF_WEAK_MODELS)  # "--weak paper": the paper's five, fine-tuned as the paper does
-MODES = ("finetune", "probe")
+MODES = ("finetune", "probe")  # trained on the target labels
+FROZEN = ("zeroshot", "mapped")  # never trained here: extract.teachers
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -40,6 +44,7 @@ class WeakSpec:
     source: str  # HF repo id, local directory, or "pixels"
     mode: str  # "finetune" or "probe"
     pixels: int = 0  # side of the demo's pixel grid (pixels only)
+    mapping: str = ""  # a mapped teacher's mapping file ("" maps by name similarity)
 
     @property
     def is_pixels(self) -> bool:
@@ -53,6 +58,8 @@ def expand_weak(specs) -> list[str]:
 
 def parse_weak(spec: str) -> WeakSpec:
     base, _, mode = spec.partition(":")
+    if base in ("zeroshot", "imagenet") and mode:
+        return _parse_teacher(base, mode, spec)
     if Path(base).expanduser().is_dir():  # a local directory may contain ':' only in exotic cases
         source = str(Path(base).expanduser())
     elif base.split("@")[0] == "pixels":
@@ -73,6 +80,20 @@ def parse_weak(spec: str) -> WeakSpec:
     if mode not in MODES:
         raise WeakModelError(f"weak model {spec!r}: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     return WeakSpec(f"{Path(base).name}-{mode}", source, mode)
+
+
+def _parse_teacher(kind: str, rest: str, spec: str) -> WeakSpec:
+    """``zeroshot:MODEL:TAG`` or ``imagenet:MODEL[:MAPPING]`` (:mod:`extract.teachers`)."""
+    if kind == "zeroshot":
+        model, _, tag = rest.partition(":")
+        if not model or not tag:
+            raise WeakModelError(f"weak model {spec!r}: expected zeroshot:MODEL:TAG (an open_clip model and pretrained "
+                                 "tag, e.g. zeroshot:RN50:openai, or zeroshot:MODEL:/path/to/checkpoint)")
+        return WeakSpec(f"zeroshot-{model}-{Path(tag).stem if '/' in tag else tag}", rest, "zeroshot")
+    model, _, mapping = rest.partition(":")
+    source = str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else HF_WEAK_MODELS.get(model, model)
+    return WeakSpec(f"imagenet-{Path(source).name}" + (f"-{Path(mapping).stem}" if mapping else ""), source, "mapped",
+                    mapping=mapping)
 
 
 def weak_transform(spec: WeakSpec, size: int = 224) -> Callable:

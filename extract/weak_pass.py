@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from extract import encoders, weak
+from extract import encoders, teachers, weak
 from extract.datasets import Dataset
 from extract.image_pass import ImageSource, Options, run_splits
 from w2s_jax import store as st
@@ -29,11 +29,13 @@ def tuned_inputs(specs) -> tuple[list, dict]:
     return [weak.weak_transform(first[key]) for key in keys], {s.name: keys.index(weak.transform_key(s)) for s in specs}
 
 
-def weak_passes(specs) -> dict:
+def weak_passes(specs, built: dict | None = None) -> dict:
     """The image passes the weak models ``specs`` need beyond the feature pass, ``{key: [transform]}``: each probe's
-    own (``weak:NAME``: when the store exists already), and one for every fine-tuned model at once (``TUNED``)."""
+    and each teacher's own (``weak:NAME``: when the store exists already; ``built``: {name: the teacher's
+    (transform, fn, info)}, :func:`extract.teachers.build`), and one for every fine-tuned model at once (``TUNED``)."""
     specs = list(specs)
     passes = {f"weak:{s.name}": [weak.weak_transform(s)] for s in specs if s.mode == "probe"}
+    passes.update({f"weak:{name}": [transform] for name, (transform, _, _) in (built or {}).items()})
     tuned = [s for s in specs if s.mode == "finetune"]
     if tuned:
         passes[TUNED] = tuned_inputs(tuned)[0]
@@ -59,9 +61,12 @@ def probe_logits(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path,
     return logits, with_accuracy(weak_recipe(spec, opts), logits, rows)
 
 
-def weak_recipe(spec: weak.WeakSpec, opts: Options) -> dict:
-    """What a weak model is made from: its source and training settings. It is recorded in the store's weak_info
-    and beside a fine-tuning checkpoint, and a weak model whose record differs is made anew, never reused."""
+def weak_recipe(spec: weak.WeakSpec, opts: Options, templates=()) -> dict:
+    """What a weak model is made from: its source and training settings (a teacher's: :func:`teachers.recipe`, with
+    the store's ``templates``). It is recorded in the store's weak_info and beside a fine-tuning checkpoint, and a
+    weak model whose record differs is made anew, never reused."""
+    if spec.mode in weak.FROZEN:
+        return teachers.recipe(spec, templates)
     if spec.mode == "probe":
         return {"source": spec.source, "mode": spec.mode, "probe_epochs": weak.PROBE_EPOCHS, "probe_lr": weak.PROBE_LR}
     return {"source": spec.source, "mode": spec.mode, "epochs": opts.weak_epochs, "batch_size": opts.weak_batch_size,
@@ -76,6 +81,32 @@ def recipe_key(spec: weak.WeakSpec, opts: Options) -> str:
 def recipe_differences(have: dict, want: dict) -> list[str]:
     """``["epochs 2 (asked 5)", ...]``: the settings of a recorded weak model that differ from those asked."""
     return [f"{k} {have.get(k)!r} (asked {v!r})" for k, v in want.items() if have.get(k) != v]
+
+
+def teacher_templates(templates, dataset: Dataset) -> tuple:
+    """The templates a zero-shot teacher reads: those asked (the store's), else the dataset's, else the default."""
+    return tuple(templates) or dataset.templates or encoders.DEFAULT_TEMPLATES
+
+
+def build_teachers(specs, dataset: Dataset, templates, opts: Options, text_encoder=None) -> dict:
+    """``{name: (transform, images -> logits, info)}`` of the teachers among ``specs`` (:func:`teachers.build`),
+    ``info`` their recipe and what building them found (uncovered classes, the text tower)."""
+    built = {}
+    for spec in specs:
+        if spec.mode in weak.FROZEN:
+            transform, fn, found = teachers.build(spec, dataset.class_names, templates, opts.device, text_encoder,
+                                                  opts.log)
+            built[spec.name] = (transform, fn, {**weak_recipe(spec, opts, templates), **found})
+    return built
+
+
+def frozen_logits(name: str, built: tuple, rows: dict, parts: Path, opts: Options, source: ImageSource) -> dict:
+    """A teacher's logits per split (nothing trained): ``built`` = its (transform, fn, info), in the pass
+    ``weak:NAME`` of ``source``."""
+    transform, fn, _ = built
+    outs = run_splits(rows, source, f"weak:{name}", {name: (transform, fn)}, parts / f"teacher-{name}-all", opts,
+                      f"{name} logits")[0]
+    return {s: out[name] for s, out in outs.items()}
 
 
 def with_accuracy(info: dict, logits: dict, rows: dict) -> dict:
@@ -173,12 +204,13 @@ def tuned_info(spec: weak.WeakSpec, logits: dict, rows: dict, opts: Options, par
 
 
 def add_weak_models(store: st.Store, specs, dataset: Dataset, rows: dict, parts: Path, opts: Options,
-                    source: ImageSource, probe_feats: dict | None = None, tuned: tuple | None = None
-                    ) -> tuple[st.Store, dict]:
+                    source: ImageSource, probe_feats: dict | None = None, tuned: tuple | None = None,
+                    built: dict | None = None, frozen: dict | None = None) -> tuple[st.Store, dict]:
     """``store`` with the logits of every weak model of ``specs`` added, in their order (probes: ``probe_feats``
     {name: {split: features}} from the feature pass, if it computed them; the fine-tuned ones: ``tuned``
-    = ({name: {split: logits}}, {name: why it failed}) from the feature pass, else :func:`tuned_logits`);
-    returns it and ``{name: why it failed}``."""
+    = ({name: {split: logits}}, {name: why it failed}) from the feature pass, else :func:`tuned_logits`; the
+    teachers, ``built`` {name: (transform, fn, info)}: ``frozen`` {name: {split: logits}} from the feature pass, else
+    :func:`frozen_logits`); returns it and ``{name: why it failed}``."""
     if tuned is None:
         tuned = tuned_logits([s for s in specs if s.mode == "finetune"], dataset, rows, parts, opts, source) \
             if any(s.mode == "finetune" for s in specs) else ({}, {})
@@ -186,12 +218,15 @@ def add_weak_models(store: st.Store, specs, dataset: Dataset, rows: dict, parts:
     for spec in specs:
         if spec.mode == "probe":
             done = probe_logits(spec, dataset, rows, parts, opts, source, (probe_feats or {}).get(spec.name))
+        elif spec.mode in weak.FROZEN:
+            got = (frozen or {}).get(spec.name) or frozen_logits(spec.name, built[spec.name], rows, parts, opts, source)
+            done = got, with_accuracy(built[spec.name][2], got, rows)
         elif spec.name in logits:
             done = logits[spec.name], tuned_info(spec, logits[spec.name], rows, opts, parts)
         else:
             continue
         store = st.with_weak_model(store, spec.name, *done)
-        opts.log(f"weak model {spec.name}: test accuracy {done[1]['test_accuracy']:.4f}")
+        opts.log(f"weak model {spec.name} ({st.weak_kind(done[1])}): test accuracy {done[1]['test_accuracy']:.4f}")
     return store, failed
 
 

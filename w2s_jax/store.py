@@ -53,6 +53,7 @@ class Provenance:
     versions: dict  # package -> version at creation
     created: str  # ISO time of creation
     skipped: tuple[str, ...] = ()  # ids of unreadable images that were skipped
+    split_rule: str = ""  # how train/test were made where no split files or folders give them (datasets by name)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -63,6 +64,15 @@ class Provenance:
         for key in ("class_names", "templates", "skipped"):
             raw[key] = tuple(raw.get(key, ()))
         return cls(**raw)
+
+
+TRAINED = "trained on the target labels"  # every weak model whose record names no other kind (older stores too)
+
+
+def weak_kind(info: dict | None) -> str:
+    """What a weak model's record (``weak_info[name]``) says it is: "zero-shot", "mapped from another label space"
+    (``extract.teachers``), or :data:`TRAINED`."""
+    return (info or {}).get("kind") or TRAINED
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from w2s_jax import results
+from w2s_jax.store import weak_kind as store_weak_kind
 
 
 @dataclasses.dataclass
@@ -21,6 +22,12 @@ class Group:
     summary: dict
     histories: dict  # method -> {field: S x H x E}
     folders: list  # the results folders merged into this group
+
+
+def weak_kind(group: Group) -> str:
+    """The kind of the group's weak model (:func:`w2s_jax.store.weak_kind`), from its first folder's provenance."""
+    prov = json.loads((Path(group.folders[0]) / "provenance.json").read_text()) if group.folders else {}
+    return store_weak_kind(prov.get("weak_model"))
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 import jinja2
 
 from w2s_jax.report.discover import Group, Table
+from w2s_jax.store import weak_kind
 
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}: w2s report</title>
@@ -114,12 +115,13 @@ def provenance_table(groups: list[Group]) -> Table:
             prov = json.loads((folder / "provenance.json").read_text())
             cfg = json.loads((folder / "config.json").read_text())
             info = prov.get("weak_model") or {}
-            made = ", ".join(f"{k} {info[k]}" for k in ("mode", "source", "epochs", "kind") if k in info)
+            made = ", ".join(f"{k} {info[k]}" for k in ("mode", "source", "epochs", "mapping", "text_tower",
+                                                         "uncovered_classes") if k in info)
             rows.append([f"{g.dataset}/{g.domain}", str(folder), prov.get("store_file", cfg.get("store", "")),
-                         prov.get("encoder", ""), g.weak, made, str(cfg.get("seeds", "")),
+                         prov.get("encoder", ""), g.weak, weak_kind(info), made, str(cfg.get("seeds", "")),
                          str(cfg.get("grid") or "")])
     return Table("provenance", "Provenance", ["domain", "results folder", "store", "strong encoder", "weak model",
-                                              "how the weak model was made", "seeds", "grid"], rows)
+                                              "weak kind", "how the weak model was made", "seeds", "grid"], rows)
 
 
 def caption(path: Path) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 
 from w2s_jax import metrics, paper_numbers, results
 from w2s_jax.methods import METHODS, MULTI_WEAK, round_of
-from w2s_jax.report.discover import Group, Table
+from w2s_jax.report.discover import Group, Table, weak_kind
 
 BEST_CEILING = "best ceiling (hold_val)"
 DELTA = "Δ (cpl − best baseline by hold_val)"
@@ -164,7 +164,8 @@ def table2(groups: list[Group], weak: str) -> Table:
                                     g.summary["methods"][best_baseline(g.summary)]["test_acc"]) if d is not None
                      else "" for g, d in zip(cols, deltas)]
             rows.append([DELTA_CI, *cells, ""])
-    return Table(f"table2-{weak}", f"Table 2 analogue: test' accuracy (%) by domain, weak model {weak}",
+    return Table(f"table2-{weak}", f"Table 2 analogue: test' accuracy (%) by domain, weak model {weak} "
+                 f"({weak_kind(cols[0])})",
                  ["method", *[f"{g.dataset}/{g.domain}" for g in cols], "Avg."], rows,
                  TABLE2_NOTE.format(rules=", ".join(sorted({g.summary.get("selection", {}).get("rule", "agreement")
                                                             for g in cols}))))
@@ -221,7 +222,8 @@ def table3(groups: list[Group], dataset: str, domain: str) -> Table:
     names = ["weak"] + results.method_order({m for c in per_col for m in c}) + [BEST_CEILING]
     rows = [[n, *[_cell(c[n]) if n in c else "" for c in per_col]] for n in names if any(n in c for c in per_col)]
     return Table(f"table3-{dataset}-{domain}", f"Table 3 analogue: test' accuracy (%) by weak model, {dataset}/{domain}",
-                 ["method", *[g.weak for g in cols]], rows)
+                 ["method", *[g.weak for g in cols]], rows,
+                 "Weak models: " + "; ".join(f"{g.weak}, {weak_kind(g)}" for g in cols) + ".")
 
 
 def table4(groups: list[Group]) -> Table | None:
