@@ -2,7 +2,9 @@
 made, applied to another domain's ``test`` images. PGR across domains needs it.
 
 A probe (``pixels@S`` or ``MODEL:probe``) is retrained here: its features and training are deterministic, so it is the
-store's own weak model. A fine-tuned one is loaded from the weights its extraction kept beside the store
+store's own weak model. A teacher without target labels (``zeroshot:``, ``imagenet:``) is built again as its store
+recorded it: nothing of it depends on the domain. A target with a subset of the source's classes (ImageNet-R of
+ImageNet) gets the logits of its own classes (``w2s_jax.cross_domain.class_columns``). A fine-tuned one is loaded from the weights its extraction kept beside the store
 (``pipeline.weak_weights``), without fine-tuning again; a store made before they were kept has none, and its cells
 show accuracy only (the report says so).
 
@@ -24,10 +26,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from extract import pipeline, weak
+from extract import pipeline, teachers, weak
 from extract.datasets import Dataset
-from extract.weak_pass import kept_problem, models_logits
-from w2s_jax.cross_domain import cross_weak_file, made_from_of, read_cross_weak
+from extract.weak_pass import frozen_logits, kept_problem, models_logits
+from w2s_jax.cross_domain import class_columns, cross_weak_file, made_from_of, read_cross_weak
 
 
 def probe_features(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Path, opts: pipeline.Options) -> dict:
@@ -40,14 +42,14 @@ def probe_features(spec: weak.WeakSpec, dataset: Dataset, rows: dict, parts: Pat
 
 
 def finetuned_logits(models, target: Dataset, target_rows: tuple, parts: Path, opts: pipeline.Options) -> list:
-    """Fine-tuned weak models, each ``(spec, kept weights)``, on the target's rows in one image pass
-    (:func:`extract.weak_pass.models_logits`): a list of logits ``N x K``."""
+    """Fine-tuned weak models, each ``(spec, kept weights, its number of classes)``, on the target's rows in one
+    image pass (:func:`extract.weak_pass.models_logits`): a list of logits ``N x K``."""
     loaded = {}
-    for j, (spec, weights) in enumerate(models):  # two domains' weak models may share a name: keyed by position
-        model = weak.load_hf(spec, len(target.class_names), opts.device)
+    for j, (spec, weights, k) in enumerate(models):  # two domains' weak models may share a name: keyed by position
+        model = weak.load_hf(spec, k, opts.device)
         model.load_state_dict(weak.load_weights(weights, opts.device, fix=KEPT_FIX.format(store=weights.parent)))
         loaded[f"m{j}"] = (spec, model)
-    specs = [spec for spec, _ in models]
+    specs = [spec for spec, _, _ in models]
     with pipeline.ImageSource(target.load, {"weak": pipeline.tuned_inputs(specs)[0]}, opts) as source:
         outs = models_logits(loaded, specs, {"test": target_rows}, source, "weak", parts, opts,
                              f"{len(models)} weak model(s)' logits, {target.domain}")
@@ -67,6 +69,7 @@ class CrossJob(NamedTuple):
     spec: weak.WeakSpec
     source_store: Path | None  # beside it, a fine-tuned model's kept weights
     source_info: dict | None = None  # the source store's weak_info of this weak model: what the logits come from
+    strong: str | None = None  # the source store's --strong spec: its text tower maps a teacher's classes by name
 
 
 def write_cross_weak(source: Dataset, source_rows: dict, target: Dataset, target_rows: tuple, spec: weak.WeakSpec,
@@ -99,29 +102,51 @@ def write_cross_weak_all(jobs, target: Dataset, target_rows: tuple, folder: Path
                          "its store's now: writing it again")
             except ValueError as err:
                 opts.log(f"{err}: writing it again")
-        if job.spec.mode == "probe":
+        columns = class_columns(job.source.class_names, target.class_names)
+        if columns is None:
+            continue  # the target has classes the weak model lacks
+        if job.spec.mode in weak.FROZEN:
+            done[i] = save_logits(out, target_rows, teacher_logits(job, target, target_rows, out, opts)[:, columns],
+                                  made_from)
+        elif job.spec.mode == "probe":
             parts = out.with_name(out.stem + ".parts")
             train = probe_features(job.spec, job.source, {"train": job.source_rows["train"]}, parts / "source",
                                    opts)["train"]
             test = probe_features(job.spec, target, {"test": target_rows}, parts / "target", opts)["test"]
             logits = weak.train_probe(train, job.source_rows["train"][1], len(job.source.class_names),
                                       device=opts.device)(test)
-            done[i] = save_logits(out, target_rows, logits, made_from)
+            done[i] = save_logits(out, target_rows, logits[:, columns], made_from)
             shutil.rmtree(parts, ignore_errors=True)
         else:
             weights = pipeline.weak_weights(job.source_store, job.spec.name) if job.source_store is not None else None
             if weights is not None and weights.is_file():
                 check_kept(weights, job.source_info)
-                tuned.append((i, out, weights))
+                tuned.append((i, out, weights, columns))
     if tuned:
-        key = hashlib.sha256("|".join(str(out) for _, out, _ in tuned).encode()).hexdigest()[:12]
+        key = hashlib.sha256("|".join(str(out) for _, out, _, _ in tuned).encode()).hexdigest()[:12]
         parts = folder / f".{target.name}-{target.domain}-{key}.parts"  # resumable, for this set of models only
-        logits = finetuned_logits([(jobs[i].spec, weights) for i, _, weights in tuned], target, target_rows, parts,
-                                  opts)
-        for (i, out, _), lg in zip(tuned, logits):
-            done[i] = save_logits(out, target_rows, lg, {"weak": jobs[i].source_info})
+        logits = finetuned_logits([(jobs[i].spec, weights, len(jobs[i].source.class_names))
+                                   for i, _, weights, _ in tuned], target, target_rows, parts, opts)
+        for (i, out, _, columns), lg in zip(tuned, logits):
+            done[i] = save_logits(out, target_rows, lg[:, columns], {"weak": jobs[i].source_info})
         shutil.rmtree(parts, ignore_errors=True)
     return done
+
+
+def teacher_logits(job: CrossJob, target: Dataset, target_rows: tuple, out: Path, opts: pipeline.Options):
+    """A source's teacher (``zeroshot:``, ``imagenet:``), built as its store recorded it (its templates; the strong
+    encoder's text tower, named in the record, for a mapping by names), on the target's rows: logits ``N x K``
+    over the source's classes."""
+    info = job.source_info or {}
+    templates = tuple(info.get("templates") or ()) or job.source.templates or pipeline.encoders.DEFAULT_TEMPLATES
+    tower = job.strong or (pipeline.encoders.spec_for_id(info["text_tower"]) if info.get("text_tower") else None)
+    text = (lambda: pipeline.encoders.load_strong(tower, opts.device)) if tower else None
+    built = teachers.build(job.spec, job.source.class_names, templates, opts.device, text, opts.log)
+    parts = out.with_name(out.stem + ".parts")
+    with pipeline.ImageSource(target.load, {f"weak:{job.spec.name}": [built[0]]}, opts) as source:
+        logits = frozen_logits(job.spec.name, built, {"test": target_rows}, parts, opts, source)["test"]
+    shutil.rmtree(parts, ignore_errors=True)
+    return logits
 
 
 def check_kept(weights: Path, info: dict | None) -> None:

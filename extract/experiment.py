@@ -259,7 +259,7 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
                 where = out / "results" / f"{dataset.name}-{dataset.domain}"
                 current.extend(_run_tp(tp, store_path, strong, names, store_id, where, opts.device, log))
         if rep.get("cross_domain") and len(made) > 1:
-            weak_across_domains(made, out / "cross-weak", opts, log)
+            weak_across_domains(made, out / "cross-weak", opts, log, strong)
     report = out / "report"
     first_weak = weaklib.parse_weak(weaklib.expand_weak(exp["data"][0].get("weak", ["pixels"]))[0]).name
     tables, figures = write_report(current, report, curves=tuple(rep.get("curves", ("cpl", "kd+lp", "kd+tp"))),
@@ -276,11 +276,12 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
     return report
 
 
-def weak_across_domains(made: list, folder: Path, opts, log) -> None:
+def weak_across_domains(made: list, folder: Path, opts, log, strong: str | None = None) -> None:
     """Each weak model of each domain applied to every other domain's test images (``extract.cross_weak``), for PGR
     across domains, every fine-tuned one of the other domains in one image pass per target; a fine-tuned one whose
     weights were not kept (a store made before they were) is left out, with a line."""
     from extract.cross_weak import CrossJob, write_cross_weak_all
+    from w2s_jax.cross_domain import class_columns
     from w2s_jax.store import read_store
 
     rows, infos = {}, {}
@@ -289,8 +290,9 @@ def weak_across_domains(made: list, folder: Path, opts, log) -> None:
         rows[path] = {s: (sp.ids_N, sp.labels_N) for s, sp in store.splits.items()}
         infos[path] = store.weak_info
     for target, target_path, _ in made:
-        jobs = [CrossJob(source, rows[source_path], spec, source_path, infos[source_path][spec.name])
+        jobs = [CrossJob(source, rows[source_path], spec, source_path, infos[source_path][spec.name], strong)
                 for source, source_path, specs in made if source_path != target_path
+                and class_columns(source.class_names, target.class_names) is not None  # ImageNet-R of ImageNet
                 for spec in map(weaklib.parse_weak, specs) if spec.name in infos[source_path]]
         for job, path in zip(jobs, write_cross_weak_all(jobs, target, rows[target_path]["test"], folder, opts)):
             if path is None:

@@ -60,7 +60,7 @@ def test_runs_skips_and_resumes(tmp_path, monkeypatch):
     assert any(line.startswith("compiled in") for line in lines)
     # the first screen: the headline table with PGR, one line saying where the rest is (issue 25)
     text = "\n".join(lines)
-    assert "Table 2 analogue: test' accuracy (%) by domain, weak model pixels@2, with PGR" in text
+    assert "Table 2 analogue: test' accuracy (%) by domain, weak model pixels@2 (trained on the target labels), with PGR" in text
     assert "PGR (avg.)" in text and "The full report," in text and "--verbose" in text
     assert "Choosing without labels (selection.md): mean regret" in text and "agreement (used)" in text
     assert "Misfit predicts gain?" not in text and (report / "misfit-gain.md").exists()

@@ -276,3 +276,44 @@ num_workers = 0
     assert {f"headline-{name}", "table3-cifar10-cifar10", "pgr", "selection"} <= written
     page = (report / "index.html").read_text()
     assert "zero-shot" in page and "mapped from another label space" in page
+
+
+def test_imagenet_shifts_in_one_experiment_give_a_cross_domain_matrix_on_class_subsets(tiny_clip, tmp_path):
+    """ImageNet-Sketch (1000 classes) and ImageNet-R (its 200) as domains of one block: Sketch's heads and its
+    zero-shot teacher classify R's images among R's 200 classes; R's heads have no cell on Sketch, with a note."""
+    from extract.experiment import main as run_main
+
+    r_wnids, all_wnids = named.imagenet_wnids("imagenet-r"), named.imagenet_wnids()
+    for k, wnid in enumerate(r_wnids[:3]):
+        for i in range(8):
+            _jpeg(tmp_path / "data" / "imagenet-r" / wnid / f"{i}.jpg", 60 * k + i)
+            _jpeg(tmp_path / "data" / "imagenet-sketch" / "sketch" / wnid / f"{i}.JPEG", 60 * k + 2 * i)
+    assert all(w in all_wnids for w in r_wnids[:3])
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f"""
+out = "{tmp_path / 'out'}"
+strong = "{tiny_clip}"
+[[data]]
+dataset = "imagenet"
+domains = ["imagenet-sketch", "imagenet-r"]
+root = "{tmp_path / 'data'}"
+weak = ["zeroshot:{tiny_clip}"]
+[fit]
+methods = ["ce+lp"]
+seeds = 2
+epochs = 2
+[extract]
+num_workers = 0
+templates = ["a photo of a {{}}."]
+[report]
+cross_domain = true
+""")
+    r = CliRunner().invoke(run_main, [str(exp), "--no-compile-cache"])
+    assert r.exit_code == 0, r.output
+    weak = f"zeroshot-{tiny_clip.split(':')[0]}-tiny"
+    table = (tmp_path / "out" / "report" / f"cross-domain-{weak}.md").read_text()
+    assert "imagenet/imagenet-sketch" in table and "imagenet/imagenet-r" in table
+    assert "the target has classes the heads of imagenet/imagenet-r lack" in table
+    cross = list((tmp_path / "out" / "cross-weak" / weak).glob("imagenet-imagenet-sketch__on__imagenet-imagenet-r*"))
+    assert len(cross) == 1 and np.load(cross[0])["logits_NxK"].shape[1] == 200
+    assert not list((tmp_path / "out" / "cross-weak" / weak).glob("imagenet-imagenet-r__on__*"))

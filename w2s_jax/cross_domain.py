@@ -55,18 +55,39 @@ def remade(folders, stores: dict) -> dict:
     return found
 
 
-def check_compatible(head, store, where: str) -> None:
-    """A HeadsError naming what differs when ``store`` does not hold features the head takes."""
+def class_columns(head_classes, target_classes) -> np.ndarray | None:
+    """The columns of the heads' classes that are the target's classes, in the target's order: every column for the
+    same class list, a subset for a target with fewer (ImageNet-R's 200 of ImageNet's 1000: the target's images are
+    classified among its own classes, its standard protocol); None where the target has classes the heads lack."""
+    head_classes, target_classes = tuple(head_classes), tuple(target_classes)
+    if head_classes == target_classes:
+        return np.arange(len(head_classes))
+    index = {name: i for i, name in enumerate(head_classes)}
+    if len(target_classes) < len(head_classes) and all(name in index for name in target_classes):
+        return np.asarray([index[name] for name in target_classes])
+    return None
+
+
+def check_compatible(head, store, where: str) -> np.ndarray | None:
+    """The head's columns for ``store``'s classes (:func:`class_columns`), or None when the store has classes the
+    head lacks but all of the head's (ImageNet-R's heads on ImageNet: no cell); a HeadsError naming what differs when
+    ``store`` does not hold features the head takes, or its class list is another one."""
     checks = (
         ("encoder", store.provenance.encoder, head.encoder),
-        ("class names", store.provenance.class_names, head.class_names),
         ("feature dimension", store.splits["test"].features_NxD.shape[1], head.feature_dim),
     )
     for what, have, want in checks:
         if tuple(np.atleast_1d(have)) != tuple(np.atleast_1d(want)):
-            order = " (the same classes in another order)" if what == "class names" and set(have) == set(want) else ""
-            raise HeadsError(f"{where}: its {what} differ from the heads'{order} ({_short(have)} against "
-                             f"{_short(want)}); cross-domain evaluation needs stores of one encoder and class list")
+            raise HeadsError(f"{where}: its {what} differ from the heads' ({_short(have)} against {_short(want)}); "
+                             "cross-domain evaluation needs stores of one encoder")
+    have, want = tuple(store.provenance.class_names), tuple(head.class_names)
+    columns = class_columns(want, have)
+    if columns is None and not (len(have) > len(want) and set(want) <= set(have)):
+        order = " (the same classes in another order)" if set(have) == set(want) else ""
+        raise HeadsError(f"{where}: its class names differ from the heads'{order} ({_short(have)} against "
+                         f"{_short(want)}); cross-domain evaluation needs stores of one class list, or of a subset "
+                         "of the heads' classes")
+    return columns
 
 
 def _short(value) -> str:
@@ -77,20 +98,23 @@ def _short(value) -> str:
 FAILED = "failed"  # a cell of a method that failed in training: never evaluated, never used for PGR
 
 
-def evaluate(folder, store, where: str) -> dict:
+def evaluate(folder, store, where: str) -> dict | None:
     """``{method: test' accuracy per seed (S)}`` of the folder's saved heads (each at its chosen grid point) on the
-    target ``store``'s test' rows of each seed, or :data:`FAILED` for a method the fit reports as failed (its heads
-    are never applied); ``where`` names the store in a refusal."""
+    target ``store``'s test' rows of each seed, among the target's classes (:func:`class_columns`), or
+    :data:`FAILED` for a method the fit reports as failed (its heads are never applied); None when the target has
+    classes the heads lack. ``where`` names the store in a refusal."""
     test = store.splits["test"]
     out = {}
     for method, head in load_heads(folder).items():
-        check_compatible(head, store, where)
+        columns = check_compatible(head, store, where)
+        if columns is None:
+            return None
         if head.failed():
             out[method] = FAILED
             continue
         splits = stacked_splits(len(test.ids_N), head.num_seeds)
-        out[method] = [float(np.mean(head.logits(test.features_NxD[rows], seed=s).argmax(1) == test.labels_N[rows]))
-                       for s, rows in enumerate(splits.test_prime)]
+        out[method] = [float(np.mean(head.logits(test.features_NxD[rows], seed=s)[:, columns].argmax(1)
+                                     == test.labels_N[rows])) for s, rows in enumerate(splits.test_prime)]
     return out
 
 
@@ -163,6 +187,11 @@ def matrix(folders, cross_dir=None) -> tuple[dict, list[str], list[str]]:
         for target, store in stores.items():
             cells = found.setdefault(weak, {})
             evaluated = evaluate(folder, store, f"store {paths[target]}")
+            if evaluated is None:
+                note = (f"{source} -> {'/'.join(target)}: the target has classes the heads of {source} lack; no "
+                        "cell (a target with a subset of the heads' classes is classified among its own)")
+                notes += [] if note in notes else [note]
+                continue
             for method, accs in evaluated.items():
                 cells.setdefault(method, {})[(source, "/".join(target))] = accs
             weak_accs = weak_on_target(cross_dir, weak, source, "/".join(target), store, config["seeds"], weak_info)
