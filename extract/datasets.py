@@ -77,6 +77,20 @@ def load_dataset(name: str, *, domain: str | None, root: str | None, download: b
                        "--list-datasets describes them)")
 
 
+def identity(name: str, domain: str | None, root) -> tuple[str, str]:
+    """``(dataset, domain)`` of the Dataset that :func:`load_dataset` gives, without reading any data (to plan)."""
+    from extract import named
+
+    if named.is_named(name):
+        chosen = named.check_domain(name, domain)
+        return named.family(chosen), chosen
+    if name == "demo":
+        return name, domain or "mnist"
+    if name == "imagefolder" and domain is None:
+        return name, Path(root).expanduser().name if root else "imagefolder"
+    return name, domain
+
+
 def all_names() -> tuple[str, ...]:
     """Every dataset ``--dataset`` accepts."""
     from extract.named import NAMED

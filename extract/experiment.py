@@ -7,7 +7,6 @@ edit does only the missing work. See ``experiments/demo.toml`` and ``experiments
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -204,76 +203,12 @@ def _done(folder: Path, log) -> bool:
 
 
 def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
-    """Run everything ``exp`` asks for that is not done yet; returns the report folder. At the end it prints one
-    screen: the headline table (the first weak model's Table 2 analogue, with PGR) and where the full report is;
-    ``verbose``: every table of the report."""
-    from w2s_jax.report import selection_line, to_markdown, write_report
-    from w2s_jax.run import run_each
-    from w2s_jax.store import read_store
+    """Run everything ``exp`` asks for that is not done yet, unit by unit (:mod:`extract.grid`); returns the report
+    folder. At the end it prints one screen: the headline table (the first weak model's Table 2 analogue, with PGR)
+    and where the full report is; ``verbose``: every table of the report."""
+    from extract.grid import Grid
 
-    out = Path(exp["out"])
-    strong = exp.get("strong", "efficientnet-lite0")
-    ex = exp.get("extract", {})
-    opts = pipeline.Options(**{k: v for k, v in ex.items() if k != "templates"}, log=log)
-    fit, tp = exp.get("fit", {}), exp.get("tp")
-    num_stores = sum(len(b.get("domains", [None])) for b in exp["data"])
-    multi = bool(fit.get("multi_weak"))  # one more fit per store: the multi-weak methods over all its weak models
-    weak_counts = [len(weaklib.expand_weak(b.get("weak", ["pixels"]))) for b in exp["data"]]
-    num_fits = sum(len(b.get("domains", [None])) * (n + (multi and n > 1)) for b, n in zip(exp["data"], weak_counts))
-    store_i = fit_j = 0
-    current = []  # this experiment file's results folders: the report reads these and no others
-    loaders = {}  # {(dataset, domain): id -> image}, for the report's prototypes page
-    rep = exp.get("report", {})
-    for block in exp["data"]:
-        made = []  # this block's (dataset, store path, weak specs), for the weak models across its domains
-        for domain in block.get("domains", [None]):
-            store_i += 1
-            log(f"== store {store_i} of {num_stores}: {block['dataset']}/{domain or 'default'}")
-            dataset = load_dataset(block["dataset"], domain=domain, root=data_root(block),
-                                   download=block.get("download", True), log=log).limited(block.get("limit"))
-            loaders[dataset.name, dataset.domain] = dataset.load
-            store_path = out / "stores" / f"{dataset.name}-{dataset.domain}-{_slug(strong)}.h5"
-            templates = tuple(ex.get("templates") or dataset.templates or pipeline.encoders.DEFAULT_TEMPLATES)
-            weak_specs = weaklib.expand_weak(block.get("weak", ["pixels"]))
-            pipeline.extract(dataset, strong, weak_specs, store_path, opts, templates)
-            made.append((dataset, store_path, weak_specs))
-            store = read_store(store_path)
-            store_id = _key([dataclasses.asdict(store.provenance), store.weak_info])
-            names = [weaklib.parse_weak(w).name for w in weak_specs]
-            jobs = [[(weak, ()) for weak in names]] + ([[(names[0], tuple(names))]] if multi and len(names) > 1 else [])
-            for job in jobs:  # every weak model's single-weak fit in one run (one compiled program), then the ensemble
-                cfgs = [fit_config(fit, store_path, weak, ensemble) for weak, ensemble in job]
-                folders = [out / "results" / f"{dataset.name}-{dataset.domain}" / "+".join(ensemble or (weak,))
-                           / f"fit-{_key([cfg.to_dict(), store_id])}" for (weak, ensemble), cfg in zip(job, cfgs)]
-                fit_j += len(job)
-                labels = ", ".join("+".join(ensemble or (weak,)) for weak, ensemble in job)
-                log(f"== fit{'s' if len(job) > 1 else ''} {fit_j - len(job) + 1}"
-                    f"{f'-{fit_j}' if len(job) > 1 else ''} of {num_fits}: {dataset.name}/{dataset.domain}, "
-                    f"weak {labels}")
-                todo = [(cfg, folder) for cfg, folder in zip(cfgs, folders) if not _done(folder, log)]
-                if todo:
-                    run_each([cfg for cfg, _ in todo], [folder for _, folder in todo], log=log)
-                    log(f"finished: {', '.join(str(folder) for _, folder in todo)}")
-                current.extend(folders)
-            if tp is not None and store.text_TxKxD is not None:  # every weak model's TP models in one loop
-                where = out / "results" / f"{dataset.name}-{dataset.domain}"
-                current.extend(_run_tp(tp, store_path, strong, names, store_id, where, opts.device, log))
-        if rep.get("cross_domain") and len(made) > 1:
-            weak_across_domains(made, out / "cross-weak", opts, log, strong)
-    report = out / "report"
-    first_weak = weaklib.parse_weak(weaklib.expand_weak(exp["data"][0].get("weak", ["pixels"]))[0]).name
-    tables, figures = write_report(current, report, curves=tuple(rep.get("curves", ("cpl", "kd+lp", "kd+tp"))),
-                                   paper=rep.get("paper", False), headline_weak=first_weak,
-                                   cross_domain=rep.get("cross_domain", False), cross_dir=out / "cross-weak",
-                                   title=exp.get("name") or out.name, loaders=loaders)
-    for table in tables if verbose else tables[:1]:
-        log(to_markdown(table) + "\n")
-    regret = selection_line(tables)
-    if regret:
-        log(regret)
-    log(f"The full report, {len(tables)} tables (.md .csv .tex) and {len(figures)} figures, is in {report}; open "
-        f"{report / 'index.html'} first (every table and figure on one page); `w2s-run --verbose` prints every table.")
-    return report
+    return Grid(exp, log).run_all(verbose)
 
 
 def weak_across_domains(made: list, folder: Path, opts, log, strong: str | None = None) -> None:
@@ -322,17 +257,50 @@ def _run_tp(tp: dict, store_path, strong, weaks, store_id, where: Path, device, 
               help="Keep compiled programs on disk ($W2S_CACHE/jax or ~/.cache/w2s/jax), so that a rerun after an "
                    "edit compiles only the programs whose shapes changed.")
 @click.option("--verbose", is_flag=True, help="Print every table of the report, not only the headline one.")
-def main(experiment, compile_cache, verbose):
+@click.option("--plan", "show_plan", is_flag=True,
+              help="Print the units of work, their dependencies, estimated costs and whether they are done; run nothing.")
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --plan: the devices to estimate the wall time on.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Run only shard I of N's units whose inputs exist (scheduler array jobs); then run without --shard "
+                   "to finish what is left and write the report.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="Run the units as tasks of a Ray cluster: ADDRESS, else $RAY_ADDRESS, else a local one "
+                   "(pip install 'w2s[ray]').")
+def main(experiment, compile_cache, verbose, show_plan, gpus, shard, ray_address):
     """Run an experiment file: extract missing stores, fit what is not done, write the report."""
-    from extract.cli import USER_ERRORS
+    from extract.cli import USER_ERRORS, _parse_shard
+    from extract.grid import Grid
     from w2s_jax import compile_cache as cache
 
     if compile_cache:
         cache.enable(warn=lambda text: click.echo(f"warning: {text}", err=True))
+    parsed = _parse_shard(shard)
+    if sum(x is not None and x is not False for x in (parsed, ray_address, show_plan or None)) > 1:
+        raise click.UsageError("give one of --plan, --shard and --ray")
     try:
-        run_experiment(load_experiment(experiment), log=click.echo, verbose=verbose)
+        exp = load_experiment(experiment)
+        if show_plan:
+            click.echo("\n".join(Grid(exp, click.echo).plan_lines(gpus)))
+        elif parsed is not None:
+            failed = Grid(exp, click.echo, tp_chunks=parsed[1]).run_shard(*parsed)
+            _exit_failed(failed, f"w2s-run {experiment} --shard {shard}")
+        elif ray_address is not None:
+            from extract.ray_run import run_on_ray
+
+            _exit_failed(run_on_ray(exp, None if ray_address == "auto" else ray_address, log=click.echo,
+                                    verbose=verbose, compile_cache=compile_cache), f"w2s-run {experiment} --ray")
+        else:
+            run_experiment(exp, log=click.echo, verbose=verbose)
     except (ExperimentError, *USER_ERRORS, ValueError) as err:  # ValueError: e.g. folders that define a method apart
         raise click.ClickException(str(err)) from None
+
+
+def _exit_failed(failed: list, rerun: str) -> None:
+    """The last lines of a run with failed units: which, and how to rerun them; exit status 1."""
+    if failed:
+        raise click.ClickException(f"{len(failed)} unit(s) failed: {', '.join(failed)} (their errors are above). Fix "
+                                   f"the cause and run `{rerun}` again: finished units are skipped")
 
 
 if __name__ == "__main__":
