@@ -22,8 +22,13 @@ Each component's rate is measured here, at a small size, with random weights, an
   seed) for 10 epochs of hold_train at batch 512, at the measured time per model-step (w2s-tp's own step,
   --tp-models per step) and, for cpl+textenc, the whole tower's step.
 
+On G GPUs (``--gpus 1,8``): the same estimate cut into w2s-run's units (``extract.units``: a domain's extraction with
+its fine-tuning, its fit, its prompt tuning in min(G, 5) chunks of weak models, each chunk training its own ceiling,
+the cross-domain pass after every extraction), each priced by its share of its component, and scheduled on G devices
+with their dependencies (``units.makespan``: never below the critical path).
+
 Not measured here: a run of the whole grid. Usage: python benchmarks/bench_paper_grid.py [--strong ViT-B-32]
-[--device cuda] [--json]
+[--device cuda] [--gpus 1,8] [--json]
 """
 from __future__ import annotations
 
@@ -97,6 +102,42 @@ def estimate(rates: dict, grid: Grid) -> tuple[dict, dict]:
             "fit_programs": len(buckets), "fit_programs_loaded": len(grid.sizes) - len(buckets),
             "fit_padded_rows": padded_test, "tp_model_steps": (prompt_models + textenc_models) * tp_steps}
     return seconds, work
+
+
+def grid_units(seconds: dict, grid: Grid, chunks: int) -> list:
+    """The estimate ``seconds`` (:func:`estimate`) cut into w2s-run's units (module docstring), each priced by its
+    domain's share of its component; with ``chunks`` = 1 their costs add up to the estimate."""
+    from extract.units import Unit, chunks as split
+
+    train = sum(tr for tr, _ in grid.sizes.values())
+    test = sum(te for _, te in grid.sizes.values())
+    weaks = tuple(f"w{i}" for i in range(grid.weak_models))
+    per_seed = grid.tp_weak_methods * grid.weak_models + grid.tp_ceiling  # prompt models a seed trains in one run
+    out = []
+    for d, (tr, te) in grid.sizes.items():
+        ext = f"extract/{d}"
+        out.append(Unit(ext, "extract", (), seconds["extraction"] * (tr + te) / (train + test)
+                        + seconds["weak_finetune"] * tr / train))
+        out.append(Unit(f"fit/{d}", "fit", (ext,), seconds["jax_fits_compile"] / len(grid.sizes)
+                        + seconds["jax_fits_run"] * te / test))
+        for chunk in split(weaks, chunks):
+            prompt = seconds["tp_prompt"] * te / test * (grid.tp_weak_methods * len(chunk) + grid.tp_ceiling) / per_seed
+            out.append(Unit(f"tp/{d}/{'+'.join(chunk)}", "tp", (ext,),
+                            prompt + seconds["tp_textenc"] * te / test * len(chunk) / len(weaks)))
+    out.append(Unit("cross/0", "cross", tuple(f"extract/{d}" for d in grid.sizes), seconds["cross_domain_weak"]))
+    return out
+
+
+def on_gpus(seconds: dict, grid: Grid, gpus: list[int]) -> dict:
+    """``{G: (wall seconds, critical path seconds)}``: the grid's units on G devices, TP in min(G, weak models)
+    chunks a domain (one on a single device, as a plain w2s-run does)."""
+    from extract.units import critical_path, makespan
+
+    out = {}
+    for g in gpus:
+        units = grid_units(seconds, grid, min(g, grid.weak_models))
+        out[g] = (makespan(units, g), critical_path(units))
+    return out
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -306,6 +347,7 @@ def main():
     ap.add_argument("--tp-models", type=int, default=None, help="TP models per step [default: 30 on CUDA, 1 on CPU]")
     ap.add_argument("--check-run", action="store_true", help="also run a tiny w2s-run (with --strong tiny) and print "
                     "its measured phases beside the estimate of the same tiny grid at this run's rates")
+    ap.add_argument("--gpus", default="1,8", help="device counts to estimate the grid's wall time on, e.g. 1,8")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     args = ap.parse_args()
     import os
@@ -369,6 +411,13 @@ def main():
     for part, s in seconds.items():
         print(f"  {part:18s} {s / 3600:8.2f} h  ({100 * s / total:4.1f}%)")
     print(f"  {'total':18s} {total / 3600:8.2f} h   (north star: 2 h on one H200)")
+    spread = on_gpus(seconds, PAPER, [int(g) for g in args.gpus.split(",")])
+    figures["on_gpus"] = {g: {"wall_h": wall / 3600, "critical_path_h": path / 3600} for g, (wall, path) in
+                          spread.items()}
+    base = spread[min(spread)][0]
+    for g, (wall, path) in spread.items():
+        print(f"  on {g} device(s): {wall / 3600:8.2f} h, {wall / base:.3f} of {min(spread)} (critical path "
+              f"{path / 3600:.2f} h; w2s-run's units, TP in {min(g, PAPER.weak_models)} chunk(s) a domain)")
     if args.check_run:
         if not tiny:
             raise SystemExit("--check-run runs the tiny models the rates were measured on: add --strong tiny")

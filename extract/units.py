@@ -111,14 +111,15 @@ def assign(units: list[Unit], shards: int) -> dict[str, int]:
 
 def makespan(units: list[Unit], gpus: int) -> float:
     """The estimated wall time of ``units`` on ``gpus`` devices: a list schedule in which a ready unit (its
-    dependencies finished) starts, costliest first, as soon as its share of a device is free (a whole one for an
-    extraction or a TP chunk, a quarter for a fit). It is never below the critical path's cost."""
+    dependencies finished) starts, costliest first, as soon as a device is free. Each unit is priced as having a
+    device to itself, the fits too (Ray packs four on one, which can only shorten this), and the report none. It is
+    never below the critical path's cost, and on one device it is the sum of the costs."""
     done, running, now, free = {}, [], 0.0, float(gpus)
     pending = list(units)
     while pending or running:
         ready = sorted((u for u in pending if all(d in done for d in u.deps)), key=lambda u: (-u.cost, u.key))
         for u in ready:
-            need = min(u.gpus, float(gpus))
+            need = 1.0 if u.gpus else 0.0
             if need <= free + 1e-9:
                 free -= need
                 heapq.heappush(running, (now + u.cost, u.key, need))

@@ -115,6 +115,15 @@ def test_every_benchmark_script_has_a_smoke_test():
     assert [s for s in scripts if s not in here] == []
 
 
+def test_bench_scaleout_runs_the_grid_three_ways():
+    out = run_script("bench_scaleout.py", "--limit", "60", "--seeds", "2", "--epochs", "1", "--methods",
+                     "ce+lp", "--json")
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert set(figures["seconds"]) == {"sequential", "2 shards + report", "Ray, local cluster"}
+    assert figures["ratios"]["sequential"] == 1.0 and all(s > 0 for s in figures["seconds"].values())
+    assert "of sequential" in out
+
+
 def test_bench_paper_grid_estimates_every_component():
     out = run_script("bench_paper_grid.py", "--strong", "tiny", "--batch", "8", "--check-run", "--json")
     figures = json.loads(out.strip().splitlines()[-1])
@@ -136,6 +145,10 @@ def test_bench_paper_grid_estimates_every_component():
         work["images"] / rates["decode_img_s"],
         work["images"] / rates["encoder_img_s"] + work["weak_logit_images"] / rates["weak_infer_img_s"]))
     assert "north star" in out
+    # on 1 and 8 devices: w2s-run's units, scheduled with their dependencies (extract.units.makespan)
+    one, eight = figures["on_gpus"]["1"], figures["on_gpus"]["8"]
+    assert one["wall_h"] == pytest.approx(total / 3600)  # one device, one TP chunk a domain: the estimate itself
+    assert eight["critical_path_h"] - 1e-9 <= eight["wall_h"] < one["wall_h"] and "on 8 device(s)" in out
     # the tiny w2s-run: every phase measured, beside the same formulas on its own grid
     sys.path.insert(0, str(BENCH))
     import bench_paper_grid
