@@ -24,7 +24,7 @@ Each component's rate is measured here, at a small size, with random weights, an
 
 On G GPUs (``--gpus 1,8``): the same estimate cut into w2s-run's units (``extract.units``: a domain's extraction with
 its fine-tuning, its fit, its prompt tuning in min(G, 5) chunks of weak models, each chunk training its own ceiling,
-the cross-domain pass after every extraction), each priced by its share of its component, and scheduled on G devices
+each domain's cross-domain pass after every extraction), each priced by its share of its component, and scheduled on G devices
 with their dependencies (``units.makespan``: never below the critical path).
 
 Not measured here: a run of the whole grid. Usage: python benchmarks/bench_paper_grid.py [--strong ViT-B-32]
@@ -124,7 +124,9 @@ def grid_units(seconds: dict, grid: Grid, chunks: int) -> list:
             prompt = seconds["tp_prompt"] * te / test * (grid.tp_weak_methods * len(chunk) + grid.tp_ceiling) / per_seed
             out.append(Unit(f"tp/{d}/{'+'.join(chunk)}", "tp", (ext,),
                             prompt + seconds["tp_textenc"] * te / test * len(chunk) / len(weaks)))
-    out.append(Unit("cross/0", "cross", tuple(f"extract/{d}" for d in grid.sizes), seconds["cross_domain_weak"]))
+    for d, (_, te) in grid.sizes.items():  # every other domain's weak models on d's test images
+        out.append(Unit(f"cross/{d}", "cross", tuple(f"extract/{e}" for e in grid.sizes),
+                        seconds["cross_domain_weak"] * te / test))
     return out
 
 

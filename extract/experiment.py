@@ -211,10 +211,11 @@ def run_experiment(exp: dict, *, log=print, verbose: bool = False) -> Path:
     return Grid(exp, log).run_all(verbose)
 
 
-def weak_across_domains(made: list, folder: Path, opts, log, strong: str | None = None) -> None:
+def weak_across_domains(made: list, folder: Path, opts, log, strong: str | None = None, targets=None) -> None:
     """Each weak model of each domain applied to every other domain's test images (``extract.cross_weak``), for PGR
-    across domains, every fine-tuned one of the other domains in one image pass per target; a fine-tuned one whose
-    weights were not kept (a store made before they were) is left out, with a line."""
+    across domains, every fine-tuned one of the other domains in one image pass per target (``targets``: the
+    indices into ``made`` of the targets to do; all by default); a fine-tuned one whose weights were not kept (a
+    store made before they were) is left out, with a line."""
     from extract.cross_weak import CrossJob, write_cross_weak_all
     from w2s_jax.cross_domain import class_columns
     from w2s_jax.store import read_store
@@ -224,7 +225,9 @@ def weak_across_domains(made: list, folder: Path, opts, log, strong: str | None 
         store = read_store(path)
         rows[path] = {s: (sp.ids_N, sp.labels_N) for s, sp in store.splits.items()}
         infos[path] = store.weak_info
-    for target, target_path, _ in made:
+    for t, (target, target_path, _) in enumerate(made):
+        if targets is not None and t not in targets:
+            continue
         jobs = [CrossJob(source, rows[source_path], spec, source_path, infos[source_path][spec.name], strong)
                 for source, source_path, specs in made if source_path != target_path
                 and class_columns(source.class_names, target.class_names) is not None  # ImageNet-R of ImageNet

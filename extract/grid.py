@@ -180,9 +180,11 @@ class Grid:
                                self.out / "results" / self.stores[i].label, self.opts.device, self.log)
 
     def _run_cross(self, unit) -> list:
-        made = [(self.dataset(i), self.store_path(i), weaklib.expand_weak(self.exp["data"][s.block].get(
-            "weak", ["pixels"]))) for i, s in enumerate(self.stores) if s.block == unit.block]
-        self.ex.weak_across_domains(made, self.out / "cross-weak", self.opts, self.log, self.strong)
+        members = [i for i, s in enumerate(self.stores) if s.block == unit.block]
+        made = [(self.dataset(i), self.store_path(i), weaklib.expand_weak(self.exp["data"][unit.block].get(
+            "weak", ["pixels"]))) for i in members]
+        self.ex.weak_across_domains(made, self.out / "cross-weak", self.opts, self.log, self.strong,
+                                    targets=[members.index(unit.store)])
         return []
 
     def _run_report(self, unit, verbose: bool = False) -> list:

@@ -6,7 +6,7 @@ Units, keyed by what they make (``L`` is a store's ``DATASET-DOMAIN``):
 - ``fit/L``: every single-weak fit of the store in one program; ``fit-multi/L``: its multi-weak fit;
 - ``tp/L/W1+W2``: prompt tuning of a chunk of the store's weak models (each weak model's results folder is written
   whole by one chunk; a chunk trains the ceiling once, for its weak models);
-- ``cross/B``: block B's weak models across its domains;
+- ``cross/L``: the weak models of the other domains of L's block on L's test images (for PGR across domains);
 - ``report``: last, after every other unit.
 
 Pure planning: no unit runs here (``extract.experiment`` runs them). Each unit has an estimated cost in seconds of
@@ -33,7 +33,7 @@ class Unit:
     cost: float  # estimated seconds on the reference CPU
     store: int = -1  # index of its store in the plan's stores (-1: none)
     weaks: tuple = ()  # the weak models it works on (tp: its chunk)
-    block: int = -1  # the [[data]] block (cross)
+    block: int = -1  # the [[data]] block (cross: its target is ``store``)
 
     @property
     def gpus(self) -> float:
@@ -91,8 +91,10 @@ def plan_units(stores: list[StorePlan], *, seeds: int, epochs: int, multi: bool,
                                   models * steps * RATES["tp_model_step"], i, chunk))
     for b in cross_blocks:
         members = [(i, s) for i, s in enumerate(stores) if s.block == b]
-        cost = sum(len(s.weaks) * (len(members) - 1) * s.rows[1] * RATES["weak_infer_image"] for _, s in members)
-        units.append(Unit(f"cross/{b}", "cross", tuple(f"extract/{s.label}" for _, s in members), cost, block=b))
+        for i, target in members:
+            cost = sum(len(s.weaks) for j, s in members if j != i) * target.rows[1] * RATES["weak_infer_image"]
+            units.append(Unit(f"cross/{target.label}", "cross", tuple(f"extract/{s.label}" for _, s in members),
+                              cost, i, block=b))
     units.append(Unit("report", "report", tuple(u.key for u in units), RATES["report"]))
     return units
 
