@@ -123,35 +123,42 @@ def test_two_shards_in_parallel_then_a_plain_run_equal_the_sequential_run(sequen
     shutil.rmtree(out)
 
 
-def test_ray_runs_the_grid_retries_a_crash_and_names_a_failure(sequential, tmp_path, monkeypatch):
+def test_ray_runs_the_grid_retries_a_crash_and_names_a_failure(sequential, imagefolder_root, tmp_path,
+                                                                monkeypatch):
+    """One run on a local cluster (2 CPUs, 2 logical GPUs) of the demo grid plus a block whose extraction always
+    fails: a fit whose worker dies once is retried, the failing unit is named, the unit that needs it is not run,
+    and every other unit gives the sequential run's files."""
     ray = pytest.importorskip("ray")
     from extract.ray_run import run_on_ray
 
     files, exp_path = sequential
-    exp = load_experiment(exp_path)
+    extra = f'''
+[[data]]
+dataset = "imagefolder"
+root = "{imagefolder_root}"
+weak = ["pixels@2"]
+'''
+    text = exp_path.read_text()
+    exp_file = tmp_path / "exp.toml"
+    exp_file.write_text(text.replace("[fit]", extra + "[fit]", 1))
+    exp = load_experiment(exp_file)
     marker = tmp_path / "crashed"
-    monkeypatch.setenv("W2S_TEST_FAULT", f"fit/demo-digits=once:{marker}")  # the workers inherit it
+    monkeypatch.setenv("W2S_TEST_FAULT", f"fit/demo-digits=once:{marker};extract/imagefolder-folder=raise")
     lines = []
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)  # its workers inherit the faults
     try:
-        failed = run_on_ray(exp, None, log=lines.append, compile_cache=False)
-        assert failed == [], lines
-        assert marker.exists() and "unit fit/demo-digits: finished" in "\n".join(lines)  # crashed once, retried
-        assert "Ray cluster: 2 CPUs, 2 GPUs" in lines[0]
-        assert results_files(Path(exp["out"])) == files
-        shutil.rmtree(exp["out"])
-        ray.shutdown()
-        monkeypatch.setenv("W2S_TEST_FAULT", "extract/demo-digits=raise")  # the new cluster's workers inherit it
-        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
-        lines.clear()
         failed = run_on_ray(exp, None, log=lines.append, compile_cache=False)
     finally:
         ray.shutdown()
     text = "\n".join(lines)
-    assert "extract/demo-digits" in failed and "unit extract/demo-digits: FAILED (RuntimeError: unit" in text
-    assert "unit fit/demo-mnist: finished" in text  # the others finish
-    assert "unit fit/demo-digits: not run, as extract/demo-digits did not finish" in text
-    assert not (Path(exp["out"]) / "report").exists()
+    assert "Ray cluster: 2 CPUs, 2 GPUs" in lines[0]
+    assert marker.exists() and "unit fit/demo-digits: finished" in text  # its worker died once; retried
+    assert failed == ["extract/imagefolder-folder", "fit/imagefolder-folder"], text
+    assert "unit extract/imagefolder-folder: FAILED (RuntimeError: unit extract/imagefolder-folder fails" in text
+    assert "unit fit/imagefolder-folder: not run, as extract/imagefolder-folder did not finish" in text
+    assert "the report is not written" in text and not (Path(exp["out"]) / "report").exists()
+    assert results_files(Path(exp["out"])) == files  # every other unit: the sequential run's files
+    shutil.rmtree(exp["out"])
 
 
 def test_ray_is_not_imported_without_ray_and_its_absence_says_how_to_install(tmp_path, monkeypatch):
