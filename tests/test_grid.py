@@ -19,9 +19,9 @@ strong = "efficientnet-lite0@32"
 dataset = "demo"
 domains = ["mnist", "digits"]
 weak = ["pixels@2", "pixels@3"]
-limit = 120
+limit = 60
 [fit]
-methods = ["ce+lp", "cpl"]
+methods = ["cpl"]
 seeds = 2
 epochs = 1
 [extract]
