@@ -192,9 +192,14 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9@.-]+", "-", Path(spec).name if "/" in spec else spec)[:40]
 
 
+def complete(folder: Path) -> bool:
+    """Whether a results folder is complete (they appear whole, w2s_jax.outputs), its heads saved with it."""
+    return (folder / "metrics.json").exists() and (folder / "heads" / "heads.json").exists()
+
+
 def _done(folder: Path, log) -> bool:
-    """Whether ``folder`` is complete (results folders appear whole, w2s_jax.outputs), said in the log."""
-    if (folder / "metrics.json").exists() and (folder / "heads" / "heads.json").exists():
+    """:func:`complete`, said in the log."""
+    if complete(folder):
         log(f"done already: {folder}")
         return True
     if (folder / "metrics.json").exists():
@@ -279,7 +284,7 @@ def main(experiment, compile_cache, verbose, show_plan, gpus, shard, ray_address
     if compile_cache:
         cache.enable(warn=lambda text: click.echo(f"warning: {text}", err=True))
     parsed = _parse_shard(shard)
-    if sum(x is not None and x is not False for x in (parsed, ray_address, show_plan or None)) > 1:
+    if [parsed is not None, ray_address is not None, show_plan].count(True) > 1:
         raise click.UsageError("give one of --plan, --shard and --ray")
     try:
         exp = load_experiment(experiment)

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from extract import pipeline, units as unitlib, weak as weaklib
+from extract import experiment as ex, pipeline, units as unitlib, weak as weaklib
 from extract.datasets import DatasetError, identity, load_dataset
 from extract.encoders import DEMO_ENCODER
 
@@ -27,9 +27,7 @@ class Grid:
     """The units of experiment ``exp`` (parsed by ``extract.experiment.load_experiment``) and how to run each."""
 
     def __init__(self, exp: dict, log=print, tp_chunks: int = 1, sizes: bool = True):
-        from extract import experiment as ex
-
-        self.exp, self.log, self.ex = exp, log, ex
+        self.exp, self.log = exp, log
         self.out = Path(exp["out"])
         self.strong = exp.get("strong", "efficientnet-lite0")
         extract = exp.get("extract", {})
@@ -37,7 +35,7 @@ class Grid:
         self.opts = pipeline.Options(**{k: v for k, v in extract.items() if k != "templates"}, log=log)
         self.fit, self.tp = exp.get("fit", {}), exp.get("tp")
         self.multi = bool(self.fit.get("multi_weak"))
-        self._data, self._ids = {}, {}
+        self._data, self._facts = {}, {}
         self.stores = [self._store_plan(b, block, domain, sizes) for b, block in enumerate(exp["data"])
                        for domain in block.get("domains", [None])]
         tp = self.tp if self.tp is not None and not self.strong.startswith(DEMO_ENCODER) else None
@@ -52,12 +50,12 @@ class Grid:
 
     def _store_plan(self, b: int, block: dict, domain, sizes: bool) -> unitlib.StorePlan:
         """A store of the plan; ``sizes``: read its dataset now to price its units (a Ray worker does not)."""
-        name, dom = identity(block["dataset"], domain, self.ex.data_root(block))
+        name, dom = identity(block["dataset"], domain, ex.data_root(block))
         specs = [weaklib.parse_weak(w) for w in weaklib.expand_weak(block.get("weak", ["pixels"]))]
         rows = (0, 0)
         try:  # the size prices the units; a dataset not on disk yet (it will be downloaded) counts as unknown
             if sizes:
-                data = load_dataset(block["dataset"], domain=domain, root=self.ex.data_root(block)).limited(
+                data = load_dataset(block["dataset"], domain=domain, root=ex.data_root(block)).limited(
                     block.get("limit"))
                 self._data[b, domain] = data
                 rows = (len(data.splits["train"][0]), len(data.splits["test"][0]))
@@ -71,20 +69,28 @@ class Grid:
         block = self.exp["data"][s.block]
         if (s.block, s.domain) not in self._data:
             self._data[s.block, s.domain] = load_dataset(
-                block["dataset"], domain=s.domain, root=self.ex.data_root(block), download=block.get("download", True),
+                block["dataset"], domain=s.domain, root=ex.data_root(block), download=block.get("download", True),
                 log=self.log).limited(block.get("limit"))
         return self._data[s.block, s.domain]
 
     def store_path(self, i: int) -> Path:
-        return self.out / "stores" / f"{self.stores[i].label}-{self.ex._slug(self.strong)}.h5"
+        return self.out / "stores" / f"{self.stores[i].label}-{ex._slug(self.strong)}.h5"
 
-    def store_id(self, i: int) -> str:
+    def store_facts(self, i: int) -> tuple[set, bool, str]:
+        """``(weak-model names, has text embeddings, store id)`` of store ``i`` as it is on disk now: the store is
+        read once per version of its file, however many units ask."""
         from w2s_jax.store import read_store
 
-        if i not in self._ids:
-            store = read_store(self.store_path(i))
-            self._ids[i] = self.ex._key([dataclasses.asdict(store.provenance), store.weak_info])
-        return self._ids[i]
+        path = self.store_path(i)
+        stamp = path.stat().st_mtime_ns
+        if self._facts.get(i, (None,))[0] != stamp:
+            store = read_store(path)
+            self._facts[i] = (stamp, set(store.weak_info), store.text_TxKxD is not None,
+                              ex._key([dataclasses.asdict(store.provenance), store.weak_info]))
+        return self._facts[i][1:]
+
+    def store_id(self, i: int) -> str:
+        return self.store_facts(i)[2]
 
     def fit_jobs(self, unit) -> list:
         """``[(weak, ensemble)]`` of a fit unit: every weak model alone, or the ensemble of all of them."""
@@ -95,18 +101,18 @@ class Grid:
         """The results folders a fit or TP unit writes (its store must exist: they are keyed by it)."""
         i, where = unit.store, self.out / "results" / self.stores[unit.store].label
         if unit.kind in ("fit", "fit-multi"):
-            return [where / "+".join(ens or (weak,)) / f"fit-{self.ex._key([cfg.to_dict(), self.store_id(i)])}"
+            return [where / "+".join(ens or (weak,)) / f"fit-{ex._key([cfg.to_dict(), self.store_id(i)])}"
                     for (weak, ens), cfg in zip(self.fit_jobs(unit), self.fit_configs(unit))]
         if unit.kind == "tp":
-            return [where / w / f"tp-{self.ex._key([self.tp_config(i, w).to_dict(), self.store_id(i)])}"
+            return [where / w / f"tp-{ex._key([self.tp_config(i, w).to_dict(), self.store_id(i)])}"
                     for w in unit.weaks]
         return []
 
     def fit_configs(self, unit):
-        return [self.ex.fit_config(self.fit, self.store_path(unit.store), weak, ens) for weak, ens in self.fit_jobs(unit)]
+        return [ex.fit_config(self.fit, self.store_path(unit.store), weak, ens) for weak, ens in self.fit_jobs(unit)]
 
     def tp_config(self, i: int, weak: str):
-        return self.ex.tp_config(self.tp, self.store_path(i), self.strong, weak, self.opts.device)
+        return ex.tp_config(self.tp, self.store_path(i), self.strong, weak, self.opts.device)
 
     def done(self, unit) -> bool:
         """Whether the unit's outputs exist (an extraction: its store, with every weak model; the cross-domain pass
@@ -114,17 +120,16 @@ class Grid:
         if unit.kind == "extract":
             return self._has_store(unit.store)
         if unit.kind in ("fit", "fit-multi", "tp"):
-            return self._has_store(unit.store) and all(_complete(f) for f in self.folders(unit))
+            return self._has_store(unit.store) and all(ex.complete(f) for f in self.folders(unit))
         return False
 
     def _has_store(self, i: int) -> bool:
-        from w2s_jax.store import StoreError, read_store
+        from w2s_jax.store import StoreError
 
-        path = self.store_path(i)
-        if not path.is_file():
+        if not self.store_path(i).is_file():
             return False
         try:
-            return set(self.stores[i].weaks) <= set(read_store(path).weak_info)
+            return set(self.stores[i].weaks) <= self.store_facts(i)[0]
         except StoreError:
             return False
 
@@ -162,7 +167,7 @@ class Grid:
         dataset = self.dataset(unit.store)
         self.log(f"== fit{'s' if last > first else ''} {first}{f'-{last}' if last > first else ''} of {total}: "
                  f"{dataset.name}/{dataset.domain}, weak {labels}")
-        todo = [(cfg, f) for cfg, f in zip(cfgs, folders) if not self.ex._done(f, self.log)]
+        todo = [(cfg, f) for cfg, f in zip(cfgs, folders) if not ex._done(f, self.log)]
         if todo:
             run_each([cfg for cfg, _ in todo], [f for _, f in todo], log=self.log)
             self.log(f"finished: {', '.join(str(f) for _, f in todo)}")
@@ -171,19 +176,17 @@ class Grid:
     _run_fit_multi = _run_fit
 
     def _run_tp(self, unit) -> list:
-        from w2s_jax.store import read_store
-
         i = unit.store
-        if read_store(self.store_path(i)).text_TxKxD is None:
+        if not self.store_facts(i)[1]:  # a store without a text tower: no prompt tuning
             return []
-        return self.ex._run_tp(self.tp, self.store_path(i), self.strong, list(unit.weaks), self.store_id(i),
+        return ex._run_tp(self.tp, self.store_path(i), self.strong, list(unit.weaks), self.store_id(i),
                                self.out / "results" / self.stores[i].label, self.opts.device, self.log)
 
     def _run_cross(self, unit) -> list:
         members = [i for i, s in enumerate(self.stores) if s.block == unit.block]
         made = [(self.dataset(i), self.store_path(i), weaklib.expand_weak(self.exp["data"][unit.block].get(
             "weak", ["pixels"]))) for i in members]
-        self.ex.weak_across_domains(made, self.out / "cross-weak", self.opts, self.log, self.strong,
+        ex.weak_across_domains(made, self.out / "cross-weak", self.opts, self.log, self.strong,
                                     targets=[members.index(unit.store)])
         return []
 
@@ -218,11 +221,7 @@ class Grid:
 
     def _tp_ran(self, unit) -> bool:
         """A TP unit stands for results folders only where its store has a text tower (else it runs nothing)."""
-        if unit.kind != "tp":
-            return True
-        from w2s_jax.store import read_store
-
-        return read_store(self.store_path(unit.store)).text_TxKxD is not None
+        return unit.kind != "tp" or self.store_facts(unit.store)[1]
 
     # ------------------------------------------------------------------ the three ways
 
@@ -237,7 +236,8 @@ class Grid:
     def run_shard(self, shard: int, shards: int) -> list[str]:
         """The units of shard ``shard`` of ``shards`` (:func:`units.assign`) whose inputs exist, skipping those
         done; returns the keys of those that failed (each named in the log with its error; the others go on)."""
-        mine = [u for u in self.units if unitlib.assign(self.units, shards).get(u.key) == shard]
+        assignment = unitlib.assign(self.units, shards)
+        mine = [u for u in self.units if assignment.get(u.key) == shard]
         failed, waiting = [], []
         for unit in mine:
             if self.done(unit):
@@ -281,10 +281,6 @@ class Grid:
 
 def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
-
-
-def _complete(folder: Path) -> bool:
-    return (folder / "metrics.json").exists() and (folder / "heads" / "heads.json").exists()
 
 
 FAULT_ENV = "W2S_TEST_FAULT"  # tests only: "KEY=once:MARKER" or "KEY=raise", several joined by ";"

@@ -34,7 +34,7 @@ class Named:
     images: str  # e.g. "50,000 / 10,000" (train / test)
     download_gb: float | None  # None: placed by hand (the message says where)
     split: str  # the split rule, as recorded in the store
-    build: Callable  # (folder, download) -> {part: torchvision dataset} or a Dataset-like tuple (folder datasets)
+    build: Callable | None  # (data folder, download) -> {part: torchvision dataset}; None: ImageNet's family, by hand
 
 
 def _tv(cls_name: str, parts: dict, **kw) -> Callable:
@@ -186,11 +186,11 @@ def load_named(name: str, data_root, *, download: bool = False, log=print) -> Da
                                "hand") from None
         parts = _download(name, folder, log)
     labels = {part: _targets(ds) for part, ds in parts.items()}
-    merged = {"train": [p for p in parts if p in ("train", "val")], "test": [p for p in parts if p == "test"]}
     if "all" in parts:
         train, test = stratified_split(labels["all"], TEST_FRACTION[name], SPLIT_SEED)
         rows = {"train": [("all", i) for i in train], "test": [("all", i) for i in test]}
-    else:
+    else:  # val, where there is one, trains the weak model with train
+        merged = {"train": [p for p in parts if p in ("train", "val")], "test": ["test"]}
         rows = {s: [(p, i) for p in ps for i in range(len(labels[p]))] for s, ps in merged.items()}
     splits = {s: (tuple(f"{p}/{i:06d}" for p, i in r), np.asarray([labels[p][i] for p, i in r], np.int64))
               for s, r in rows.items()}

@@ -136,7 +136,7 @@ def makespan(units: list[Unit], gpus: int) -> float:
 
 def critical_path(units: list[Unit]) -> float:
     """The cost of the longest chain of dependencies: no number of devices finishes sooner."""
-    by_key, finish = {u.key: u for u in units}, {}
+    finish = {}
     for u in units:  # in dependency order
         finish[u.key] = u.cost + max((finish[d] for d in u.deps), default=0.0)
-    return max(finish.values(), default=0.0) if by_key else 0.0
+    return max(finish.values(), default=0.0)

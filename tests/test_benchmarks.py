@@ -120,8 +120,7 @@ def test_bench_scaleout_runs_the_grid_sequentially_and_by_shards():
     out = run_script("bench_scaleout.py", "--limit", "60", "--seeds", "2", "--epochs", "1", "--methods",
                      "ce+lp", "--no-ray", "--json")
     figures = json.loads(out.strip().splitlines()[-1])
-    assert set(figures["seconds"]) == {"sequential", "2 shards + report"}
-    assert figures["ratios"]["sequential"] == 1.0 and all(s > 0 for s in figures["seconds"].values())
+    assert set(figures["seconds"]) == set(figures["ratios"]) == {"sequential", "2 shards + report"}
     assert "of sequential" in out
 
 

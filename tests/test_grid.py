@@ -12,23 +12,11 @@ from click.testing import CliRunner
 from extract import units as unitlib
 from extract.experiment import load_experiment, main as run_main, run_experiment
 
-DEMO = """
-out = "{out}"
-strong = "efficientnet-lite0@32"
-[[data]]
-dataset = "demo"
-domains = ["mnist", "digits"]
-weak = ["pixels@2", "pixels@3"]
-limit = 60
-[fit]
-methods = ["cpl"]
-seeds = 2
-epochs = 1
-[extract]
-num_workers = 0
-[report]
-cross_domain = true
-"""
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+from bench_scaleout import GRID  # noqa: E402  the grid bench_scaleout.py measures, at a tiny size
+
+DEMO = GRID.format(out="{out}", limit=60, methods='["cpl"]', seeds=2, epochs=1)
 
 
 def results_files(out: Path) -> dict:
